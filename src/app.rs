@@ -1,0 +1,221 @@
+//! The daemon: start-up order, supervision, and shutdown.
+//!
+//! Start: validate the configuration; open and recover the WAL (which starts the writer);
+//! load the schema cache; bind the socket; start the flusher and the HTTP server. The
+//! daemon is ready (writes are accepted) once [`Daemon::start`] returns.
+//!
+//! Stop (the shutdown token is cancelled): stop accepting writes (503), let in-flight
+//! requests finish, let the flusher send what is durable within `[shutdown]
+//! drain_timeout`, then close the WAL. A fatal error (a failed fdatasync, a damaged WAL)
+//! stops everything the same way and is returned. Abrupt exits are safe too: the WAL makes
+//! them so; a graceful stop only saves replay time.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::flush::Flusher;
+use crate::ingest::{self, Ingest};
+use crate::lsn::Lsn;
+use crate::schema::{Catalog, SchemaCache};
+use crate::wal::{Wal, WalOptions};
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    shutdown: CancellationToken,
+    durable: watch::Receiver<Lsn>,
+    committed: watch::Receiver<Lsn>,
+    socket: PathBuf,
+    supervisor: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    /// Starts a daemon with `config` (which must be valid); returns once writes are
+    /// accepted on the socket.
+    ///
+    /// # Errors
+    /// When the configuration is invalid, the WAL cannot be opened or recovered (locked by
+    /// another daemon, damaged), or the socket cannot be bound.
+    pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+        config.validate()?;
+        let url = config.postgres.url.as_deref().unwrap_or_default();
+        let pg = crate::pg::parse_url(url, config.postgres.connect_timeout)
+            .context("invalid PostgreSQL connection string")?;
+        let options = WalOptions {
+            dir: config.wal.dir.clone(),
+            segment_bytes: config.wal.segment_bytes,
+        };
+        let mut wal = tokio::task::spawn_blocking(move || Wal::open(&options))
+            .await
+            .context("WAL recovery panicked")?
+            .with_context(|| format!("cannot open the WAL in {}", config.wal.dir.display()))?;
+        let report = wal.recovery_report().clone();
+        info!(
+            dir = %config.wal.dir.display(),
+            spool_id = %wal.dir().spool_id(),
+            segments = report.segments,
+            next_lsn = %report.next_lsn,
+            torn_bytes_cut = report.cut.as_ref().map_or(0, |c| c.1),
+            "WAL recovered"
+        );
+        let schemas = Arc::new(SchemaCache::load(&config.wal.dir));
+        let listener = ingest::bind(&config.listen.socket).await?;
+
+        let shutdown = CancellationToken::new();
+        let (committed_tx, committed) = watch::channel(Lsn::ZERO);
+        let flusher = Flusher {
+            pg: pg.clone(),
+            postgres: config.postgres.clone(),
+            wal: Arc::clone(wal.dir()),
+            durable: wal.durable(),
+            committed: committed_tx,
+            limits: config.batch.clone(),
+            schemas: Arc::clone(&schemas),
+        };
+        let ingest = Arc::new(Ingest::new(
+            wal.appender(),
+            schemas,
+            Catalog::new(pg),
+            config.ingest.max_body_bytes,
+        ));
+        let durable = wal.durable();
+        let stop_flusher = CancellationToken::new();
+        let mut flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
+        let server = tokio::spawn(ingest::serve(
+            listener,
+            Arc::clone(&ingest),
+            shutdown.clone(),
+        ));
+        info!(socket = %config.listen.socket.display(), "accepting writes");
+
+        let token = shutdown.clone();
+        let socket = config.listen.socket.clone();
+        let drain_timeout = config.shutdown.drain_timeout;
+        let supervisor = tokio::spawn(async move {
+            let fatal = tokio::select! {
+                () = token.cancelled() => None,
+                e = wal.writer_failed() => Some(anyhow::Error::new(e).context("the WAL writer failed")),
+                r = &mut flusher => Some(match r {
+                    Ok(Ok(())) => anyhow::anyhow!("the flusher stopped unexpectedly"),
+                    Ok(Err(e)) => anyhow::Error::new(e).context("the flusher stopped"),
+                    Err(e) => anyhow::Error::new(e).context("the flusher panicked"),
+                }),
+            };
+            if let Some(e) = &fatal {
+                error!(error = format!("{e:#}"), "stopping on a fatal error");
+            }
+            info!("stopping: no new writes; finishing requests in flight");
+            ingest.stop_accepting();
+            token.cancel();
+            let _ = server.await;
+            drop(ingest);
+            let _ = std::fs::remove_file(&socket);
+            if !flusher.is_finished() {
+                stop_flusher.cancel();
+                match tokio::time::timeout(drain_timeout, &mut flusher).await {
+                    Ok(Ok(Err(e))) => warn!(error = %e, "the flusher stopped with an error"),
+                    Ok(_) => {}
+                    Err(_) => {
+                        warn!(timeout = ?drain_timeout, "drain timeout: rows not flushed stay in the WAL");
+                        flusher.abort();
+                    }
+                }
+            }
+            wal.close().await.context("closing the WAL")?;
+            info!("stopped");
+            fatal.map_or(Ok(()), Err)
+        });
+        Ok(Daemon {
+            shutdown,
+            durable,
+            committed,
+            socket: config.listen.socket,
+            supervisor,
+        })
+    }
+
+    /// The socket the daemon listens on.
+    #[must_use]
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
+    /// The last durable LSN (every row up to it is acknowledged or acknowledgeable).
+    #[must_use]
+    pub fn durable(&self) -> watch::Receiver<Lsn> {
+        self.durable.clone()
+    }
+
+    /// The watermark committed in PostgreSQL, as far as the flusher knows.
+    #[must_use]
+    pub fn committed(&self) -> watch::Receiver<Lsn> {
+        self.committed.clone()
+    }
+
+    /// The token that stops the daemon when cancelled.
+    #[must_use]
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until everything durable when called is committed in PostgreSQL.
+    pub async fn wait_flushed(&self) {
+        let target = *self.durable.borrow();
+        let mut committed = self.committed();
+        let _ = committed.wait_for(|lsn| *lsn >= target).await;
+    }
+
+    /// Stops the daemon gracefully and waits for it.
+    ///
+    /// # Errors
+    /// A fatal error the daemon stopped on.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the daemon stops: after its shutdown token is cancelled, or on a fatal
+    /// error.
+    ///
+    /// # Errors
+    /// The fatal error the daemon stopped on.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.supervisor.await.context("the daemon panicked")?
+    }
+}
+
+/// Runs a daemon until SIGTERM or SIGINT, then stops it gracefully; a second signal exits
+/// at once (the WAL keeps everything acknowledged).
+///
+/// # Errors
+/// When the daemon cannot start, or stops on a fatal error.
+pub async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    let daemon = Daemon::start(config).await?;
+    let token = daemon.shutdown_token();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            () = token.cancelled() => return,
+        }
+        info!("signal received: stopping gracefully (signal again to exit at once)");
+        token.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        warn!("second signal: exiting at once; the WAL keeps every acknowledged row");
+        std::process::exit(1);
+    });
+    daemon.wait().await
+}

@@ -1,0 +1,288 @@
+//! Configuration: the TOML file, its defaults, and validation.
+//!
+//! [`Config::default`] is the single source of defaults; `config/pgspool.toml` documents
+//! every key with them. Command-line flags override the file (see `crate::cli`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors in the configuration: exit code 78 (EX_CONFIG).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with the line and key.
+        message: String,
+    },
+    /// A value is out of range or contradicts another.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where clients connect.
+    pub listen: ListenConfig,
+    /// The write-ahead log.
+    pub wal: WalConfig,
+    /// The PostgreSQL server rows are loaded into.
+    pub postgres: PostgresConfig,
+    /// When the flusher sends a batch.
+    pub batch: BatchConfig,
+    /// Limits on requests.
+    pub ingest: IngestConfig,
+    /// Stopping.
+    pub shutdown: ShutdownConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[listen]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Path of the Unix socket clients connect to. Default `/run/pgspool/pgspool.sock`.
+    pub socket: PathBuf,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            socket: PathBuf::from("/run/pgspool/pgspool.sock"),
+        }
+    }
+}
+
+/// `[wal]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalConfig {
+    /// The WAL directory. Default `/var/lib/pgspool`.
+    pub dir: PathBuf,
+    /// Size in bytes at which a new segment is started. Default 64 MiB.
+    pub segment_bytes: u64,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            dir: PathBuf::from("/var/lib/pgspool"),
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// `[postgres]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connection string: a `postgres://` URL or libpq `key=value` pairs (for a Unix
+    /// socket: `host=/var/run/postgresql port=5432 user=... dbname=...`). No default: set
+    /// it here, with `--database-url` or with `PGSPOOL_DATABASE_URL`.
+    pub url: Option<String>,
+    /// How long one connection attempt may take. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// First wait before retrying after PostgreSQL failed; doubles up to `retry_max`, with
+    /// jitter. Default 100 ms.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest wait between retries. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: None,
+            connect_timeout: Duration::from_secs(5),
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[batch]`: a batch is flushed when any limit is reached.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Rows in a batch. Default 10,000.
+    pub max_rows: u64,
+    /// Bytes of row data in a batch. Default 8 MiB.
+    pub max_bytes: u64,
+    /// How long the oldest row of a batch waits for more. Default 200 ms.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_rows: 10_000,
+            max_bytes: 8 << 20,
+            max_wait: Duration::from_millis(200),
+        }
+    }
+}
+
+/// `[ingest]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest request body in bytes; larger ones get 413. Default 16 MiB.
+    pub max_body_bytes: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_body_bytes: 16 << 20,
+        }
+    }
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long a stopping daemon keeps flushing; what is left stays in the WAL.
+    /// Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or a
+    /// `tracing_subscriber` directive list. `RUST_LOG` overrides it. Default `info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and parses `path` (validation is separate: flags may still override).
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Rejects values that cannot work, before anything is opened or bound.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key and what is wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.postgres.url.as_deref().is_none_or(str::is_empty) {
+            return invalid(
+                "no PostgreSQL connection string: set [postgres] url, --database-url or \
+                 PGSPOOL_DATABASE_URL"
+                    .into(),
+            );
+        }
+        if let Some(url) = &self.postgres.url {
+            if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                return invalid(format!("[postgres] url cannot be parsed: {e}"));
+            }
+        }
+        if self.wal.segment_bytes < 64 << 10 {
+            return invalid(format!(
+                "[wal] segment_bytes = {} is below the minimum of 65536",
+                self.wal.segment_bytes
+            ));
+        }
+        if self.batch.max_rows == 0 || self.batch.max_bytes == 0 {
+            return invalid("[batch] max_rows and max_bytes must be at least 1".into());
+        }
+        if self.ingest.max_body_bytes == 0
+            || self.ingest.max_body_bytes > u64::from(crate::wal::record::MAX_PAYLOAD_BYTES) / 2
+        {
+            return invalid(format!(
+                "[ingest] max_body_bytes = {} must be between 1 and {}",
+                self.ingest.max_body_bytes,
+                crate::wal::record::MAX_PAYLOAD_BYTES / 2
+            ));
+        }
+        if self.postgres.retry_initial.is_zero()
+            || self.postgres.retry_max < self.postgres.retry_initial
+        {
+            return invalid(
+                "[postgres] retry_initial must be above zero and at most retry_max".into(),
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid(format!("[log] level = {:?} is not a log filter: {e}", self.log.level));
+        }
+        if self.listen.socket.as_os_str().is_empty() || self.wal.dir.as_os_str().is_empty() {
+            return invalid("[listen] socket and [wal] dir must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_is_the_defaults() {
+        let example = include_str!("../config/pgspool.toml");
+        let parsed: Config = toml::from_str(example).expect("config/pgspool.toml parses");
+        let mut expected = Config::default();
+        expected.postgres.url = parsed.postgres.url.clone();
+        assert_eq!(parsed, expected, "config/pgspool.toml must show the defaults");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("[batch]\nmax_row = 5").is_err());
+        assert!(toml::from_str::<Config>("[batch]\nmax_wait = \"soon\"").is_err());
+        let mut c = Config::default();
+        assert!(c.validate().unwrap_err().to_string().contains("PGSPOOL_DATABASE_URL"));
+        c.postgres.url = Some("host=/tmp port=5432".into());
+        c.validate().expect("valid");
+        c.batch.max_rows = 0;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,210 @@
+//! The flush protocol in PostgreSQL: the watermark table, and one batch as one transaction.
+//!
+//! ```sql
+//! BEGIN;
+//! SET LOCAL synchronous_commit = on;                -- the WAL is deleted after COMMIT
+//! COPY "schema"."table" ("c1", "c2") FROM STDIN;    -- one per (table, column set)
+//! INSERT INTO pgspool.watermarks ... ON CONFLICT (spool_id) DO UPDATE
+//!     SET lsn = <batch's last LSN> WHERE watermarks.lsn < <batch's last LSN>;
+//! COMMIT;
+//! ```
+//! The rows and the watermark commit together or not at all, so after any crash the
+//! watermark read back from PostgreSQL says exactly which rows it holds.
+
+use bytes::Bytes;
+use futures::SinkExt;
+use tokio_postgres::{Client, Transaction};
+use uuid::Uuid;
+
+use super::batch::{Batch, BatchGroup};
+use crate::lsn::Lsn;
+use crate::rowgroup::{RowFormat, RowGroup};
+use crate::rows::{self, BodyFormat};
+use crate::schema::{self, SchemaCache};
+use crate::table::{TableName, quote_ident};
+
+/// Creates pgspool's schema and watermark table if they are missing.
+///
+/// # Errors
+/// When the statements fail (for example for lack of privileges).
+pub async fn bootstrap(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS pgspool;
+             CREATE TABLE IF NOT EXISTS pgspool.watermarks (
+                 spool_id   uuid PRIMARY KEY,
+                 lsn        bigint NOT NULL CHECK (lsn >= 0),
+                 updated_at timestamptz NOT NULL DEFAULT now()
+             );",
+        )
+        .await
+}
+
+/// The watermark committed for `spool_id`: `Lsn::ZERO` when it never committed.
+///
+/// # Errors
+/// When the query fails.
+pub async fn read_watermark(client: &Client, spool_id: Uuid) -> Result<Lsn, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT lsn FROM pgspool.watermarks WHERE spool_id = $1",
+            &[&spool_id],
+        )
+        .await?;
+    Ok(row.map_or(Lsn::ZERO, |r| Lsn(r.get::<_, i64>(0).cast_unsigned())))
+}
+
+/// Why a batch did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushFailure {
+    /// PostgreSQL refused a statement or the connection failed.
+    #[error("{}", crate::pg::describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The rows kept as JSON cannot be loaded yet (no such table, unknown column, bad value).
+    #[error("rows for table {table}: {reason}")]
+    Rows {
+        /// The table as the client named it.
+        table: TableName,
+        /// What is wrong.
+        reason: String,
+    },
+    /// COPY reported another row count than the batch holds: a bug, never committed.
+    #[error("COPY into {table} loaded {loaded} rows, the batch holds {expected}")]
+    RowCount {
+        /// The table.
+        table: TableName,
+        /// Rows the batch holds.
+        expected: u64,
+        /// Rows COPY reported.
+        loaded: u64,
+    },
+    /// The watermark in PostgreSQL is already at or past this batch's end: another process
+    /// flushed this spool's rows.
+    #[error(
+        "the watermark of spool {spool_id} in PostgreSQL is already at or past LSN {lsn}: \
+         another pgspool is flushing the same spool (a copied WAL directory?)"
+    )]
+    WatermarkMoved {
+        /// The spool.
+        spool_id: Uuid,
+        /// The batch's last LSN.
+        lsn: Lsn,
+    },
+}
+
+/// Sends `batch` and its watermark in one transaction and commits it.
+///
+/// # Errors
+/// See [`FlushFailure`]; nothing of the batch is committed then.
+pub async fn commit(
+    client: &mut Client,
+    spool_id: Uuid,
+    batch: Batch,
+    schemas: &SchemaCache,
+) -> Result<(), FlushFailure> {
+    let last = batch.last_lsn();
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit = on").await?;
+    for group in batch.into_groups() {
+        match group.format {
+            RowFormat::Copy => {
+                let columns: Vec<&str> = group.columns.iter().map(String::as_str).collect();
+                copy_rows(&tx, &group.table, &columns, group.data, group.rows).await?;
+            }
+            RowFormat::Json => copy_json_rows(&tx, group, schemas).await?,
+        }
+    }
+    let updated = tx
+        .execute(
+            "INSERT INTO pgspool.watermarks AS w (spool_id, lsn, updated_at)
+             VALUES ($1, $2, now())
+             ON CONFLICT (spool_id) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()
+             WHERE w.lsn < EXCLUDED.lsn",
+            &[&spool_id, &last.0.cast_signed()],
+        )
+        .await?;
+    if updated != 1 {
+        return Err(FlushFailure::WatermarkMoved {
+            spool_id,
+            lsn: last,
+        });
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// COPYs rows (COPY text lines) into `table`'s `columns`. Rows that name no column at all
+/// take every default, which COPY cannot express, so they are inserted as default rows.
+async fn copy_rows(
+    tx: &Transaction<'_>,
+    table: &TableName,
+    columns: &[&str],
+    data: Vec<u8>,
+    rows: u64,
+) -> Result<(), FlushFailure> {
+    let loaded = if columns.is_empty() {
+        tx.execute(
+            &format!(
+                "INSERT INTO {} SELECT FROM generate_series(1, $1::int8)",
+                table.quoted()
+            ),
+            &[&rows.cast_signed()],
+        )
+        .await?
+    } else {
+        let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+        let statement = format!("COPY {} ({}) FROM STDIN", table.quoted(), list.join(", "));
+        let sink = tx.copy_in::<_, Bytes>(&statement).await?;
+        futures::pin_mut!(sink);
+        sink.send(Bytes::from(data)).await?;
+        sink.as_mut().finish().await?
+    };
+    if loaded != rows {
+        return Err(FlushFailure::RowCount {
+            table: table.clone(),
+            expected: rows,
+            loaded,
+        });
+    }
+    Ok(())
+}
+
+/// Encodes rows kept as JSON (their table's columns were unknown at ingest) for the
+/// table's columns as they are now, then COPYs them.
+async fn copy_json_rows(
+    tx: &Transaction<'_>,
+    group: BatchGroup,
+    schemas: &SchemaCache,
+) -> Result<(), FlushFailure> {
+    let refuse = |reason: String| FlushFailure::Rows {
+        table: group.table.clone(),
+        reason,
+    };
+    let Some(schema) = schema::fetch(tx, &group.table).await? else {
+        return Err(refuse("the table does not exist".into()));
+    };
+    let schema = schemas.put(&group.table, schema).await;
+    let stored = RowGroup {
+        format: RowFormat::Json,
+        table: group.table.clone(),
+        columns: Vec::new(),
+        body: &group.data,
+    };
+    let mut parsed = Vec::new();
+    for text in stored.json_rows() {
+        let text = text.map_err(|e| refuse(e.to_string()))?;
+        parsed.extend(rows::parse(text, BodyFormat::Json).map_err(|e| refuse(e.to_string()))?);
+    }
+    for (rows, payload) in rows::encode(&schema, &parsed).map_err(|e| refuse(e.to_string()))? {
+        let encoded = RowGroup::decode(&payload).map_err(|e| refuse(e.to_string()))?;
+        copy_rows(
+            tx,
+            &encoded.table,
+            &encoded.columns,
+            encoded.body.to_vec(),
+            u64::from(rows),
+        )
+        .await?;
+    }
+    Ok(())
+}

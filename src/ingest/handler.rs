@@ -1,0 +1,291 @@
+//! The HTTP contract: routes, status codes, and the path of a write from body to WAL.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `POST /v1/tables/{table}/rows` | 202 `{"rows","first_lsn","last_lsn"}` once every row is in the WAL and fdatasync'd |
+//! | `GET /healthz` | 200 once the WAL is recovered and writes are accepted, 503 while stopping |
+//!
+//! Errors are `{"error": "..."}`: 400 malformed body, not UTF-8, a row that is not an
+//! object, a duplicate key, a bad table name; 404 no such table; 405 wrong method; 413
+//! body over `[ingest] max_body_bytes`; 415 other content types; 422 unknown or generated
+//! column, a NUL character, a value no column of that type can take; 503 not accepting
+//! writes (stopping) or PostgreSQL needed but unreachable; 507 the WAL's disk is full.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use percent_encoding::percent_decode_str;
+use serde_json::json;
+use tracing::{debug, warn};
+
+use crate::rows::{self, BodyFormat, Groups, RowError};
+use crate::schema::{Catalog, SchemaCache, TableSchema};
+use crate::table::TableName;
+use crate::wal::{AppendError, AppendRecord, Appender};
+
+/// Shared state of the request handlers.
+#[derive(Debug)]
+pub struct Ingest {
+    appender: Appender,
+    schemas: Arc<SchemaCache>,
+    catalog: Catalog,
+    max_body_bytes: u64,
+    accepting: AtomicBool,
+}
+
+/// A refusal: status and message.
+struct Refusal(StatusCode, String);
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Refusal {
+        Refusal(status, message.into())
+    }
+}
+
+impl Ingest {
+    /// Handlers appending through `appender`, validating against `schemas` (filled from
+    /// `catalog`), refusing bodies over `max_body_bytes` bytes.
+    #[must_use]
+    pub fn new(
+        appender: Appender,
+        schemas: Arc<SchemaCache>,
+        catalog: Catalog,
+        max_body_bytes: u64,
+    ) -> Ingest {
+        Ingest {
+            appender,
+            schemas,
+            catalog,
+            max_body_bytes,
+            accepting: AtomicBool::new(true),
+        }
+    }
+
+    /// Stops accepting writes: from now on they get 503 and `/healthz` says so.
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::SeqCst);
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = request.uri().path().to_string();
+        let segments: Vec<&str> = path.split('/').collect();
+        let result = match (segments.as_slice(), request.method()) {
+            (["", "healthz"], &Method::GET) => self.health(),
+            (["", "v1", "tables", table, "rows"], &Method::POST) => {
+                self.post_rows(table, request).await
+            }
+            (["", "healthz"], _) => Err(method_not_allowed("GET")),
+            (["", "v1", "tables", _, "rows"], _) => Err(method_not_allowed("POST")),
+            _ => Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint: {path} (rows go to POST /v1/tables/{{table}}/rows)"),
+            )),
+        };
+        match result {
+            Ok(response) => response,
+            Err(Refusal(status, message)) => {
+                debug!(%status, %message, "request refused");
+                let mut response = json_response(status, &json!({ "error": message }));
+                if status == StatusCode::METHOD_NOT_ALLOWED {
+                    let allow = if path == "/healthz" { "GET" } else { "POST" };
+                    response
+                        .headers_mut()
+                        .insert("allow", HeaderValue::from_static(allow));
+                }
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    response
+                        .headers_mut()
+                        .insert("retry-after", HeaderValue::from_static("1"));
+                }
+                response
+            }
+        }
+    }
+
+    fn health(&self) -> Result<Response<Full<Bytes>>, Refusal> {
+        if self.accepting.load(Ordering::SeqCst) {
+            Ok(json_response(StatusCode::OK, &json!({ "status": "ok" })))
+        } else {
+            Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "pgspool is stopping and accepts no more writes",
+            ))
+        }
+    }
+
+    async fn post_rows(
+        &self,
+        table: &str,
+        request: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "pgspool is stopping and accepts no more writes",
+            ));
+        }
+        let table = percent_decode_str(table)
+            .decode_utf8()
+            .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "the table name is not UTF-8"))?;
+        let table = TableName::parse(&table)
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+        let format = body_format(request.headers().get(CONTENT_TYPE))?;
+        let body = self.read_body(request).await?;
+        let body = std::str::from_utf8(&body).map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+            )
+        })?;
+        let rows = rows::parse(body, format)
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+        let groups = self.encode(&table, &rows).await?;
+        let records: Vec<AppendRecord> = groups
+            .into_iter()
+            .map(|(rows, payload)| AppendRecord::new(rows, payload))
+            .collect();
+        let lsns = self.appender.append(records).await.map_err(|e| {
+            let status = match &e {
+                AppendError::Write(io) if is_disk_full(io) => StatusCode::INSUFFICIENT_STORAGE,
+                AppendError::Write(_) | AppendError::Sync(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                AppendError::Closed => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            warn!(error = %e, table = %table, "a write was not acknowledged");
+            Refusal::new(status, format!("{e}; nothing of this request was kept"))
+        })?;
+        Ok(json_response(
+            StatusCode::ACCEPTED,
+            &json!({ "rows": lsns.rows(), "first_lsn": lsns.first, "last_lsn": lsns.last }),
+        ))
+    }
+
+    async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, Refusal> {
+        let too_large = || {
+            Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the body is larger than the limit of {} bytes ([ingest] max_body_bytes); \
+                     send fewer rows per request",
+                    self.max_body_bytes
+                ),
+            )
+        };
+        let declared = request
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body_bytes) {
+            return Err(too_large());
+        }
+        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        match Limited::new(request.into_body(), limit).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+            Err(e) => Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("reading the body failed: {e}"),
+            )),
+        }
+    }
+
+    /// Encodes the rows for the table's columns, refreshing the cached columns once when a
+    /// row names one the cache does not know; keeps them as JSON when PostgreSQL has never
+    /// been asked about the table and cannot be now.
+    async fn encode(&self, table: &TableName, rows: &[rows::Row<'_>]) -> Result<Groups, Refusal> {
+        let (schema, fresh) = match self.schemas.get(table) {
+            Some(schema) => (schema, false),
+            None => match self.lookup(table).await {
+                Ok(schema) => (schema, true),
+                Err(Lookup::Unreachable(why)) => {
+                    debug!(table = %table, %why, "accepting rows unchecked");
+                    return rows::encode_unchecked(table, rows).map_err(unprocessable);
+                }
+                Err(Lookup::Refused(refusal)) => return Err(refusal),
+            },
+        };
+        match rows::encode(&schema, rows) {
+            Err(RowError::UnknownColumn { .. }) if !fresh => {
+                let schema = self.lookup(table).await.map_err(|e| match e {
+                    Lookup::Refused(refusal) => refusal,
+                    Lookup::Unreachable(why) => Refusal::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "a row names a column table {table} did not have when last seen, \
+                             and PostgreSQL cannot be asked now ({why}); retry later"
+                        ),
+                    ),
+                })?;
+                rows::encode(&schema, rows).map_err(unprocessable)
+            }
+            result => result.map_err(unprocessable),
+        }
+    }
+
+    async fn lookup(&self, table: &TableName) -> Result<Arc<TableSchema>, Lookup> {
+        match self.catalog.fetch(table).await {
+            Ok(Some(schema)) => Ok(self.schemas.put(table, schema).await),
+            Ok(None) => Err(Lookup::Refused(Refusal::new(
+                StatusCode::NOT_FOUND,
+                format!("table {table} does not exist in PostgreSQL"),
+            ))),
+            Err(e) => Err(Lookup::Unreachable(e.0)),
+        }
+    }
+}
+
+enum Lookup {
+    Refused(Refusal),
+    Unreachable(String),
+}
+
+fn unprocessable(e: RowError) -> Refusal {
+    Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}; nothing of this request was kept"))
+}
+
+fn method_not_allowed(allowed: &str) -> Refusal {
+    Refusal::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed here; use {allowed}"),
+    )
+}
+
+fn body_format(content_type: Option<&HeaderValue>) -> Result<BodyFormat, Refusal> {
+    let media = content_type
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    match media.as_deref() {
+        Some("application/json") => Ok(BodyFormat::Json),
+        Some("application/x-ndjson") => Ok(BodyFormat::Ndjson),
+        other => Err(Refusal::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "unsupported content type {}: send application/json (an object or an array \
+                 of objects) or application/x-ndjson (one object per line)",
+                other.map_or_else(|| "(none)".to_string(), |m| format!("{m:?}"))
+            ),
+        )),
+    }
+}
+
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

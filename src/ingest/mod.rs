@@ -1,0 +1,82 @@
+//! The HTTP/1.1 server on the Unix socket: accepting connections and stopping gracefully.
+//!
+//! The request contract lives in [`handler`]. The server takes its listener and a
+//! cancellation token, so tests bind a socket of their own and stop the server at will.
+
+pub mod handler;
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+pub use handler::Ingest;
+
+/// Binds the Unix socket at `path`. A socket file left by a daemon that is gone is
+/// replaced; one a live daemon answers on is not.
+///
+/// # Errors
+/// When a live daemon listens on `path`, the parent directory is missing, or binding fails.
+pub async fn bind(path: &Path) -> io::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "another process is listening on {}; stop it or choose another --socket",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on {}: {e}", path.display()),
+        )
+    })
+}
+
+/// Serves requests on `listener` until `shutdown` is cancelled, then stops accepting,
+/// lets in-flight requests finish, and returns.
+pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning.
+                warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ingest = Arc::clone(&ingest);
+        let service = service_fn(move |request| {
+            let ingest = Arc::clone(&ingest);
+            async move { Ok::<_, std::convert::Infallible>(ingest.handle(request).await) }
+        });
+        let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}

@@ -1,0 +1,270 @@
+//! Row groups: the payload of a WAL record, a group of rows for one table.
+//!
+//! Rows are stored the way the flusher needs them, so flushing copies bytes:
+//!
+//! ```text
+//! u8   format       1 = COPY text, 2 = JSON (columns not known at ingest)
+//! u16  schema_len   then the schema's UTF-8 bytes; 0 = unqualified
+//! u16  name_len     then the table name's UTF-8 bytes
+//! u16  columns      then per column: u16 len + UTF-8 bytes (COPY only; 0 for JSON)
+//! body COPY:        rows as COPY text lines (tab-separated fields, `\N` for NULL), each
+//!                   ending in '\n', for exactly the columns listed, in that order
+//! body JSON:        rows as u32 length + one JSON object as the client sent it
+//! ```
+//! Integers are little-endian. A COPY group's table is the one the catalog resolved
+//! (always schema-qualified); a JSON group keeps the name as the client wrote it and is
+//! resolved and encoded by the flusher once PostgreSQL can be asked.
+
+use crate::table::TableName;
+
+/// Target size of one row group payload (1 MiB): requests are split into groups of about
+/// this size so records stay small enough to batch flexibly.
+pub const TARGET_GROUP_BYTES: usize = 1 << 20;
+
+/// How the rows of a group are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowFormat {
+    /// COPY text lines for a known column list.
+    Copy,
+    /// JSON objects whose columns were not known at ingest.
+    Json,
+}
+
+/// Builds one row group payload.
+#[derive(Debug)]
+pub struct RowGroupBuilder {
+    buf: Vec<u8>,
+    header_len: usize,
+    rows: u32,
+}
+
+impl RowGroupBuilder {
+    /// Starts a COPY group for `table` and `columns` (in the order each row's fields follow).
+    #[must_use]
+    pub fn copy(table: &TableName, columns: &[&str]) -> RowGroupBuilder {
+        Self::start(RowFormat::Copy, table, columns)
+    }
+
+    /// Starts a JSON group for `table`.
+    #[must_use]
+    pub fn json(table: &TableName) -> RowGroupBuilder {
+        Self::start(RowFormat::Json, table, &[])
+    }
+
+    fn start(format: RowFormat, table: &TableName, columns: &[&str]) -> RowGroupBuilder {
+        let mut buf = Vec::with_capacity(256);
+        buf.push(match format {
+            RowFormat::Copy => 1,
+            RowFormat::Json => 2,
+        });
+        put_str(&mut buf, table.schema.as_deref().unwrap_or(""));
+        put_str(&mut buf, &table.name);
+        let count = u16::try_from(columns.len()).expect("PostgreSQL tables have at most 1600 columns");
+        buf.extend_from_slice(&count.to_le_bytes());
+        for column in columns {
+            put_str(&mut buf, column);
+        }
+        let header_len = buf.len();
+        RowGroupBuilder {
+            buf,
+            header_len,
+            rows: 0,
+        }
+    }
+
+    /// The buffer to append one COPY text row to (fields without the final newline); call
+    /// [`end_copy_row`](Self::end_copy_row) after writing it, or
+    /// [`abandon_row`](Self::abandon_row) to drop what was written.
+    pub fn row_buf(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// Ends the COPY row written into [`row_buf`](Self::row_buf).
+    pub fn end_copy_row(&mut self) {
+        self.buf.push(b'\n');
+        self.rows += 1;
+    }
+
+    /// Appends one JSON object, as the client sent it.
+    pub fn push_json_row(&mut self, object: &str) {
+        let len = u32::try_from(object.len()).expect("rows are bounded by the body limit");
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(object.as_bytes());
+        self.rows += 1;
+    }
+
+    /// Drops bytes written after the last complete row.
+    pub fn abandon_row(&mut self, row_start: usize) {
+        self.buf.truncate(row_start);
+    }
+
+    /// Current payload length in bytes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Rows in the group so far.
+    #[must_use]
+    pub fn rows(&self) -> u32 {
+        self.rows
+    }
+
+    /// Whether the group holds no rows.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Takes the finished payload and starts an empty group with the same header.
+    pub fn take(&mut self) -> (u32, Vec<u8>) {
+        let header = self.buf[..self.header_len].to_vec();
+        let rows = std::mem::take(&mut self.rows);
+        (rows, std::mem::replace(&mut self.buf, header))
+    }
+}
+
+fn put_str(buf: &mut Vec<u8>, s: &str) {
+    let len = u16::try_from(s.len()).expect("identifiers are at most 63 bytes");
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(s.as_bytes());
+}
+
+/// A decoded row group, borrowing the record payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowGroup<'a> {
+    /// How the rows are stored.
+    pub format: RowFormat,
+    /// The target table.
+    pub table: TableName,
+    /// The column list of a COPY group (empty for JSON).
+    pub columns: Vec<&'a str>,
+    /// The rows (see the module docs).
+    pub body: &'a [u8],
+}
+
+/// A payload that is not a row group. Record checksums make this a bug or a version
+/// mismatch rather than disk damage.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed row group: {0}")]
+pub struct MalformedGroup(&'static str);
+
+impl<'a> RowGroup<'a> {
+    /// Decodes a record payload.
+    ///
+    /// # Errors
+    /// [`MalformedGroup`] when the payload does not follow the format.
+    pub fn decode(payload: &'a [u8]) -> Result<RowGroup<'a>, MalformedGroup> {
+        let mut rest = payload;
+        let format = match take(&mut rest, 1)? {
+            [1] => RowFormat::Copy,
+            [2] => RowFormat::Json,
+            _ => return Err(MalformedGroup("unknown row format")),
+        };
+        let schema = take_str(&mut rest)?;
+        let name = take_str(&mut rest)?;
+        let count = u16::from_le_bytes(take(&mut rest, 2)?.try_into().expect("2 bytes"));
+        let columns = (0..count)
+            .map(|_| take_str(&mut rest))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RowGroup {
+            format,
+            table: TableName {
+                schema: (!schema.is_empty()).then(|| schema.to_string()),
+                name: name.to_string(),
+            },
+            columns,
+            body: rest,
+        })
+    }
+
+    /// The JSON objects of a JSON group.
+    pub fn json_rows(&self) -> impl Iterator<Item = Result<&'a str, MalformedGroup>> + 'a {
+        let mut rest = self.body;
+        std::iter::from_fn(move || {
+            if rest.is_empty() {
+                return None;
+            }
+            Some(take(&mut rest, 4).and_then(|len| {
+                let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+                std::str::from_utf8(take(&mut rest, len)?)
+                    .map_err(|_| MalformedGroup("a JSON row is not UTF-8"))
+            }))
+        })
+    }
+}
+
+fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], MalformedGroup> {
+    if rest.len() < n {
+        return Err(MalformedGroup("payload ends early"));
+    }
+    let (head, tail) = rest.split_at(n);
+    *rest = tail;
+    Ok(head)
+}
+
+fn take_str<'a>(rest: &mut &'a [u8]) -> Result<&'a str, MalformedGroup> {
+    let len = u16::from_le_bytes(take(rest, 2)?.try_into().expect("2 bytes")) as usize;
+    std::str::from_utf8(take(rest, len)?).map_err(|_| MalformedGroup("a name is not UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> TableName {
+        TableName {
+            schema: Some("public".into()),
+            name: "t".into(),
+        }
+    }
+
+    #[test]
+    fn copy_group_round_trips_and_take_keeps_the_header() {
+        let mut b = RowGroupBuilder::copy(&table(), &["a", "Mixed Case"]);
+        b.row_buf().extend_from_slice(b"1\tx");
+        b.end_copy_row();
+        let start = b.len();
+        b.row_buf().extend_from_slice(b"half a row");
+        b.abandon_row(start);
+        let (rows, payload) = b.take();
+        assert_eq!(rows, 1);
+        let g = RowGroup::decode(&payload).expect("decode");
+        assert_eq!(g.format, RowFormat::Copy);
+        assert_eq!(g.table, table());
+        assert_eq!(g.columns, vec!["a", "Mixed Case"]);
+        assert_eq!(g.body, b"1\tx\n");
+        assert!(b.is_empty());
+        let (_, next) = b.take();
+        assert_eq!(RowGroup::decode(&next).expect("decode").body, b"");
+    }
+
+    #[test]
+    fn json_group_round_trips() {
+        let unqualified = TableName {
+            schema: None,
+            name: "t".into(),
+        };
+        let mut b = RowGroupBuilder::json(&unqualified);
+        b.push_json_row(r#"{"a":1}"#);
+        b.push_json_row("{\n\"b\": \"x\"}");
+        let (rows, payload) = b.take();
+        assert_eq!(rows, 2);
+        let g = RowGroup::decode(&payload).expect("decode");
+        assert_eq!(g.table, unqualified);
+        let rows: Vec<_> = g.json_rows().collect::<Result<_, _>>().expect("rows");
+        assert_eq!(rows, vec![r#"{"a":1}"#, "{\n\"b\": \"x\"}"]);
+    }
+
+    #[test]
+    fn truncated_payloads_are_refused() {
+        let mut b = RowGroupBuilder::json(&table());
+        b.push_json_row("{}");
+        let (_, payload) = b.take();
+        for cut in 0..payload.len() {
+            let ok = RowGroup::decode(&payload[..cut])
+                .and_then(|g| g.json_rows().collect::<Result<Vec<_>, _>>());
+            assert!(ok.is_err() || cut == payload.len() - 6, "cut at {cut}");
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Table schemas: what columns a table has and how each is written in COPY text.
+//!
+//! Columns are read from PostgreSQL's catalog once per table and cached. The cache is kept
+//! in the WAL directory (`schema-cache.json`, written crash-atomically), so a daemon that
+//! restarts while PostgreSQL is down still validates requests. Entries are refreshed when a
+//! request names a column the cache does not know.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::GenericClient;
+use tracing::{info, warn};
+
+use crate::copy::{ColumnKind, ElementKind};
+use crate::fsutil;
+use crate::table::TableName;
+
+const CACHE_FILE: &str = "schema-cache.json";
+/// After a failed connection, how long the catalog answers "unreachable" without trying
+/// again, so requests do not each wait on a server that is down.
+const UNREACHABLE_GRACE: Duration = Duration::from_secs(1);
+
+/// One column of a table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Column {
+    /// The column's name, exactly.
+    pub name: String,
+    /// How values are written (from the column's type).
+    pub kind: ColumnKind,
+    /// A generated column: PostgreSQL computes it and refuses values for it.
+    #[serde(default)]
+    pub generated: bool,
+}
+
+/// A table's resolved name and columns, in table order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "SchemaData", into = "SchemaData")]
+pub struct TableSchema {
+    table: TableName,
+    columns: Vec<Column>,
+    by_name: HashMap<String, usize>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SchemaData {
+    table: TableName,
+    columns: Vec<Column>,
+}
+
+impl From<SchemaData> for TableSchema {
+    fn from(d: SchemaData) -> Self {
+        TableSchema::new(d.table, d.columns)
+    }
+}
+
+impl From<TableSchema> for SchemaData {
+    fn from(s: TableSchema) -> Self {
+        SchemaData {
+            table: s.table,
+            columns: s.columns,
+        }
+    }
+}
+
+impl TableSchema {
+    /// A schema for `table` (schema-qualified) with `columns` in table order.
+    #[must_use]
+    pub fn new(table: TableName, columns: Vec<Column>) -> TableSchema {
+        let by_name = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.clone(), i))
+            .collect();
+        TableSchema {
+            table,
+            columns,
+            by_name,
+        }
+    }
+
+    /// The table, schema-qualified as the catalog resolved it.
+    #[must_use]
+    pub fn table(&self) -> &TableName {
+        &self.table
+    }
+
+    /// The columns in table order.
+    #[must_use]
+    pub fn columns(&self) -> &[Column] {
+        &self.columns
+    }
+
+    /// The position of the column named exactly `name`.
+    #[must_use]
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+}
+
+/// Reads `table`'s schema from the catalog; `None` when no such table (or view) exists.
+///
+/// # Errors
+/// When the query fails.
+pub async fn fetch(
+    client: &impl GenericClient,
+    table: &TableName,
+) -> Result<Option<TableSchema>, tokio_postgres::Error> {
+    // Domains are resolved to their base type; arrays are recognised by their element type.
+    const QUERY: &str = "
+        SELECT n.nspname::text, c.relname::text, a.attname::text,
+               a.attgenerated <> '' AS generated,
+               bt.oid::int8 AS type_oid, bt.typcategory = 'A' AS is_array,
+               et.oid::int8 AS elem_oid, et.typdelim::text AS delim
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+        JOIN pg_type t ON t.oid = a.atttypid
+        JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+        LEFT JOIN pg_type et ON et.oid = bt.typelem AND bt.typcategory = 'A'
+        WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p', 'f', 'v')
+        ORDER BY a.attnum";
+    const JSON: i64 = 114;
+    const JSONB: i64 = 3802;
+    let rows = client.query(QUERY, &[&table.quoted()]).await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let resolved = TableName {
+        schema: Some(first.get(0)),
+        name: first.get(1),
+    };
+    let columns = rows
+        .iter()
+        .map(|row| {
+            let type_oid: i64 = row.get(4);
+            let is_array: bool = row.get(5);
+            let elem_oid: Option<i64> = row.get(6);
+            let delim: Option<String> = row.get(7);
+            let kind = match (type_oid, is_array) {
+                (JSON, _) => ColumnKind::Json,
+                (JSONB, _) => ColumnKind::Jsonb,
+                (_, true) => ColumnKind::Array {
+                    element: match elem_oid {
+                        Some(JSON) => ElementKind::Json,
+                        Some(JSONB) => ElementKind::Jsonb,
+                        _ => ElementKind::Scalar,
+                    },
+                    delimiter: delim.and_then(|d| d.bytes().next()).unwrap_or(b','),
+                },
+                _ => ColumnKind::Scalar,
+            };
+            Column {
+                name: row.get(2),
+                kind,
+                generated: row.get(3),
+            }
+        })
+        .collect();
+    Ok(Some(TableSchema::new(resolved, columns)))
+}
+
+/// The schema cache, keyed by the table name as requests give it.
+#[derive(Debug)]
+pub struct SchemaCache {
+    dir: PathBuf,
+    tables: RwLock<HashMap<TableName, Arc<TableSchema>>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    version: u32,
+    tables: Vec<(TableName, TableSchema)>,
+}
+
+impl SchemaCache {
+    /// Loads the cache kept in `dir`; a missing or unreadable file gives an empty cache
+    /// (it is only a cache: the catalog is asked again).
+    #[must_use]
+    pub fn load(dir: &Path) -> SchemaCache {
+        let path = dir.join(CACHE_FILE);
+        let tables = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<CacheFile>(&bytes) {
+                Ok(file) if file.version == 1 => file
+                    .tables
+                    .into_iter()
+                    .map(|(k, v)| (k, Arc::new(v)))
+                    .collect(),
+                Ok(_) | Err(_) => {
+                    warn!(file = %path.display(), "ignoring an unreadable schema cache");
+                    HashMap::new()
+                }
+            },
+            Err(_) => HashMap::new(),
+        };
+        SchemaCache {
+            dir: dir.to_path_buf(),
+            tables: RwLock::new(tables),
+        }
+    }
+
+    /// The cached schema of `table`.
+    #[must_use]
+    pub fn get(&self, table: &TableName) -> Option<Arc<TableSchema>> {
+        self.tables
+            .read()
+            .expect("schema cache lock poisoned")
+            .get(table)
+            .cloned()
+    }
+
+    /// Caches `schema` for `table` and saves the cache (failures to save are logged: the
+    /// cache in memory stays right).
+    pub async fn put(&self, table: &TableName, schema: TableSchema) -> Arc<TableSchema> {
+        let schema = Arc::new(schema);
+        let file = {
+            let mut tables = self.tables.write().expect("schema cache lock poisoned");
+            if tables.get(table) == Some(&schema) {
+                return schema;
+            }
+            tables.insert(table.clone(), Arc::clone(&schema));
+            let mut entries: Vec<_> = tables
+                .iter()
+                .map(|(k, v)| (k.clone(), TableSchema::clone(v)))
+                .collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            CacheFile {
+                version: 1,
+                tables: entries,
+            }
+        };
+        let dir = self.dir.clone();
+        let saved = tokio::task::spawn_blocking(move || {
+            let bytes = serde_json::to_vec_pretty(&file).expect("the cache serializes");
+            fsutil::write_atomic(&dir, CACHE_FILE, &bytes)
+        })
+        .await;
+        match saved {
+            Ok(Ok(())) => info!(table = %table, columns = schema.columns().len(), "cached table columns"),
+            Ok(Err(e)) => warn!(error = %e, "could not save the schema cache"),
+            Err(e) => warn!(error = %e, "could not save the schema cache"),
+        }
+        schema
+    }
+}
+
+/// Why the catalog could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("PostgreSQL cannot be reached: {0}")]
+pub struct Unreachable(pub String);
+
+/// Catalog look-ups for ingest, on a connection of its own made when first needed.
+#[derive(Debug)]
+pub struct Catalog {
+    config: tokio_postgres::Config,
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    down_until: std::sync::Mutex<Option<(Instant, String)>>,
+}
+
+impl Catalog {
+    /// A catalog that connects with `config`.
+    #[must_use]
+    pub fn new(config: tokio_postgres::Config) -> Catalog {
+        Catalog {
+            config,
+            client: tokio::sync::Mutex::new(None),
+            down_until: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Reads `table`'s schema from PostgreSQL; `Ok(None)` when it has no such table.
+    ///
+    /// # Errors
+    /// [`Unreachable`] when PostgreSQL cannot be asked (also, for a second after a failed
+    /// attempt, without trying again).
+    pub async fn fetch(&self, table: &TableName) -> Result<Option<TableSchema>, Unreachable> {
+        if let Some((until, why)) = &*self.down_until.lock().expect("lock poisoned") {
+            if Instant::now() < *until {
+                return Err(Unreachable(why.clone()));
+            }
+        }
+        let mut client = self.client.lock().await;
+        let result = match client.as_ref().filter(|c| !c.is_closed()) {
+            Some(c) => fetch(c, table).await,
+            None => match crate::pg::connect(&self.config).await {
+                Ok(c) => fetch(client.insert(c), table).await,
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(schema) => Ok(schema),
+            Err(e) => {
+                let why = crate::pg::describe(&e);
+                *client = None;
+                *self.down_until.lock().expect("lock poisoned") =
+                    Some((Instant::now() + UNREACHABLE_GRACE, why.clone()));
+                Err(Unreachable(why))
+            }
+        }
+    }
+}

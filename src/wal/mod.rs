@@ -1,0 +1,532 @@
+//! The write-ahead log: pgspool's queue of acknowledged rows, on local disk.
+//!
+//! # Directory
+//! ```text
+//! <wal dir>/
+//!   LOCK                         flock'd by the daemon; holds its pid
+//!   spool_id                     this spool's UUID, created once
+//!   checkpoint                   last watermark the flusher saw committed (advisory)
+//!   schema-cache.json            table columns (owned by crate::schema)
+//!   00000000000000000001.wal     segments, named by their first LSN
+//!   00000000000000052001.wal
+//!   quarantine/                  bytes cut from a torn tail, kept for inspection
+//! ```
+//! Segment and record formats are described in [`segment`] and [`record`].
+//!
+//! # Writing (group commit)
+//! One thread owns the active segment ([`writer`]). Ingest tasks send it whole requests;
+//! it takes every request waiting (up to a group size), gives their rows consecutive LSNs,
+//! writes them with one `pwrite`, calls `fdatasync` once, then answers every request of the
+//! group. No request is answered before the sync that covers it. A failed write is rolled
+//! back (the file truncated to its previous length) and reported to the group's requests;
+//! a failed `fdatasync` is fatal: the writer answers the group with an error and stops, and
+//! the daemon exits, because after a failed fsync the page cache can no longer be trusted
+//! (PostgreSQL's "fsyncgate"); recovery re-reads the log from disk.
+//!
+//! A request never spans segments: before a group that would overflow the active segment,
+//! the writer creates the next one (temporary name, header, fsync, rename, directory
+//! fsync). A segment therefore exceeds `segment_bytes` only when a single request does.
+//!
+//! The writer publishes the last durable LSN on a watch channel; readers never read past it.
+//!
+//! # Reading
+//! The flusher reads with a [`WalReader`] from the watermark PostgreSQL holds: the log is
+//! the queue, and replay after a restart is the ordinary read path.
+//!
+//! # Recovery (at open)
+//! Lock the directory; create or read the spool id; remove leftover temporary files; check
+//! every segment header (magic, checksum, spool id, first LSN = file name); fsync the last
+//! segment and scan it to its end. The end of the log is the first record that fails
+//! validation: bytes from there on are a torn write of a request that was never
+//! acknowledged, so they are copied to `quarantine/`, cut off, and the cut synced. Start-up
+//! reads segment headers and the last segment only, whatever the backlog.
+//!
+//! # Deleting
+//! A segment is deleted once every row in it is at or below the watermark committed in
+//! PostgreSQL, i.e. when the next segment's first LSN is at most watermark + 1. The last
+//! segment is never deleted, so the next LSN survives even when everything is flushed.
+
+pub mod reader;
+pub mod record;
+pub mod segment;
+mod writer;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, watch};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::fsutil;
+use crate::lsn::Lsn;
+pub use reader::WalReader;
+pub use record::{AppendRecord, Invalid, Record};
+use segment::{OpenSegmentError, SegmentCursor, SegmentFile, Step};
+pub use writer::{AppendError, Appender};
+
+const LOCK_FILE: &str = "LOCK";
+const SPOOL_ID_FILE: &str = "spool_id";
+const CHECKPOINT_FILE: &str = "checkpoint";
+/// Directory (inside the WAL directory) for bytes cut from the log.
+pub const QUARANTINE_DIR: &str = "quarantine";
+
+/// Errors of the WAL. [`WalError::Corrupt`] and [`WalError::BadSegment`] mean acknowledged
+/// data is damaged; the rest are environmental.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    /// A file-system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        context: String,
+        /// The error from the operating system.
+        source: io::Error,
+    },
+    /// Another process holds the directory lock.
+    #[error(
+        "WAL directory {dir} is in use by another pgspool ({holder}); two daemons on one WAL \
+         directory would lose data: stop the other one or use another --wal-dir"
+    )]
+    Locked {
+        /// The WAL directory.
+        dir: PathBuf,
+        /// Who holds it, as far as the lock file says.
+        holder: String,
+    },
+    /// A file in the directory is not what it must be.
+    #[error("{path}: {reason}")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A record of acknowledged data failed validation.
+    #[error(
+        "WAL damaged: segment {path} at byte {offset} (expected LSN {lsn}): {reason}; the rows \
+         from LSN {lsn} on in this segment cannot be read"
+    )]
+    Corrupt {
+        /// The segment.
+        path: PathBuf,
+        /// Byte offset of the damaged record in the segment.
+        offset: u64,
+        /// The LSN the damaged record should have started with.
+        lsn: Lsn,
+        /// What failed.
+        reason: Invalid,
+    },
+    /// The log does not hold the LSN asked for.
+    #[error("the WAL does not hold LSN {lsn}: {reason}")]
+    Missing {
+        /// The LSN asked for.
+        lsn: Lsn,
+        /// Why not.
+        reason: String,
+    },
+}
+
+impl WalError {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> WalError {
+        let context = context.into();
+        move |source| WalError::Io { context, source }
+    }
+
+    fn segment(path: &Path) -> impl FnOnce(OpenSegmentError) -> WalError + '_ {
+        move |e| match e {
+            OpenSegmentError::Io(source) => WalError::Io {
+                context: format!("read segment {}", path.display()),
+                source,
+            },
+            OpenSegmentError::BadHeader(reason) => WalError::BadFile {
+                path: path.to_path_buf(),
+                reason,
+            },
+        }
+    }
+}
+
+/// What [`Wal::open`] needs.
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    /// The WAL directory; created if missing.
+    pub dir: PathBuf,
+    /// Size in bytes at which the writer starts a new segment.
+    pub segment_bytes: u64,
+}
+
+/// The locked WAL directory: shared by the writer, the readers and the flusher.
+#[derive(Debug)]
+pub struct WalDir {
+    path: PathBuf,
+    spool_id: Uuid,
+    _lock: File,
+}
+
+impl WalDir {
+    /// The directory.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// This spool's id: generated once, kept in the directory, used as the key of the
+    /// watermark in PostgreSQL.
+    #[must_use]
+    pub fn spool_id(&self) -> Uuid {
+        self.spool_id
+    }
+
+    /// Deletes the segments whose rows are all at or below `committed`, oldest first, and
+    /// never the last one. Returns how many were deleted.
+    ///
+    /// # Errors
+    /// When listing, unlinking or syncing the directory fails.
+    pub fn remove_segments_through(&self, committed: Lsn) -> Result<usize, WalError> {
+        let segments = segment::list(&self.path)
+            .map_err(WalError::io(format!("list {}", self.path.display())))?;
+        let mut removed = 0;
+        for pair in segments.windows(2) {
+            if pair[1].first_lsn.prev() > committed {
+                break;
+            }
+            fs::remove_file(&pair[0].path)
+                .map_err(WalError::io(format!("delete {}", pair[0].path.display())))?;
+            removed += 1;
+        }
+        if removed > 0 {
+            fsutil::sync_dir(&self.path)
+                .map_err(WalError::io(format!("sync {}", self.path.display())))?;
+        }
+        Ok(removed)
+    }
+
+    /// Records `flushed` as the last watermark known committed, for `pgspool status` while
+    /// the daemon is down. Advisory: PostgreSQL's watermark decides where replay starts.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write_checkpoint(&self, flushed: Lsn) -> Result<(), WalError> {
+        let body = format!("{{\"flushed_lsn\":{flushed}}}\n");
+        fsutil::write_atomic(&self.path, CHECKPOINT_FILE, body.as_bytes())
+            .map_err(WalError::io(format!("write checkpoint in {}", self.path.display())))
+    }
+}
+
+/// Reads the checkpoint of `dir` (see [`WalDir::write_checkpoint`]); `None` if there is none.
+///
+/// # Errors
+/// When the file exists but cannot be read or parsed.
+pub fn read_checkpoint(dir: &Path) -> Result<Option<Lsn>, WalError> {
+    #[derive(serde::Deserialize)]
+    struct Checkpoint {
+        flushed_lsn: Lsn,
+    }
+    let path = dir.join(CHECKPOINT_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice::<Checkpoint>(&bytes)
+            .map(|c| Some(c.flushed_lsn))
+            .map_err(|e| WalError::BadFile {
+                path,
+                reason: format!("not a checkpoint: {e}"),
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(WalError::io(format!("read {}", path.display()))(e)),
+    }
+}
+
+/// Reads the spool id of `dir`; `None` if the directory has none yet.
+///
+/// # Errors
+/// When the file exists but cannot be read or does not hold a UUID.
+pub fn read_spool_id(dir: &Path) -> Result<Option<Uuid>, WalError> {
+    let path = dir.join(SPOOL_ID_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => Uuid::parse_str(text.trim())
+            .map(Some)
+            .map_err(|e| WalError::BadFile {
+                path,
+                reason: format!("not a spool id: {e}"),
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(WalError::io(format!("read {}", path.display()))(e)),
+    }
+}
+
+/// What recovery found and did, for the start-up log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segments in the directory.
+    pub segments: usize,
+    /// LSN the next appended row gets.
+    pub next_lsn: Lsn,
+    /// A torn tail cut from the last segment: its offset, length in bytes, and where a copy
+    /// of the bytes was saved.
+    pub cut: Option<(u64, u64, PathBuf)>,
+}
+
+/// An open WAL: the locked directory, the writer thread, and the durable LSN it publishes.
+#[derive(Debug)]
+pub struct Wal {
+    dir: Arc<WalDir>,
+    appender: Appender,
+    durable: watch::Receiver<Lsn>,
+    writer_exit: oneshot::Receiver<Result<(), WalError>>,
+    report: RecoveryReport,
+}
+
+impl Wal {
+    /// Opens (creating if needed) and recovers the WAL directory, then starts the writer.
+    ///
+    /// # Errors
+    /// [`WalError::Locked`] when another daemon holds the directory, [`WalError::BadFile`]
+    /// for a damaged segment header or metadata file, I/O errors.
+    pub fn open(options: &WalOptions) -> Result<Wal, WalError> {
+        let dir = &options.dir;
+        fs::create_dir_all(dir).map_err(WalError::io(format!("create {}", dir.display())))?;
+        let lock = lock_dir(dir)?;
+        let spool_id = match read_spool_id(dir)? {
+            Some(id) => id,
+            None => {
+                let id = Uuid::new_v4();
+                fsutil::write_atomic(dir, SPOOL_ID_FILE, format!("{id}\n").as_bytes())
+                    .map_err(WalError::io(format!("write spool id in {}", dir.display())))?;
+                info!(spool_id = %id, dir = %dir.display(), "created a new spool");
+                id
+            }
+        };
+        remove_temporary_files(dir)?;
+        let wal_dir = Arc::new(WalDir {
+            path: dir.clone(),
+            spool_id,
+            _lock: lock,
+        });
+        let (tail, report) = recover_tail(&wal_dir)?;
+        let (appender, durable, writer_exit) =
+            writer::start(Arc::clone(&wal_dir), tail, options.segment_bytes)?;
+        Ok(Wal {
+            dir: wal_dir,
+            appender,
+            durable,
+            writer_exit,
+            report,
+        })
+    }
+
+    /// The locked directory.
+    #[must_use]
+    pub fn dir(&self) -> &Arc<WalDir> {
+        &self.dir
+    }
+
+    /// What recovery found.
+    #[must_use]
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// A handle for appending; the writer stops once every handle is dropped.
+    #[must_use]
+    pub fn appender(&self) -> Appender {
+        self.appender.clone()
+    }
+
+    /// The last durable LSN, updated after every group commit.
+    #[must_use]
+    pub fn durable(&self) -> watch::Receiver<Lsn> {
+        self.durable.clone()
+    }
+
+    /// A reader positioned at `from` (see [`WalReader::open`]).
+    ///
+    /// # Errors
+    /// See [`WalReader::open`].
+    pub fn reader(&self, from: Lsn) -> Result<WalReader, WalError> {
+        WalReader::open(Arc::clone(&self.dir), from)
+    }
+
+    /// Waits until the writer stops on its own, which it only does on a fatal error (a
+    /// failed fdatasync), and returns that error.
+    pub async fn writer_failed(&mut self) -> WalError {
+        match (&mut self.writer_exit).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(())) | Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Stops the writer once every other [`Appender`] is dropped and waits for it.
+    ///
+    /// # Errors
+    /// The writer's fatal error, if it had one.
+    pub async fn close(self) -> Result<(), WalError> {
+        drop(self.appender);
+        self.writer_exit.await.unwrap_or(Ok(()))
+    }
+}
+
+fn lock_dir(dir: &Path) -> Result<File, WalError> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(WalError::io(format!("open {}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "pid unknown".to_string(),
+                pid => format!("pid {pid}"),
+            };
+            return Err(WalError::Locked {
+                dir: dir.to_path_buf(),
+                holder,
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            return Err(WalError::io(format!("lock {}", path.display()))(e));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| writeln!(&file, "{}", std::process::id()))
+        .map_err(WalError::io(format!("write {}", path.display())))?;
+    Ok(file)
+}
+
+fn remove_temporary_files(dir: &Path) -> Result<(), WalError> {
+    let entries = fs::read_dir(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(WalError::io(format!("list {}", dir.display())))?;
+        if entry.file_name().to_string_lossy().ends_with(fsutil::TMP_SUFFIX) {
+            warn!(file = %entry.path().display(), "removing a file left by an interrupted write");
+            fs::remove_file(entry.path())
+                .map_err(WalError::io(format!("delete {}", entry.path().display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// The active segment as recovery leaves it, handed to the writer.
+#[derive(Debug)]
+struct Tail {
+    file: File,
+    segment: SegmentFile,
+    len: u64,
+    next_lsn: Lsn,
+}
+
+/// Checks every segment header, then scans the last segment to its end, cutting a torn
+/// tail. Creates the first segment of a new WAL.
+fn recover_tail(dir: &WalDir) -> Result<(Tail, RecoveryReport), WalError> {
+    let path = dir.path();
+    let segments =
+        segment::list(path).map_err(WalError::io(format!("list {}", path.display())))?;
+    for seg in &segments {
+        let file = File::open(&seg.path)
+            .map_err(WalError::io(format!("open {}", seg.path.display())))?;
+        segment::read_header(&file, seg, dir.spool_id()).map_err(WalError::segment(&seg.path))?;
+    }
+    let Some(last) = segments.last().cloned() else {
+        let (file, segment) = segment::create(path, Lsn::FIRST, dir.spool_id())
+            .map_err(WalError::io(format!("create the first segment in {}", path.display())))?;
+        let report = RecoveryReport {
+            segments: 1,
+            next_lsn: Lsn::FIRST,
+            cut: None,
+        };
+        let tail = Tail {
+            file,
+            segment,
+            len: segment::SEGMENT_HEADER_BYTES,
+            next_lsn: Lsn::FIRST,
+        };
+        return Ok((tail, report));
+    };
+
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&last.path)
+        .map_err(WalError::io(format!("open {}", last.path.display())))?;
+    // What a crashed daemon wrote may still be only in the page cache: make it durable
+    // before anything downstream trusts it.
+    file.sync_all()
+        .map_err(WalError::io(format!("sync {}", last.path.display())))?;
+    let (mut cursor, _) =
+        SegmentCursor::open(last.clone(), dir.spool_id()).map_err(WalError::segment(&last.path))?;
+    let mut cut = None;
+    loop {
+        let step = cursor
+            .step(Lsn(u64::MAX))
+            .map_err(WalError::io(format!("read {}", last.path.display())))?;
+        match step {
+            Step::Record(_) => {}
+            Step::End | Step::CaughtUp => break,
+            Step::Damaged { offset, reason } => {
+                cut = Some(cut_torn_tail(dir, &last, &file, offset, &reason)?);
+                break;
+            }
+        }
+    }
+    let len = cursor.offset();
+    let next_lsn = cursor.next_lsn();
+    let report = RecoveryReport {
+        segments: segments.len(),
+        next_lsn,
+        cut,
+    };
+    let tail = Tail {
+        file,
+        segment: last,
+        len,
+        next_lsn,
+    };
+    Ok((tail, report))
+}
+
+/// Saves the bytes of `segment` from `offset` on to the quarantine directory, then
+/// truncates the segment there and syncs it.
+fn cut_torn_tail(
+    dir: &WalDir,
+    segment: &SegmentFile,
+    file: &File,
+    offset: u64,
+    reason: &Invalid,
+) -> Result<(u64, u64, PathBuf), WalError> {
+    let seg_path = &segment.path;
+    let mut tail = Vec::new();
+    let mut reader = File::open(seg_path).map_err(WalError::io(format!("open {}", seg_path.display())))?;
+    io::Seek::seek(&mut reader, io::SeekFrom::Start(offset))
+        .and_then(|_| reader.read_to_end(&mut tail))
+        .map_err(WalError::io(format!("read the tail of {}", seg_path.display())))?;
+    let quarantine = dir.path().join(QUARANTINE_DIR);
+    fs::create_dir_all(&quarantine)
+        .map_err(WalError::io(format!("create {}", quarantine.display())))?;
+    let name = format!(
+        "torn-{}-{offset}-{}.bin",
+        segment.first_lsn.0,
+        fsutil::now_us()
+    );
+    fsutil::write_atomic(&quarantine, &name, &tail)
+        .map_err(WalError::io(format!("save the torn tail to {}", quarantine.display())))?;
+    file.set_len(offset)
+        .and_then(|()| file.sync_all())
+        .map_err(WalError::io(format!("cut the torn tail of {}", seg_path.display())))?;
+    let saved = quarantine.join(name);
+    warn!(
+        segment = %seg_path.display(),
+        offset,
+        bytes_dropped = tail.len(),
+        saved_to = %saved.display(),
+        %reason,
+        "cut a torn write at the end of the WAL (a request that was never acknowledged)"
+    );
+    Ok((offset, tail.len() as u64, saved))
+}

@@ -1,0 +1,125 @@
+//! Sequential reading of durable records across segments, for the flusher.
+
+use std::sync::Arc;
+
+use super::record::Record;
+use super::segment::{self, SegmentCursor, SegmentFile, Step};
+use super::{WalDir, WalError};
+use crate::lsn::Lsn;
+
+/// Reads records in LSN order from a starting LSN on, never past the durable LSN it is
+/// given, moving from segment to segment as it goes.
+#[derive(Debug)]
+pub struct WalReader {
+    dir: Arc<WalDir>,
+    cursor: SegmentCursor,
+}
+
+impl WalReader {
+    /// Positions a reader so that the next record it returns starts at `from`.
+    ///
+    /// `from` must be the first LSN of a record or the next LSN to be written; everything
+    /// before it must be durable.
+    ///
+    /// # Errors
+    /// [`WalError::Missing`] when no segment holds `from` (its segment was deleted or never
+    /// written) or `from` falls inside a record; [`WalError::Corrupt`] for damage before it.
+    pub fn open(dir: Arc<WalDir>, from: Lsn) -> Result<WalReader, WalError> {
+        let path = dir.path();
+        let segments =
+            segment::list(path).map_err(WalError::io(format!("list {}", path.display())))?;
+        let Some(start) = segments.iter().rev().find(|s| s.first_lsn <= from).cloned() else {
+            let oldest = segments.first().map_or_else(
+                || "the WAL directory has no segments".to_string(),
+                |s| format!("the oldest segment starts at LSN {}", s.first_lsn),
+            );
+            return Err(WalError::Missing {
+                lsn: from,
+                reason: oldest,
+            });
+        };
+        let mut reader = WalReader {
+            cursor: open_cursor(&dir, start)?,
+            dir,
+        };
+        // Skip the records before `from`; they are all durable.
+        let before = from.prev();
+        while reader.step(before)?.is_some() {}
+        let at = reader.cursor.next_lsn();
+        if at != from {
+            return Err(WalError::Missing {
+                lsn: from,
+                reason: format!(
+                    "it is not the first LSN of a record (the record before it ends at LSN {})",
+                    at.prev()
+                ),
+            });
+        }
+        Ok(reader)
+    }
+
+    /// LSN of the next record to be read.
+    #[must_use]
+    pub fn next_lsn(&self) -> Lsn {
+        self.cursor.next_lsn()
+    }
+
+    /// The next record if it is at or below `durable`, or `None` when caught up.
+    ///
+    /// # Errors
+    /// [`WalError::Corrupt`] for a record that fails validation (it is durable, so this is
+    /// damage, not a torn write); [`WalError::Missing`] when the next segment is missing;
+    /// I/O errors.
+    pub fn next(&mut self, durable: Lsn) -> Result<Option<Record<'_>>, WalError> {
+        Ok(self.step(durable)?.map(|()| self.cursor.record()))
+    }
+
+    /// Advances to the next durable record, moving to the next segment at the end of one.
+    fn step(&mut self, durable: Lsn) -> Result<Option<()>, WalError> {
+        loop {
+            let step = self.cursor.step(durable).map_err(|e| {
+                WalError::io(format!("read {}", self.cursor.segment().path.display()))(e)
+            })?;
+            match step {
+                Step::Record(_) => return Ok(Some(())),
+                Step::CaughtUp => return Ok(None),
+                Step::End if self.cursor.next_lsn() > durable => return Ok(None),
+                Step::End => {
+                    // Durable rows beyond the end of this segment are in the next one,
+                    // which is named after the first of them.
+                    let next = self.cursor.next_lsn();
+                    let segment = SegmentFile {
+                        first_lsn: next,
+                        path: self.dir.path().join(segment::file_name(next)),
+                    };
+                    if !segment.path.exists() {
+                        return Err(WalError::Missing {
+                            lsn: next,
+                            reason: format!(
+                                "segment {} ends before it and there is no segment {}",
+                                self.cursor.segment().path.display(),
+                                segment.path.display()
+                            ),
+                        });
+                    }
+                    self.cursor = open_cursor(&self.dir, segment)?;
+                }
+                Step::Damaged { offset, reason } => {
+                    return Err(WalError::Corrupt {
+                        path: self.cursor.segment().path.clone(),
+                        offset,
+                        lsn: self.cursor.next_lsn(),
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn open_cursor(dir: &WalDir, segment: SegmentFile) -> Result<SegmentCursor, WalError> {
+    let path = segment.path.clone();
+    SegmentCursor::open(segment, dir.spool_id())
+        .map(|(cursor, _)| cursor)
+        .map_err(WalError::segment(&path))
+}

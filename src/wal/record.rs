@@ -1,0 +1,264 @@
+//! WAL records: the fixed header, its checksum, and decoding from untrusted bytes.
+//!
+//! ```text
+//! offset size field
+//!      0    4 crc        CRC-32C (Castagnoli) of header bytes 4..32 followed by the payload
+//!      4    4 len        payload length in bytes, at most MAX_PAYLOAD_BYTES
+//!      8    8 first_lsn  LSN of the record's first row
+//!     16    4 rows       rows in the record, at least 1
+//!     20    1 type       1 = row group (the payload format is owned by `crate::rowgroup`)
+//!     21    3 reserved   zero
+//!     24    8 time_us    append time, microseconds since the Unix epoch
+//!     32  len payload
+//! ```
+//! All integers are little-endian. The LSN sits inside the checksummed bytes, so stale bytes
+//! of an older record can never pass for the record expected at a position.
+
+use crate::lsn::{Lsn, LsnRange};
+
+/// Size of the fixed record header in bytes.
+pub const HEADER_BYTES: usize = 32;
+/// Largest payload a record may carry (64 MiB); a length above it is damage, not a record.
+pub const MAX_PAYLOAD_BYTES: u32 = 64 << 20;
+/// The only record type so far: a group of rows for one table (see `crate::rowgroup`).
+const TYPE_ROW_GROUP: u8 = 1;
+
+/// A record ready to be appended: its payload, row count and the payload's CRC-32C.
+///
+/// The CRC is computed by the caller (on the ingest task, in parallel) so the single WAL
+/// writer only combines it with the header's.
+#[derive(Debug)]
+pub struct AppendRecord {
+    pub(crate) rows: u32,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) payload_crc: u32,
+}
+
+impl AppendRecord {
+    /// Wraps a payload of `rows` rows.
+    ///
+    /// # Panics
+    /// If `rows` is 0 or the payload is longer than [`MAX_PAYLOAD_BYTES`]: callers build
+    /// records from validated requests, so either is a bug.
+    #[must_use]
+    pub fn new(rows: u32, payload: Vec<u8>) -> AppendRecord {
+        assert!(rows > 0, "a record holds at least one row");
+        assert!(
+            payload.len() <= MAX_PAYLOAD_BYTES as usize,
+            "record payload of {} bytes exceeds the maximum",
+            payload.len()
+        );
+        let payload_crc = crc32c::crc32c(&payload);
+        AppendRecord {
+            rows,
+            payload,
+            payload_crc,
+        }
+    }
+
+    /// Bytes this record takes in a segment, header included.
+    #[must_use]
+    pub fn encoded_len(&self) -> u64 {
+        (HEADER_BYTES + self.payload.len()) as u64
+    }
+
+    /// Appends header and payload to `out`, with `first_lsn` and `time_us` filled in.
+    pub(crate) fn encode_into(&self, first_lsn: Lsn, time_us: u64, out: &mut Vec<u8>) {
+        let mut header = [0u8; HEADER_BYTES];
+        let len = u32::try_from(self.payload.len()).expect("checked against MAX_PAYLOAD_BYTES");
+        header[4..8].copy_from_slice(&len.to_le_bytes());
+        header[8..16].copy_from_slice(&first_lsn.0.to_le_bytes());
+        header[16..20].copy_from_slice(&self.rows.to_le_bytes());
+        header[20] = TYPE_ROW_GROUP;
+        header[24..32].copy_from_slice(&time_us.to_le_bytes());
+        let crc = crc32c::crc32c_combine(
+            crc32c::crc32c(&header[4..]),
+            self.payload_crc,
+            self.payload.len(),
+        );
+        header[0..4].copy_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&self.payload);
+    }
+}
+
+/// A record read back from a segment; the payload borrows the reader's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    /// The LSNs of the record's rows.
+    pub lsns: LsnRange,
+    /// When the record was appended, microseconds since the Unix epoch.
+    pub time_us: u64,
+    /// The payload (a row group, see `crate::rowgroup`).
+    pub payload: &'a [u8],
+}
+
+/// Why bytes at a position are not the record expected there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// Fewer bytes remain than the header or the declared payload needs.
+    #[error("record truncated: {needed} bytes needed, {available} present")]
+    Truncated {
+        /// Bytes the record would need.
+        needed: u64,
+        /// Bytes present from the record's start to the end of the segment.
+        available: u64,
+    },
+    /// The declared payload length is above [`MAX_PAYLOAD_BYTES`].
+    #[error("record length {0} exceeds the maximum of {MAX_PAYLOAD_BYTES} bytes")]
+    TooLong(u32),
+    /// The checksum does not match the bytes.
+    #[error("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum {
+        /// CRC-32C stored in the header.
+        stored: u32,
+        /// CRC-32C of the bytes as read.
+        computed: u32,
+    },
+    /// The checksum matches but the LSN is not the next one (a record from elsewhere).
+    #[error("record LSN {found} where LSN {expected} was expected")]
+    WrongLsn {
+        /// LSN the position must hold.
+        expected: Lsn,
+        /// LSN the record claims.
+        found: Lsn,
+    },
+    /// Unknown type, zero rows or non-zero reserved bytes under a valid checksum.
+    #[error("malformed record header: {0}")]
+    Malformed(&'static str),
+}
+
+/// Outcome of decoding at one position.
+#[derive(Debug)]
+pub enum Decoded<'a> {
+    /// A valid record and its total encoded length in bytes.
+    Record(Record<'a>, usize),
+    /// Not a valid record at this position.
+    Invalid(Invalid),
+}
+
+/// How many bytes the record whose header starts `header` takes, header included.
+///
+/// Callers check this against the bytes the segment still holds before reading or
+/// allocating for the payload.
+///
+/// # Errors
+/// [`Invalid::TooLong`] for a length above [`MAX_PAYLOAD_BYTES`].
+///
+/// # Panics
+/// If `header` is shorter than [`HEADER_BYTES`].
+pub fn record_len(header: &[u8]) -> Result<usize, Invalid> {
+    let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+    if len > MAX_PAYLOAD_BYTES {
+        return Err(Invalid::TooLong(len));
+    }
+    Ok(HEADER_BYTES + len as usize)
+}
+
+/// Decodes a whole record from `buf`, which holds at least [`record_len`] bytes, expecting
+/// its first LSN to be `expected`.
+#[must_use]
+pub fn decode(buf: &[u8], expected: Lsn) -> Decoded<'_> {
+    let len = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes")) as usize;
+    let total = HEADER_BYTES + len;
+    let stored = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes"));
+    let computed = crc32c::crc32c(&buf[4..total]);
+    if stored != computed {
+        return Decoded::Invalid(Invalid::Checksum { stored, computed });
+    }
+    let first = Lsn(u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes")));
+    let rows = u32::from_le_bytes(buf[16..20].try_into().expect("4 bytes"));
+    if buf[20] != TYPE_ROW_GROUP {
+        return Decoded::Invalid(Invalid::Malformed("unknown record type"));
+    }
+    if buf[21..24] != [0, 0, 0] {
+        return Decoded::Invalid(Invalid::Malformed("reserved bytes are not zero"));
+    }
+    if rows == 0 {
+        return Decoded::Invalid(Invalid::Malformed("record holds zero rows"));
+    }
+    if first != expected {
+        return Decoded::Invalid(Invalid::WrongLsn {
+            expected,
+            found: first,
+        });
+    }
+    let time_us = u64::from_le_bytes(buf[24..32].try_into().expect("8 bytes"));
+    Decoded::Record(
+        Record {
+            lsns: LsnRange::starting_at(first, u64::from(rows)),
+            time_us,
+            payload: &buf[HEADER_BYTES..total],
+        },
+        total,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(first: u64, rows: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        AppendRecord::new(rows, payload.to_vec()).encode_into(Lsn(first), 7, &mut out);
+        out
+    }
+
+    fn decode_all(buf: &[u8], expected: Lsn) -> Result<(Record<'_>, usize), Invalid> {
+        if buf.len() < HEADER_BYTES || record_len(buf)? > buf.len() {
+            return Err(Invalid::Truncated {
+                needed: 0,
+                available: buf.len() as u64,
+            });
+        }
+        match decode(buf, expected) {
+            Decoded::Record(r, n) => Ok((r, n)),
+            Decoded::Invalid(i) => Err(i),
+        }
+    }
+
+    #[test]
+    fn record_round_trips() {
+        let buf = encoded(41, 3, b"abc\n");
+        let (rec, n) = decode_all(&buf, Lsn(41)).expect("valid");
+        assert_eq!(n, buf.len());
+        assert_eq!(rec.lsns, LsnRange::starting_at(Lsn(41), 3));
+        assert_eq!(rec.time_us, 7);
+        assert_eq!(rec.payload, b"abc\n");
+    }
+
+    #[test]
+    fn every_flipped_bit_is_detected() {
+        let buf = encoded(5, 2, b"some payload bytes");
+        for byte in 0..buf.len() {
+            for bit in 0..8 {
+                let mut bad = buf.clone();
+                bad[byte] ^= 1 << bit;
+                assert!(
+                    decode_all(&bad, Lsn(5)).is_err(),
+                    "flip of bit {bit} in byte {byte} went unnoticed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_valid_record_at_the_wrong_position_is_refused() {
+        let buf = encoded(5, 2, b"x");
+        assert_eq!(
+            decode_all(&buf, Lsn(9)).unwrap_err(),
+            Invalid::WrongLsn {
+                expected: Lsn(9),
+                found: Lsn(5)
+            }
+        );
+    }
+
+    #[test]
+    fn lengths_above_the_maximum_are_refused() {
+        let mut buf = encoded(1, 1, b"x");
+        buf[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(record_len(&buf), Err(Invalid::TooLong(u32::MAX)));
+        assert_eq!(record_len(&encoded(1, 1, b"xyz")), Ok(HEADER_BYTES + 3));
+    }
+}

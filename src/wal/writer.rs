@@ -1,0 +1,236 @@
+//! The single WAL writer thread and its group commit (see the [module docs](super)).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::thread;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info};
+
+use super::record::AppendRecord;
+use super::segment::{self, SEGMENT_HEADER_BYTES, SegmentFile};
+use super::{Tail, WalDir, WalError};
+use crate::fsutil;
+use crate::lsn::{Lsn, LsnRange};
+
+/// Most bytes one group commit writes (4 MiB), so one sync never waits behind an
+/// unbounded amount of data.
+const MAX_GROUP_BYTES: u64 = 4 << 20;
+/// Requests that may wait for the writer before senders wait (backpressure).
+const QUEUE_DEPTH: usize = 1024;
+
+/// Why an append was not acknowledged. Nothing of the request is in the log.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// Writing failed (for example the disk is full); the write was rolled back and the
+    /// daemon goes on.
+    #[error("writing to the WAL failed: {0}")]
+    Write(#[source] io::Error),
+    /// fdatasync failed: the daemon stops, since the page cache can no longer be trusted.
+    #[error("fdatasync of the WAL failed: {0}; pgspool is stopping")]
+    Sync(#[source] io::Error),
+    /// The writer is not running (the daemon is stopping, or stopped on a fatal error).
+    #[error("the WAL writer is stopped")]
+    Closed,
+}
+
+struct AppendRequest {
+    records: Vec<AppendRecord>,
+    bytes: u64,
+    reply: oneshot::Sender<Result<LsnRange, AppendError>>,
+}
+
+/// A handle for appending to the WAL; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Appender {
+    tx: mpsc::Sender<AppendRequest>,
+}
+
+impl Appender {
+    /// Appends `records` (all rows of one request) and waits until they are durable.
+    /// Returns the LSNs given to their rows, which are consecutive.
+    ///
+    /// # Errors
+    /// See [`AppendError`]; on any error none of the records is acknowledged, and none was
+    /// published to readers.
+    ///
+    /// # Panics
+    /// If `records` is empty.
+    pub async fn append(&self, records: Vec<AppendRecord>) -> Result<LsnRange, AppendError> {
+        assert!(!records.is_empty(), "an append holds at least one record");
+        let bytes = records.iter().map(AppendRecord::encoded_len).sum();
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(AppendRequest {
+                records,
+                bytes,
+                reply,
+            })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        answer.await.unwrap_or(Err(AppendError::Closed))
+    }
+}
+
+/// Starts the writer thread on the recovered tail.
+pub(super) fn start(
+    dir: Arc<WalDir>,
+    tail: Tail,
+    segment_bytes: u64,
+) -> Result<
+    (
+        Appender,
+        watch::Receiver<Lsn>,
+        oneshot::Receiver<Result<(), WalError>>,
+    ),
+    WalError,
+> {
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let (durable_tx, durable_rx) = watch::channel(tail.next_lsn.prev());
+    let (exit_tx, exit_rx) = oneshot::channel();
+    let writer = Writer {
+        dir,
+        segment_bytes,
+        file: tail.file,
+        segment: tail.segment,
+        len: tail.len,
+        next_lsn: tail.next_lsn,
+        durable: durable_tx,
+        buf: Vec::new(),
+    };
+    thread::Builder::new()
+        .name("pgspool-wal".into())
+        .spawn(move || {
+            let result = writer.run(rx);
+            if let Err(e) = &result {
+                error!(error = %e, "WAL writer stopped");
+            }
+            let _ = exit_tx.send(result);
+        })
+        .map_err(WalError::io("start the WAL writer thread"))?;
+    Ok((Appender { tx }, durable_rx, exit_rx))
+}
+
+struct Writer {
+    dir: Arc<WalDir>,
+    segment_bytes: u64,
+    file: File,
+    segment: SegmentFile,
+    /// Bytes in the active segment, all durable.
+    len: u64,
+    next_lsn: Lsn,
+    durable: watch::Sender<Lsn>,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<AppendRequest>) -> Result<(), WalError> {
+        let mut carried: Option<AppendRequest> = None;
+        loop {
+            let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
+                return Ok(());
+            };
+            if self.len > SEGMENT_HEADER_BYTES && self.len + first.bytes > self.segment_bytes {
+                if let Err(e) = self.rotate() {
+                    let _ = first.reply.send(Err(AppendError::Write(e)));
+                    self.remove_failed_segment()?;
+                    continue;
+                }
+            }
+            let mut group = vec![first];
+            let mut group_bytes = group[0].bytes;
+            while group_bytes < MAX_GROUP_BYTES {
+                let Ok(next) = rx.try_recv() else { break };
+                if self.len + group_bytes + next.bytes > self.segment_bytes {
+                    carried = Some(next);
+                    break;
+                }
+                group_bytes += next.bytes;
+                group.push(next);
+            }
+            self.commit(group)?;
+        }
+    }
+
+    /// Writes one group, syncs it, and answers its requests.
+    fn commit(&mut self, group: Vec<AppendRequest>) -> Result<(), WalError> {
+        self.buf.clear();
+        let time_us = fsutil::now_us();
+        let mut lsn = self.next_lsn;
+        let mut ranges = Vec::with_capacity(group.len());
+        for request in &group {
+            let first = lsn;
+            for record in &request.records {
+                record.encode_into(lsn, time_us, &mut self.buf);
+                lsn = lsn.advance(u64::from(record.rows));
+            }
+            ranges.push(LsnRange {
+                first,
+                last: lsn.prev(),
+            });
+        }
+
+        if let Err(e) = self.file.write_all_at(&self.buf, self.len) {
+            reply_all(group, &e, AppendError::Write);
+            // Roll back whatever part was written, so no partial record stays behind.
+            return self.file.set_len(self.len).map_err(WalError::io(format!(
+                "roll back a failed write in {}",
+                self.segment.path.display()
+            )));
+        }
+        if let Err(e) = self.file.sync_data() {
+            reply_all(group, &e, AppendError::Sync);
+            return Err(WalError::io(format!(
+                "fdatasync {}",
+                self.segment.path.display()
+            ))(e));
+        }
+        self.len += self.buf.len() as u64;
+        self.next_lsn = lsn;
+        self.durable.send_replace(lsn.prev());
+        for (request, range) in group.into_iter().zip(ranges) {
+            let _ = request.reply.send(Ok(range));
+        }
+        Ok(())
+    }
+
+    /// Starts the next segment at `next_lsn`. The previous one is already synced.
+    fn rotate(&mut self) -> io::Result<()> {
+        let (file, segment) = segment::create(self.dir.path(), self.next_lsn, self.dir.spool_id())?;
+        info!(segment = %segment.path.display(), "started a new WAL segment");
+        self.file = file;
+        self.segment = segment;
+        self.len = SEGMENT_HEADER_BYTES;
+        Ok(())
+    }
+
+    /// After a failed rotation, makes sure the segment it was creating does not exist:
+    /// left behind, it would claim LSNs the active segment goes on to use.
+    fn remove_failed_segment(&self) -> Result<(), WalError> {
+        let path = self.dir.path().join(segment::file_name(self.next_lsn));
+        match std::fs::remove_file(&path) {
+            Ok(()) => fsutil::sync_dir(self.dir.path())
+                .map_err(WalError::io(format!("sync {}", self.dir.path().display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(WalError::io(format!(
+                "remove the half-created segment {}",
+                path.display()
+            ))(e)),
+        }
+    }
+}
+
+fn reply_all(group: Vec<AppendRequest>, e: &io::Error, kind: fn(io::Error) -> AppendError) {
+    for request in group {
+        let _ = request.reply.send(Err(kind(clone_io(e))));
+    }
+}
+
+fn clone_io(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
