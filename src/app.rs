@@ -29,6 +29,7 @@ use crate::wal::{Wal, WalOptions};
 /// A running daemon.
 #[derive(Debug)]
 pub struct Daemon {
+    spool_id: uuid::Uuid,
     shutdown: CancellationToken,
     durable: watch::Receiver<Lsn>,
     committed: watch::Receiver<Lsn>,
@@ -57,6 +58,7 @@ impl Daemon {
             .context("WAL recovery panicked")?
             .with_context(|| format!("cannot open the WAL in {}", config.wal.dir.display()))?;
         let report = wal.recovery_report().clone();
+        let spool_id = wal.dir().spool_id();
         info!(
             dir = %config.wal.dir.display(),
             spool_id = %wal.dir().spool_id(),
@@ -133,12 +135,19 @@ impl Daemon {
             fatal.map_or(Ok(()), Err)
         });
         Ok(Daemon {
+            spool_id,
             shutdown,
             durable,
             committed,
             socket: config.listen.socket,
             supervisor,
         })
+    }
+
+    /// The spool's id (the key of its watermark in PostgreSQL).
+    #[must_use]
+    pub fn spool_id(&self) -> uuid::Uuid {
+        self.spool_id
     }
 
     /// The socket the daemon listens on.

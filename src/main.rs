@@ -55,7 +55,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => {
             init_logging("warn");
-            let _ = args; todo!("demo");
+            pgspool::demo::run(&args).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

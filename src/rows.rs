@@ -8,7 +8,7 @@
 //! says which row.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use serde::Deserializer;
@@ -131,36 +131,43 @@ pub fn parse(body: &str, format: BodyFormat) -> Result<Vec<Row<'_>>, BodyError> 
 
 /// Parses one JSON object, keeping each value's raw text and refusing duplicate keys.
 fn parse_row(text: &str, position: RowPosition) -> Result<Row<'_>, BodyError> {
+    let malformed = |e: serde_json::Error| BodyError::Malformed {
+        position,
+        message: e.to_string(),
+    };
+    let found = match text.trim_start().as_bytes().first() {
+        Some(b'{') => None,
+        Some(b'[') => Some("an array"),
+        Some(b'"') => Some("a string"),
+        Some(b't' | b'f') => Some("a boolean"),
+        Some(b'n') => Some("null"),
+        _ => Some("a number"),
+    };
+    if let Some(found) = found {
+        // Malformed JSON is reported as such before its shape.
+        serde_json::from_str::<IgnoredAny>(text).map_err(malformed)?;
+        return Err(BodyError::NotAnObject { position, found });
+    }
     let mut de = serde_json::Deserializer::from_str(text);
-    let shape = de
-        .deserialize_any(RowVisitor)
-        .and_then(|shape| de.end().map(|()| shape))
-        .map_err(|e| BodyError::Malformed {
-            position,
-            message: e.to_string(),
-        })?;
-    match shape {
-        Shape::Object(fields) => Ok(Row {
+    let fields = de
+        .deserialize_map(RowVisitor)
+        .and_then(|fields| de.end().map(|()| fields))
+        .map_err(malformed)?;
+    match fields {
+        Ok(fields) => Ok(Row {
             position,
             raw: text.trim(),
             fields,
         }),
-        Shape::NotObject(found) => Err(BodyError::NotAnObject { position, found }),
-        Shape::DuplicateKey(key) => Err(BodyError::DuplicateKey { position, key }),
+        Err(key) => Err(BodyError::DuplicateKey { position, key }),
     }
 }
 
-/// What a row turned out to be; anything but an object with distinct keys is refused.
-enum Shape<'de> {
-    Object(Vec<(Cow<'de, str>, &'de RawValue)>),
-    NotObject(&'static str),
-    DuplicateKey(String),
-}
-
+/// Collects an object's fields, or the first key given twice.
 struct RowVisitor;
 
 impl<'de> Visitor<'de> for RowVisitor {
-    type Value = Shape<'de>;
+    type Value = Result<Vec<(Cow<'de, str>, &'de RawValue)>, String>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
@@ -170,13 +177,16 @@ impl<'de> Visitor<'de> for RowVisitor {
         let mut fields: Vec<(Cow<'de, str>, &'de RawValue)> =
             Vec::with_capacity(map.size_hint().unwrap_or(16));
         let mut duplicate = None;
+        // Keys seen, once there are too many to compare one by one.
+        let mut seen: Option<HashSet<Cow<'de, str>>> = None;
         while let Some(key) = map.next_key_seed(KeySeed)? {
-            // serde_json's arbitrary_precision hands numbers to visit_map under this key.
-            if fields.is_empty() && key == "$serde_json::private::Number" {
-                map.next_value::<IgnoredAny>()?;
-                return Ok(Shape::NotObject("a number"));
-            }
-            if duplicate.is_some() || fields.iter().any(|(k, _)| *k == key) {
+            let repeated = if fields.len() < 32 {
+                fields.iter().any(|(k, _)| *k == key)
+            } else {
+                let seen = seen.get_or_insert_with(|| fields.iter().map(|(k, _)| k.clone()).collect());
+                !seen.insert(key.clone())
+            };
+            if duplicate.is_some() || repeated {
                 duplicate.get_or_insert_with(|| key.into_owned());
                 map.next_value::<IgnoredAny>()?;
                 continue;
@@ -184,30 +194,7 @@ impl<'de> Visitor<'de> for RowVisitor {
             let value: &'de RawValue = map.next_value()?;
             fields.push((key, value));
         }
-        Ok(duplicate.map_or(Shape::Object(fields), Shape::DuplicateKey))
-    }
-
-    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Shape::NotObject("an array"))
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Shape::NotObject("a string"))
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Shape::NotObject("a boolean"))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Shape::NotObject("a number"))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Shape::NotObject("a number"))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Shape::NotObject("a number"))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Shape::NotObject("null"))
+        Ok(duplicate.map_or(Ok(fields), Err))
     }
 }
 

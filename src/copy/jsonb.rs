@@ -16,7 +16,7 @@
 use std::borrow::Cow;
 
 use super::numeric::{self, Numeric};
-use super::{Sink, ValueError};
+use super::{Discard, Sink, ValueError};
 
 /// Deepest nesting of arrays and objects accepted (a top-level container is level 1).
 ///
@@ -168,13 +168,6 @@ fn hex4(bytes: &[u8], i: usize) -> Result<u32, ValueError> {
         let v = char::from(d).to_digit(16).ok_or(ValueError::Malformed)?;
         Ok(acc << 4 | v)
     })
-}
-
-/// A sink that discards everything: decoding into it only checks the string.
-struct Discard;
-
-impl Sink for Discard {
-    fn push(&mut self, _: &str) {}
 }
 
 /// Writes the canonical `jsonb` text of `node` (`JsonbToCString` without indentation) to `sink`.

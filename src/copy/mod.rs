@@ -10,9 +10,11 @@
 //! `populate_scalar`, `populate_array`, `populate_array_dim_jsonb`), `src/backend/commands/copyto.c`
 //! (`CopyAttributeOutText`) and `src/backend/utils/adt/arrayfuncs.c` (`array_in` quoting rules).
 //!
-//! Every field is built in a single pass through a chain of [`Sink`]s (COPY escaping, array
-//! element quoting, JSON string escaping), so no intermediate strings are allocated. A top-level
-//! string without escapes, a number, a boolean and `null` are encoded without allocating at all.
+//! Text reaches the field through a chain of `Sink`s (COPY escaping, array element quoting, JSON
+//! string escaping), so no intermediate strings are built. A top-level string, number, boolean or
+//! `null`, and any value for a `jsonb` column, are encoded without allocating at all; arrays and
+//! objects for the other kinds are parsed into a tree that borrows from `raw` (allocating its
+//! vectors, and strings that hold escapes).
 
 mod jsonb;
 mod numeric;
@@ -20,6 +22,10 @@ mod numeric;
 use jsonb::Node;
 
 /// How a column's values are written, derived from its PostgreSQL type by the catalog code.
+///
+/// These follow the type categories of `populate_record_field` in PostgreSQL 15's
+/// `src/backend/utils/adt/jsonfuncs.c` (scalar, array; `json` and `jsonb` are scalars there with
+/// special cases in `populate_scalar`). Domains and composite types are not covered.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ColumnKind {
     /// Any type read through its text input function (text, int, numeric, float, bool,
@@ -38,7 +44,9 @@ pub enum ColumnKind {
     Array {
         /// How each element is written.
         element: ElementKind,
-        /// The byte between elements (`pg_type.typdelim` of the element type).
+        /// The byte between elements (`pg_type.typdelim` of the element type). It is written
+        /// as is, so it must be an ASCII character that `array_in` does not treat specially
+        /// (not `"`, `\`, `{`, `}` or whitespace), as every built-in `typdelim` is.
         delimiter: u8,
     },
 }
@@ -330,7 +338,7 @@ fn encode(kind: &ColumnKind, raw: &str, sink: &mut CopyText<'_>) -> Result<(), V
 }
 
 /// A sink that discards everything (decoding into it only checks a string).
-struct Discard;
+pub(crate) struct Discard;
 
 impl Sink for Discard {
     fn push(&mut self, _: &str) {}

@@ -1,0 +1,246 @@
+//! `pgspool demo`: the whole path on real data, checked.
+//!
+//! Starts a throwaway PostgreSQL (or uses `--database-url`), creates the nycflights13
+//! tables in a schema of its own, runs a daemon in this process on a temporary socket and
+//! WAL directory, and streams the bundled data through the socket as HTTP clients do
+//! (NDJSON, several concurrent clients). Once every row is acknowledged and committed it
+//! loads the same data again straight through PostgreSQL (`jsonb_populate_record`, not
+//! pgspool's encoder) and compares the tables row for row. Then it cleans up.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use tokio::sync::{Mutex, mpsc};
+
+use crate::app::Daemon;
+use crate::cli::DemoArgs;
+use crate::client::SpoolClient;
+use crate::config::Config;
+use crate::dataset::{self, DataTable, NYCFLIGHTS13};
+use crate::pgtemp::TempPostgres;
+use crate::table::quote_ident;
+
+/// One request's worth of rows.
+struct Chunk {
+    table: String,
+    rows: u64,
+    body: Bytes,
+}
+
+/// What the clients measured.
+struct LoadStats {
+    rows: u64,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+/// Runs the demo.
+///
+/// # Errors
+/// When PostgreSQL cannot be started or reached, a request is refused, or a table does not
+/// equal its source.
+pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    let (server, url) = match &args.database_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            println!("starting a throwaway PostgreSQL ...");
+            let pg = tokio::task::spawn_blocking(TempPostgres::start)
+                .await
+                .context("starting PostgreSQL panicked")??;
+            let url = pg.url();
+            (Some(pg), url)
+        }
+    };
+    let pg_config = crate::pg::parse_url(&url, Duration::from_secs(10))?;
+    let client = crate::pg::connect(&pg_config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {url}: {}", crate::pg::describe(&e)))?;
+    let schema = format!("pgspool_demo_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    dataset::create_tables(&client, &schema).await?;
+
+    let work = tempfile::Builder::new()
+        .prefix("pgspool-demo")
+        .tempdir_in("/tmp")
+        .context("create a temporary directory")?;
+    let mut config = Config::default();
+    config.listen.socket = work.path().join("pgspool.sock");
+    config.wal.dir = work.path().join("wal");
+    config.postgres.url = Some(url.clone());
+    let daemon = Daemon::start(config).await?;
+    println!(
+        "pgspool listening on {} (WAL in {})",
+        daemon.socket().display(),
+        work.path().join("wal").display()
+    );
+
+    let outcome = load_and_verify(&daemon, &client, &schema, args).await;
+    let spool_id = daemon.spool_id();
+    let stopped = daemon.stop().await;
+    let dropped = client
+        .batch_execute(&format!(
+            "DROP SCHEMA {} CASCADE; DELETE FROM pgspool.watermarks WHERE spool_id = '{spool_id}'",
+            quote_ident(&schema)
+        ))
+        .await;
+    drop(server);
+    outcome?;
+    stopped?;
+    dropped.context("dropping the demo schema")?;
+    Ok(())
+}
+
+async fn load_and_verify(
+    daemon: &Daemon,
+    client: &tokio_postgres::Client,
+    schema: &str,
+    args: &DemoArgs,
+) -> anyhow::Result<()> {
+    let total: u64 = NYCFLIGHTS13.iter().map(|t| t.rows as u64).sum();
+    println!(
+        "sending {total} rows of nycflights13 ({} tables) with {} clients, {} rows per request",
+        NYCFLIGHTS13.len(),
+        args.clients,
+        args.rows_per_request
+    );
+    let stats = load(daemon, schema, args, total).await?;
+    let flushing = Instant::now();
+    daemon.wait_flushed().await;
+    let committed_after = stats.elapsed + flushing.elapsed();
+
+    println!("\n{:<10} {:>10} {:>15}  same rows as the source", "table", "rows sent", "in PostgreSQL");
+    let mut all_equal = true;
+    for table in &NYCFLIGHTS13 {
+        let loaded = format!("{}.{}", quote_ident(schema), quote_ident(table.name));
+        let reference = format!("{}.{}", quote_ident(schema), quote_ident(&format!("{}_source", table.name)));
+        client
+            .batch_execute(&format!("CREATE TABLE {reference} (LIKE {loaded})"))
+            .await?;
+        dataset::load_reference(client, table, &reference).await?;
+        let comparison = dataset::compare(client, &loaded, &reference).await?;
+        all_equal &= comparison.is_equal();
+        println!(
+            "{:<10} {:>10} {:>15}  {}",
+            table.name,
+            table.rows,
+            comparison.left_rows,
+            if comparison.is_equal() { "yes".to_string() } else { format!("NO: {comparison}") }
+        );
+    }
+    let mut latencies = stats.latencies;
+    latencies.sort_unstable();
+    println!(
+        "\n{} rows acknowledged in {:.2} s: {:.0} rows/s; ack latency p50 {:.1} ms, p99 {:.1} ms",
+        stats.rows,
+        stats.elapsed.as_secs_f64(),
+        stats.rows as f64 / stats.elapsed.as_secs_f64(),
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+    );
+    println!(
+        "all rows committed in PostgreSQL after {:.2} s: {:.0} rows/s end to end",
+        committed_after.as_secs_f64(),
+        stats.rows as f64 / committed_after.as_secs_f64()
+    );
+    if !all_equal {
+        bail!("some tables differ from their source (see above)");
+    }
+    println!("every table equals its source: each row arrived exactly once");
+    Ok(())
+}
+
+/// Streams every table through `clients` concurrent connections.
+async fn load(daemon: &Daemon, schema: &str, args: &DemoArgs, total: u64) -> anyhow::Result<LoadStats> {
+    let (tx, rx) = mpsc::channel::<Chunk>(usize::from(args.clients) * 2);
+    let rows_per_request = u64::from(args.rows_per_request);
+    let schema = schema.to_string();
+    let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        for table in &NYCFLIGHTS13 {
+            chunk_table(table, &schema, rows_per_request, &tx)?;
+        }
+        Ok(())
+    });
+    let bar = indicatif::ProgressBar::new(total).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} rows acknowledged ({per_sec}, {elapsed})",
+        )
+        .expect("the template is valid"),
+    );
+    let rx = Arc::new(Mutex::new(rx));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.clients {
+        let rx = Arc::clone(&rx);
+        let bar = bar.clone();
+        let socket = daemon.socket().to_path_buf();
+        workers.push(tokio::spawn(async move {
+            let mut client = SpoolClient::connect(&socket).await?;
+            let mut latencies = Vec::new();
+            loop {
+                let Some(chunk) = rx.lock().await.recv().await else {
+                    return anyhow::Ok(latencies);
+                };
+                let sent = Instant::now();
+                let reply = client.post_rows(&chunk.table, "application/x-ndjson", chunk.body).await?;
+                latencies.push(sent.elapsed());
+                if reply.status != hyper::StatusCode::ACCEPTED {
+                    bail!("{} refused a request: {} {}", chunk.table, reply.status, reply.body);
+                }
+                bar.inc(chunk.rows);
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await.context("a client panicked")??);
+    }
+    producer.await.context("reading the data panicked")??;
+    let elapsed = started.elapsed();
+    bar.finish();
+    Ok(LoadStats {
+        rows: bar.position(),
+        elapsed,
+        latencies,
+    })
+}
+
+/// Splits a table's NDJSON into request bodies of `rows_per_request` rows.
+fn chunk_table(
+    table: &DataTable,
+    schema: &str,
+    rows_per_request: u64,
+    tx: &mpsc::Sender<Chunk>,
+) -> anyhow::Result<()> {
+    let name = format!("{schema}.{}", table.name);
+    let mut body = Vec::new();
+    let mut rows = 0;
+    let send = |body: &mut Vec<u8>, rows: &mut u64| -> anyhow::Result<()> {
+        let chunk = Chunk {
+            table: name.clone(),
+            rows: std::mem::take(rows),
+            body: Bytes::from(std::mem::take(body)),
+        };
+        tx.blocking_send(chunk).context("the clients stopped")
+    };
+    for line in table.lines() {
+        body.extend_from_slice(line?.as_bytes());
+        body.push(b'\n');
+        rows += 1;
+        if rows == rows_per_request {
+            send(&mut body, &mut rows)?;
+        }
+    }
+    if rows > 0 {
+        send(&mut body, &mut rows)?;
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}

@@ -1,0 +1,196 @@
+//! The shared harness: throwaway PostgreSQL servers, daemons in this process or as real
+//! processes, clients, and polling with deadlines.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgspool::app::Daemon;
+use pgspool::client::{Reply, SpoolClient};
+use pgspool::config::Config;
+use pgspool::pgtemp::{StopMode, TempPostgres};
+use tokio_postgres::Client;
+
+/// Longest a test waits for anything to happen.
+pub const DEADLINE: Duration = Duration::from_secs(120);
+
+/// A throwaway PostgreSQL server with a connected client.
+pub struct Pg {
+    pub server: TempPostgres,
+    pub client: Client,
+}
+
+impl Pg {
+    /// Starts a server and connects to it.
+    pub async fn start() -> Pg {
+        let server = tokio::task::spawn_blocking(TempPostgres::start)
+            .await
+            .expect("start panicked")
+            .expect("start PostgreSQL");
+        let client = connect(&server.url()).await;
+        Pg { server, client }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// Runs SQL statements.
+    pub async fn exec(&self, sql: &str) {
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// The single bigint a query returns.
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.client
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    /// Stops the server (the client is reconnected by [`Pg::restart`]).
+    pub fn stop(&mut self, mode: StopMode) {
+        self.server.stop(mode).expect("stop PostgreSQL");
+    }
+
+    /// Starts the stopped server again and reconnects the client.
+    pub async fn restart(&mut self) {
+        self.server.restart().expect("restart PostgreSQL");
+        self.client = connect(&self.server.url()).await;
+    }
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    tokio::spawn(connection);
+    client
+}
+
+/// A short temporary directory (Unix socket paths are limited to 107 bytes).
+pub fn short_tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("pgsp")
+        .tempdir_in("/tmp")
+        .expect("tempdir")
+}
+
+/// A configuration for a daemon in `dir` loading into `url`, with short retry waits.
+pub fn config(dir: &Path, url: &str) -> Config {
+    let mut config = Config::default();
+    config.listen.socket = dir.join("s.sock");
+    config.wal.dir = dir.join("wal");
+    config.postgres.url = Some(url.to_string());
+    config.postgres.retry_max = Duration::from_millis(500);
+    config.batch.max_wait = Duration::from_millis(20);
+    config
+}
+
+/// Starts a daemon in this process.
+pub async fn start_daemon(config: Config) -> Daemon {
+    Daemon::start(config).await.expect("start the daemon")
+}
+
+/// A client connected to `socket`.
+pub async fn client(socket: &Path) -> SpoolClient {
+    SpoolClient::connect(socket).await.expect("connect to pgspool")
+}
+
+/// Posts an NDJSON body.
+pub async fn post_ndjson(client: &mut SpoolClient, table: &str, body: &str) -> Reply {
+    client
+        .post_rows(table, "application/x-ndjson", body.to_string())
+        .await
+        .expect("request")
+}
+
+/// Polls `check` until it returns true; panics with `what` after [`DEADLINE`].
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The daemon as a real process of the built binary, for signals and exit codes.
+pub struct DaemonProcess {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl DaemonProcess {
+    /// Spawns `pgspool run` with the given arguments and waits until `/healthz` answers.
+    pub async fn spawn(dir: &Path, url: &str, extra: &[&str]) -> DaemonProcess {
+        let socket = dir.join("s.sock");
+        let log = dir.join(format!("daemon-{}.log", std::process::id()));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_pgspool"))
+            .arg("run")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--wal-dir")
+            .arg(dir.join("wal"))
+            .arg("--database-url")
+            .arg(url)
+            .args(extra)
+            .env("RUST_LOG", "pgspool=debug,info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn pgspool");
+        let mut process = DaemonProcess { child, socket, log };
+        process.wait_ready().await;
+        process
+    }
+
+    async fn wait_ready(&mut self) {
+        let socket = self.socket.clone();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(mut c) = SpoolClient::connect(&socket).await {
+                if c.get("/healthz").await.is_ok_and(|r| r.status == 200) {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("pgspool exited with {status}: {}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "pgspool did not become ready: {}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
