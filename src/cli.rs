@@ -44,7 +44,12 @@ pub struct RunArgs {
     pub wal_dir: Option<PathBuf>,
     /// PostgreSQL connection string: postgres://user@host/db or libpq key=value pairs such
     /// as "host=/var/run/postgresql port=5432 dbname=app" [config: postgres.url].
-    #[arg(long, value_name = "URL", env = "PGSPOOL_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "PGSPOOL_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
     /// Log filter, e.g. info or pgspool=debug [config: log.level; RUST_LOG wins].
     #[arg(long, value_name = "FILTER")]
@@ -96,7 +101,12 @@ pub struct StatusArgs {
 pub struct DemoArgs {
     /// Use this PostgreSQL server instead of starting a throwaway one; the demo works in a
     /// schema of its own and drops it at the end.
-    #[arg(long, value_name = "URL", env = "PGSPOOL_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "PGSPOOL_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
     /// Concurrent clients.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]

@@ -221,10 +221,13 @@ impl Config {
                     .into(),
             );
         }
-        if let Some(url) = &self.postgres.url {
-            if let Err(e) = url.parse::<tokio_postgres::Config>() {
-                return invalid(format!("[postgres] url cannot be parsed: {e}"));
-            }
+        if let Some(Err(e)) = self
+            .postgres
+            .url
+            .as_ref()
+            .map(|u| u.parse::<tokio_postgres::Config>())
+        {
+            return invalid(format!("[postgres] url cannot be parsed: {e}"));
         }
         if self.wal.segment_bytes < 64 << 10 {
             return invalid(format!(
@@ -252,7 +255,10 @@ impl Config {
             );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return invalid(format!("[log] level = {:?} is not a log filter: {e}", self.log.level));
+            return invalid(format!(
+                "[log] level = {:?} is not a log filter: {e}",
+                self.log.level
+            ));
         }
         if self.listen.socket.as_os_str().is_empty() || self.wal.dir.as_os_str().is_empty() {
             return invalid("[listen] socket and [wal] dir must not be empty".into());
@@ -271,7 +277,10 @@ mod tests {
         let parsed: Config = toml::from_str(example).expect("config/pgspool.toml parses");
         let mut expected = Config::default();
         expected.postgres.url = parsed.postgres.url.clone();
-        assert_eq!(parsed, expected, "config/pgspool.toml must show the defaults");
+        assert_eq!(
+            parsed, expected,
+            "config/pgspool.toml must show the defaults"
+        );
     }
 
     #[test]
@@ -279,7 +288,12 @@ mod tests {
         assert!(toml::from_str::<Config>("[batch]\nmax_row = 5").is_err());
         assert!(toml::from_str::<Config>("[batch]\nmax_wait = \"soon\"").is_err());
         let mut c = Config::default();
-        assert!(c.validate().unwrap_err().to_string().contains("PGSPOOL_DATABASE_URL"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("PGSPOOL_DATABASE_URL")
+        );
         c.postgres.url = Some("host=/tmp port=5432".into());
         c.validate().expect("valid");
         c.batch.max_rows = 0;

@@ -57,7 +57,10 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let client = crate::pg::connect(&pg_config)
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to {url}: {}", crate::pg::describe(&e)))?;
-    let schema = format!("pgspool_demo_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let schema = format!(
+        "pgspool_demo_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     dataset::create_tables(&client, &schema).await?;
 
     let work = tempfile::Builder::new()
@@ -109,11 +112,18 @@ async fn load_and_verify(
     daemon.wait_flushed().await;
     let committed_after = stats.elapsed + flushing.elapsed();
 
-    println!("\n{:<10} {:>10} {:>15}  same rows as the source", "table", "rows sent", "in PostgreSQL");
+    println!(
+        "\n{:<10} {:>10} {:>15}  same rows as the source",
+        "table", "rows sent", "in PostgreSQL"
+    );
     let mut all_equal = true;
     for table in &NYCFLIGHTS13 {
         let loaded = format!("{}.{}", quote_ident(schema), quote_ident(table.name));
-        let reference = format!("{}.{}", quote_ident(schema), quote_ident(&format!("{}_source", table.name)));
+        let reference = format!(
+            "{}.{}",
+            quote_ident(schema),
+            quote_ident(&format!("{}_source", table.name))
+        );
         client
             .batch_execute(&format!("CREATE TABLE {reference} (LIKE {loaded})"))
             .await?;
@@ -125,7 +135,11 @@ async fn load_and_verify(
             table.name,
             table.rows,
             comparison.left_rows,
-            if comparison.is_equal() { "yes".to_string() } else { format!("NO: {comparison}") }
+            if comparison.is_equal() {
+                "yes".to_string()
+            } else {
+                format!("NO: {comparison}")
+            }
         );
     }
     let mut latencies = stats.latencies;
@@ -151,7 +165,12 @@ async fn load_and_verify(
 }
 
 /// Streams every table through `clients` concurrent connections.
-async fn load(daemon: &Daemon, schema: &str, args: &DemoArgs, total: u64) -> anyhow::Result<LoadStats> {
+async fn load(
+    daemon: &Daemon,
+    schema: &str,
+    args: &DemoArgs,
+    total: u64,
+) -> anyhow::Result<LoadStats> {
     let (tx, rx) = mpsc::channel::<Chunk>(usize::from(args.clients) * 2);
     let rows_per_request = u64::from(args.rows_per_request);
     let schema = schema.to_string();
@@ -182,10 +201,17 @@ async fn load(daemon: &Daemon, schema: &str, args: &DemoArgs, total: u64) -> any
                     return anyhow::Ok(latencies);
                 };
                 let sent = Instant::now();
-                let reply = client.post_rows(&chunk.table, "application/x-ndjson", chunk.body).await?;
+                let reply = client
+                    .post_rows(&chunk.table, "application/x-ndjson", chunk.body)
+                    .await?;
                 latencies.push(sent.elapsed());
                 if reply.status != hyper::StatusCode::ACCEPTED {
-                    bail!("{} refused a request: {} {}", chunk.table, reply.status, reply.body);
+                    bail!(
+                        "{} refused a request: {} {}",
+                        chunk.table,
+                        reply.status,
+                        reply.body
+                    );
                 }
                 bar.inc(chunk.rows);
             }

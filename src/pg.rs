@@ -10,7 +10,10 @@ use tracing::debug;
 ///
 /// # Errors
 /// When the string is neither.
-pub fn parse_url(url: &str, connect_timeout: Duration) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
+pub fn parse_url(
+    url: &str,
+    connect_timeout: Duration,
+) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
     let mut config: tokio_postgres::Config = url.parse()?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(connect_timeout);

@@ -59,7 +59,8 @@ impl RowGroupBuilder {
         });
         put_str(&mut buf, table.schema.as_deref().unwrap_or(""));
         put_str(&mut buf, &table.name);
-        let count = u16::try_from(columns.len()).expect("PostgreSQL tables have at most 1600 columns");
+        let count =
+            u16::try_from(columns.len()).expect("PostgreSQL tables have at most 1600 columns");
         buf.extend_from_slice(&count.to_le_bytes());
         for column in columns {
             put_str(&mut buf, column);

@@ -183,7 +183,8 @@ impl<'de> Visitor<'de> for RowVisitor {
             let repeated = if fields.len() < 32 {
                 fields.iter().any(|(k, _)| *k == key)
             } else {
-                let seen = seen.get_or_insert_with(|| fields.iter().map(|(k, _)| k.clone()).collect());
+                let seen =
+                    seen.get_or_insert_with(|| fields.iter().map(|(k, _)| k.clone()).collect());
                 !seen.insert(key.clone())
             };
             if duplicate.is_some() || repeated {
@@ -443,7 +444,10 @@ mod tests {
             }
         );
         let e = parse(r#"[{"id":1}, 7]"#, BodyFormat::Json).unwrap_err();
-        assert_eq!(e.to_string(), "row at index 1: a row must be a JSON object, found a number");
+        assert_eq!(
+            e.to_string(),
+            "row at index 1: a row must be a JSON object, found a number"
+        );
         let e = parse(r#"{"a":1,"b":2,"a":3}"#, BodyFormat::Json).unwrap_err();
         assert_eq!(
             e,
@@ -459,14 +463,23 @@ mod tests {
         ));
         let e = parse("{\"id\":1}\n{\"id\":\n", BodyFormat::Ndjson).unwrap_err();
         assert!(
-            matches!(e, BodyError::Malformed { position: RowPosition::Line(2), .. }),
+            matches!(
+                e,
+                BodyError::Malformed {
+                    position: RowPosition::Line(2),
+                    ..
+                }
+            ),
             "{e:?}"
         );
         assert!(matches!(
             parse("{\"id\":1} {}", BodyFormat::Json),
             Err(BodyError::Malformed { .. })
         ));
-        assert_eq!(parse("\n \n", BodyFormat::Ndjson).unwrap_err(), BodyError::Empty);
+        assert_eq!(
+            parse("\n \n", BodyFormat::Ndjson).unwrap_err(),
+            BodyError::Empty
+        );
         assert_eq!(parse("[]", BodyFormat::Json).unwrap_err(), BodyError::Empty);
     }
 
@@ -504,7 +517,10 @@ mod tests {
         let rows = parse(r#"{"doc":{"k":"\u0000"}}"#, BodyFormat::Json).expect("parse");
         assert!(matches!(
             encode(&schema(), &rows),
-            Err(RowError::Value { error: ValueError::Nul, .. })
+            Err(RowError::Value {
+                error: ValueError::Nul,
+                ..
+            })
         ));
     }
 

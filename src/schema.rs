@@ -238,7 +238,9 @@ impl SchemaCache {
         })
         .await;
         match saved {
-            Ok(Ok(())) => info!(table = %table, columns = schema.columns().len(), "cached table columns"),
+            Ok(Ok(())) => {
+                info!(table = %table, columns = schema.columns().len(), "cached table columns")
+            }
             Ok(Err(e)) => warn!(error = %e, "could not save the schema cache"),
             Err(e) => warn!(error = %e, "could not save the schema cache"),
         }
@@ -276,10 +278,10 @@ impl Catalog {
     /// [`Unreachable`] when PostgreSQL cannot be asked (also, for a second after a failed
     /// attempt, without trying again).
     pub async fn fetch(&self, table: &TableName) -> Result<Option<TableSchema>, Unreachable> {
-        if let Some((until, why)) = &*self.down_until.lock().expect("lock poisoned") {
-            if Instant::now() < *until {
-                return Err(Unreachable(why.clone()));
-            }
+        if let Some((until, why)) = &*self.down_until.lock().expect("lock poisoned")
+            && Instant::now() < *until
+        {
+            return Err(Unreachable(why.clone()));
         }
         let mut client = self.client.lock().await;
         let result = match client.as_ref().filter(|c| !c.is_closed()) {

@@ -85,8 +85,7 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
         });
     };
     let flushed = wal::read_checkpoint(dir)?.unwrap_or(Lsn::ZERO);
-    let segments =
-        segment::list(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
+    let segments = segment::list(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
     let mut status = WalStatus {
         wal_dir: dir.to_path_buf(),
         spool_id: Some(spool_id),
@@ -112,7 +111,9 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
         };
         let mut cursor = match SegmentCursor::open(seg, spool_id) {
             Ok((cursor, _)) => cursor,
-            Err(segment::OpenSegmentError::Io(e)) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(segment::OpenSegmentError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
+                continue;
+            }
             Err(e) => {
                 status.checksums_ok = false;
                 status.problems.push(format!("{}: {e}", path.display()));
@@ -235,24 +236,43 @@ pub fn render(s: &WalStatus) -> String {
     let age = s
         .oldest_pending_age_seconds
         .map_or_else(|| "-".to_string(), |a| format!("{a:.1} s"));
-    let spool = s.spool_id.map_or_else(|| "-".to_string(), |id| id.to_string());
+    let spool = s
+        .spool_id
+        .map_or_else(|| "-".to_string(), |id| id.to_string());
     for (key, value) in [
         ("wal dir", s.wal_dir.display().to_string()),
         ("spool id", spool),
         ("segments", format!("{} ({} bytes)", s.segments, s.bytes)),
         ("LSNs", format!("{} .. {}", s.first_lsn, s.last_lsn)),
         ("flushed LSN", s.flushed_lsn.to_string()),
-        ("pending", format!("{} rows, {} bytes", s.pending_rows, s.pending_bytes)),
+        (
+            "pending",
+            format!("{} rows, {} bytes", s.pending_rows, s.pending_bytes),
+        ),
         ("oldest pending", age),
         ("torn tail", format!("{} bytes", s.torn_tail_bytes)),
     ] {
         let _ = writeln!(out, "  {key:<15} {value}");
     }
     if !s.tables.is_empty() {
-        let width = s.tables.keys().map(String::len).max().unwrap_or(5).clamp(5, 60);
-        let _ = writeln!(out, "\n  {:<width$} {:>12} {:>14}", "table", "pending rows", "pending bytes");
+        let width = s
+            .tables
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(5)
+            .clamp(5, 60);
+        let _ = writeln!(
+            out,
+            "\n  {:<width$} {:>12} {:>14}",
+            "table", "pending rows", "pending bytes"
+        );
         for (table, b) in &s.tables {
-            let _ = writeln!(out, "  {table:<width$} {:>12} {:>14}", b.pending_rows, b.pending_bytes);
+            let _ = writeln!(
+                out,
+                "  {table:<width$} {:>12} {:>14}",
+                b.pending_rows, b.pending_bytes
+            );
         }
     }
     for problem in &s.problems {

@@ -147,7 +147,10 @@ mod tests {
     #[test]
     fn parses_plain_and_qualified_names_exactly() {
         assert_eq!(TableName::parse("flights"), Ok(t(None, "flights")));
-        assert_eq!(TableName::parse("Ops.Flights"), Ok(t(Some("Ops"), "Flights")));
+        assert_eq!(
+            TableName::parse("Ops.Flights"),
+            Ok(t(Some("Ops"), "Flights"))
+        );
         assert_eq!(TableName::parse("tâble 1"), Ok(t(None, "tâble 1")));
     }
 
@@ -182,6 +185,9 @@ mod tests {
 
     #[test]
     fn quote_ident_cannot_be_escaped() {
-        assert_eq!(quote_ident(r#"a"; DROP TABLE t; --"#), r#""a""; DROP TABLE t; --""#);
+        assert_eq!(
+            quote_ident(r#"a"; DROP TABLE t; --"#),
+            r#""a""; DROP TABLE t; --""#
+        );
     }
 }

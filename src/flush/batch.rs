@@ -202,7 +202,10 @@ mod tests {
         assert!(batch.due().expect("due") > Instant::now());
         let groups = batch.into_groups();
         assert_eq!(groups.len(), 2);
-        assert_eq!((groups[0].data.as_slice(), groups[0].rows), (&b"1\n2\n4\n"[..], 3));
+        assert_eq!(
+            (groups[0].data.as_slice(), groups[0].rows),
+            (&b"1\n2\n4\n"[..], 3)
+        );
         assert_eq!(groups[1].table.name, "b");
     }
 
@@ -215,7 +218,9 @@ mod tests {
             time_us: fsutil::now_us() - 10_000_000,
             payload: &p,
         };
-        batch.push(record, Duration::from_millis(200)).expect("push");
+        batch
+            .push(record, Duration::from_millis(200))
+            .expect("push");
         assert!(batch.due().expect("due") <= Instant::now());
     }
 }

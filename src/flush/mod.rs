@@ -120,11 +120,19 @@ impl Flusher {
             Err(e) => return retry(&format!("cannot connect: {}", crate::pg::describe(&e))),
         };
         if let Err(e) = transaction::bootstrap(&client).await {
-            return retry(&format!("cannot create pgspool's tables: {}", crate::pg::describe(&e)));
+            return retry(&format!(
+                "cannot create pgspool's tables: {}",
+                crate::pg::describe(&e)
+            ));
         }
         let watermark = match transaction::read_watermark(&client, self.wal.spool_id()).await {
             Ok(lsn) => lsn,
-            Err(e) => return retry(&format!("cannot read the watermark: {}", crate::pg::describe(&e))),
+            Err(e) => {
+                return retry(&format!(
+                    "cannot read the watermark: {}",
+                    crate::pg::describe(&e)
+                ));
+            }
         };
         let wal_end = *self.durable.borrow();
         if watermark > wal_end {
@@ -187,9 +195,13 @@ impl Flusher {
             match filled {
                 Ok(()) => {}
                 Err(FillError::Wal(e)) => return Err(e.into()),
-                Err(e @ FillError::Malformed { .. }) => return Err(FatalError::Malformed(e.to_string())),
+                Err(e @ FillError::Malformed { .. }) => {
+                    return Err(FatalError::Malformed(e.to_string()));
+                }
             }
-            if batch.is_full(&self.limits) || (shutdown.is_cancelled() && !self.more_durable(durable)) {
+            if batch.is_full(&self.limits)
+                || (shutdown.is_cancelled() && !self.more_durable(durable))
+            {
                 return Ok((reader, batch));
             }
             let due = batch.due();

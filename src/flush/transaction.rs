@@ -104,7 +104,8 @@ pub async fn commit(
 ) -> Result<(), FlushFailure> {
     let last = batch.last_lsn();
     let tx = client.transaction().await?;
-    tx.batch_execute("SET LOCAL synchronous_commit = on").await?;
+    tx.batch_execute("SET LOCAL synchronous_commit = on")
+        .await?;
     for group in batch.into_groups() {
         match group.format {
             RowFormat::Copy => {

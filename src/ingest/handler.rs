@@ -140,7 +140,10 @@ impl Ingest {
         let body = std::str::from_utf8(&body).map_err(|e| {
             Refusal::new(
                 StatusCode::BAD_REQUEST,
-                format!("the body is not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+                format!(
+                    "the body is not UTF-8 (invalid byte at offset {})",
+                    e.valid_up_to()
+                ),
             )
         })?;
         let rows = rows::parse(body, format)
@@ -211,14 +214,14 @@ impl Ingest {
             },
         };
         match rows::encode(&schema, rows) {
-            Err(RowError::UnknownColumn { .. }) if !fresh => {
+            Err(unknown @ RowError::UnknownColumn { .. }) if !fresh => {
                 let schema = self.lookup(table).await.map_err(|e| match e {
                     Lookup::Refused(refusal) => refusal,
                     Lookup::Unreachable(why) => Refusal::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!(
-                            "a row names a column table {table} did not have when last seen, \
-                             and PostgreSQL cannot be asked now ({why}); retry later"
+                            "{unknown} as last seen, and PostgreSQL cannot be asked whether it \
+                             has it now ({why}); retry later"
                         ),
                     ),
                 })?;
@@ -246,7 +249,10 @@ enum Lookup {
 }
 
 fn unprocessable(e: RowError) -> Refusal {
-    Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}; nothing of this request was kept"))
+    Refusal::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        format!("{e}; nothing of this request was kept"),
+    )
 }
 
 fn method_not_allowed(allowed: &str) -> Refusal {
@@ -257,9 +263,13 @@ fn method_not_allowed(allowed: &str) -> Refusal {
 }
 
 fn body_format(content_type: Option<&HeaderValue>) -> Result<BodyFormat, Refusal> {
-    let media = content_type
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    let media = content_type.and_then(|v| v.to_str().ok()).map(|v| {
+        v.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
     match media.as_deref() {
         Some("application/json") => Ok(BodyFormat::Json),
         Some("application/x-ndjson") => Ok(BodyFormat::Ndjson),

@@ -211,8 +211,9 @@ impl WalDir {
     /// When the file cannot be written.
     pub fn write_checkpoint(&self, flushed: Lsn) -> Result<(), WalError> {
         let body = format!("{{\"flushed_lsn\":{flushed}}}\n");
-        fsutil::write_atomic(&self.path, CHECKPOINT_FILE, body.as_bytes())
-            .map_err(WalError::io(format!("write checkpoint in {}", self.path.display())))
+        fsutil::write_atomic(&self.path, CHECKPOINT_FILE, body.as_bytes()).map_err(WalError::io(
+            format!("write checkpoint in {}", self.path.display()),
+        ))
     }
 }
 
@@ -305,13 +306,12 @@ impl Wal {
             _lock: lock,
         });
         let (tail, report) = recover_tail(&wal_dir)?;
-        let (appender, durable, writer_exit) =
-            writer::start(Arc::clone(&wal_dir), tail, options.segment_bytes)?;
+        let writer = writer::start(Arc::clone(&wal_dir), tail, options.segment_bytes)?;
         Ok(Wal {
             dir: wal_dir,
-            appender,
-            durable,
-            writer_exit,
+            appender: writer.appender,
+            durable: writer.durable,
+            writer_exit: writer.exit,
             report,
         })
     }
@@ -404,7 +404,11 @@ fn remove_temporary_files(dir: &Path) -> Result<(), WalError> {
     let entries = fs::read_dir(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
     for entry in entries {
         let entry = entry.map_err(WalError::io(format!("list {}", dir.display())))?;
-        if entry.file_name().to_string_lossy().ends_with(fsutil::TMP_SUFFIX) {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(fsutil::TMP_SUFFIX)
+        {
             warn!(file = %entry.path().display(), "removing a file left by an interrupted write");
             fs::remove_file(entry.path())
                 .map_err(WalError::io(format!("delete {}", entry.path().display())))?;
@@ -426,16 +430,16 @@ struct Tail {
 /// tail. Creates the first segment of a new WAL.
 fn recover_tail(dir: &WalDir) -> Result<(Tail, RecoveryReport), WalError> {
     let path = dir.path();
-    let segments =
-        segment::list(path).map_err(WalError::io(format!("list {}", path.display())))?;
+    let segments = segment::list(path).map_err(WalError::io(format!("list {}", path.display())))?;
     for seg in &segments {
-        let file = File::open(&seg.path)
-            .map_err(WalError::io(format!("open {}", seg.path.display())))?;
+        let file =
+            File::open(&seg.path).map_err(WalError::io(format!("open {}", seg.path.display())))?;
         segment::read_header(&file, seg, dir.spool_id()).map_err(WalError::segment(&seg.path))?;
     }
     let Some(last) = segments.last().cloned() else {
-        let (file, segment) = segment::create(path, Lsn::FIRST, dir.spool_id())
-            .map_err(WalError::io(format!("create the first segment in {}", path.display())))?;
+        let (file, segment) = segment::create(path, Lsn::FIRST, dir.spool_id()).map_err(
+            WalError::io(format!("create the first segment in {}", path.display())),
+        )?;
         let report = RecoveryReport {
             segments: 1,
             next_lsn: Lsn::FIRST,
@@ -502,10 +506,14 @@ fn cut_torn_tail(
 ) -> Result<(u64, u64, PathBuf), WalError> {
     let seg_path = &segment.path;
     let mut tail = Vec::new();
-    let mut reader = File::open(seg_path).map_err(WalError::io(format!("open {}", seg_path.display())))?;
+    let mut reader =
+        File::open(seg_path).map_err(WalError::io(format!("open {}", seg_path.display())))?;
     io::Seek::seek(&mut reader, io::SeekFrom::Start(offset))
         .and_then(|_| reader.read_to_end(&mut tail))
-        .map_err(WalError::io(format!("read the tail of {}", seg_path.display())))?;
+        .map_err(WalError::io(format!(
+            "read the tail of {}",
+            seg_path.display()
+        )))?;
     let quarantine = dir.path().join(QUARANTINE_DIR);
     fs::create_dir_all(&quarantine)
         .map_err(WalError::io(format!("create {}", quarantine.display())))?;
@@ -514,11 +522,16 @@ fn cut_torn_tail(
         segment.first_lsn.0,
         fsutil::now_us()
     );
-    fsutil::write_atomic(&quarantine, &name, &tail)
-        .map_err(WalError::io(format!("save the torn tail to {}", quarantine.display())))?;
+    fsutil::write_atomic(&quarantine, &name, &tail).map_err(WalError::io(format!(
+        "save the torn tail to {}",
+        quarantine.display()
+    )))?;
     file.set_len(offset)
         .and_then(|()| file.sync_all())
-        .map_err(WalError::io(format!("cut the torn tail of {}", seg_path.display())))?;
+        .map_err(WalError::io(format!(
+            "cut the torn tail of {}",
+            seg_path.display()
+        )))?;
     let saved = quarantine.join(name);
     warn!(
         segment = %seg_path.display(),

@@ -388,7 +388,10 @@ mod tests {
     #[test]
     fn names_round_trip_and_sort_in_log_order() {
         assert_eq!(file_name(Lsn(42)), "00000000000000000042.wal");
-        assert_eq!(parse_file_name(&file_name(Lsn(u64::MAX))), Some(Lsn(u64::MAX)));
+        assert_eq!(
+            parse_file_name(&file_name(Lsn(u64::MAX))),
+            Some(Lsn(u64::MAX))
+        );
         assert_eq!(parse_file_name("42.wal"), None);
         assert_eq!(parse_file_name("0000000000000000004x.wal"), None);
         assert_eq!(parse_file_name("00000000000000000042.wal.tmp"), None);
@@ -424,7 +427,8 @@ mod tests {
         let good = bytes.len();
         AppendRecord::new(1, b"torn\n".to_vec()).encode_into(Lsn(4), 0, &mut bytes);
         bytes.truncate(bytes.len() - 2);
-        file.write_all_at(&bytes, SEGMENT_HEADER_BYTES).expect("write");
+        file.write_all_at(&bytes, SEGMENT_HEADER_BYTES)
+            .expect("write");
 
         let (mut cursor, _) = SegmentCursor::open(seg, spool).expect("open");
         let all = Lsn(u64::MAX);
@@ -458,9 +462,13 @@ mod tests {
         AppendRecord::new(1, b"gone\n".to_vec()).encode_into(Lsn(2), 1, &mut rolled_back);
         let mut bytes = first.clone();
         bytes.extend_from_slice(&rolled_back[..20]);
-        file.write_all_at(&bytes, SEGMENT_HEADER_BYTES).expect("write");
+        file.write_all_at(&bytes, SEGMENT_HEADER_BYTES)
+            .expect("write");
         let (mut cursor, _) = SegmentCursor::open(seg, spool).expect("open");
-        assert!(matches!(cursor.step(Lsn(1)).expect("step"), Step::Record(_)));
+        assert!(matches!(
+            cursor.step(Lsn(1)).expect("step"),
+            Step::Record(_)
+        ));
         assert!(matches!(cursor.step(Lsn(1)).expect("step"), Step::CaughtUp));
         // Now the writer writes the real record and publishes it as durable.
         file.write_all_at(&second, SEGMENT_HEADER_BYTES + first.len() as u64)

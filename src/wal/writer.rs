@@ -74,19 +74,16 @@ impl Appender {
     }
 }
 
+/// The running writer, as [`start`] hands it to the [`Wal`](super::Wal).
+pub(super) struct Started {
+    pub appender: Appender,
+    pub durable: watch::Receiver<Lsn>,
+    /// The writer's result when its thread ends.
+    pub exit: oneshot::Receiver<Result<(), WalError>>,
+}
+
 /// Starts the writer thread on the recovered tail.
-pub(super) fn start(
-    dir: Arc<WalDir>,
-    tail: Tail,
-    segment_bytes: u64,
-) -> Result<
-    (
-        Appender,
-        watch::Receiver<Lsn>,
-        oneshot::Receiver<Result<(), WalError>>,
-    ),
-    WalError,
-> {
+pub(super) fn start(dir: Arc<WalDir>, tail: Tail, segment_bytes: u64) -> Result<Started, WalError> {
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let (durable_tx, durable_rx) = watch::channel(tail.next_lsn.prev());
     let (exit_tx, exit_rx) = oneshot::channel();
@@ -110,7 +107,11 @@ pub(super) fn start(
             let _ = exit_tx.send(result);
         })
         .map_err(WalError::io("start the WAL writer thread"))?;
-    Ok((Appender { tx }, durable_rx, exit_rx))
+    Ok(Started {
+        appender: Appender { tx },
+        durable: durable_rx,
+        exit: exit_rx,
+    })
 }
 
 struct Writer {
@@ -132,12 +133,13 @@ impl Writer {
             let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
                 return Ok(());
             };
-            if self.len > SEGMENT_HEADER_BYTES && self.len + first.bytes > self.segment_bytes {
-                if let Err(e) = self.rotate() {
-                    let _ = first.reply.send(Err(AppendError::Write(e)));
-                    self.remove_failed_segment()?;
-                    continue;
-                }
+            if self.len > SEGMENT_HEADER_BYTES
+                && self.len + first.bytes > self.segment_bytes
+                && let Err(e) = self.rotate()
+            {
+                let _ = first.reply.send(Err(AppendError::Write(e)));
+                self.remove_failed_segment()?;
+                continue;
             }
             let mut group = vec![first];
             let mut group_bytes = group[0].bytes;

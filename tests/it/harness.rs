@@ -99,7 +99,9 @@ pub async fn start_daemon(config: Config) -> Daemon {
 
 /// A client connected to `socket`.
 pub async fn client(socket: &Path) -> SpoolClient {
-    SpoolClient::connect(socket).await.expect("connect to pgspool")
+    SpoolClient::connect(socket)
+        .await
+        .expect("connect to pgspool")
 }
 
 /// Posts an NDJSON body.
@@ -163,15 +165,19 @@ impl DaemonProcess {
         let socket = self.socket.clone();
         let deadline = Instant::now() + DEADLINE;
         loop {
-            if let Ok(mut c) = SpoolClient::connect(&socket).await {
-                if c.get("/healthz").await.is_ok_and(|r| r.status == 200) {
-                    return;
-                }
+            if let Ok(mut c) = SpoolClient::connect(&socket).await
+                && c.get("/healthz").await.is_ok_and(|r| r.status == 200)
+            {
+                return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("pgspool exited with {status}: {}", self.log_text());
             }
-            assert!(Instant::now() < deadline, "pgspool did not become ready: {}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "pgspool did not become ready: {}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

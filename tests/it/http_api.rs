@@ -1,0 +1,204 @@
+//! The HTTP contract: status codes, error messages and the 202 answer.
+
+use pgspool::lsn::Lsn;
+use pgspool::wal::segment::{SegmentCursor, Step};
+
+use crate::harness::{Pg, client, config, post_ndjson, short_tempdir, start_daemon};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_has_its_status_and_a_message_that_says_where() {
+    let pg = Pg::start().await;
+    pg.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, note text, doc jsonb,
+                         twice int GENERATED ALWAYS AS (id * 2) STORED);
+         CREATE SCHEMA \"Odd.Schema\";
+         CREATE TABLE \"Odd.Schema\".\"Odd\"\"Table\" (\"Mixed Case\" text);",
+    )
+    .await;
+    let dir = short_tempdir();
+    let mut cfg = config(dir.path(), &pg.url());
+    cfg.ingest.max_body_bytes = 4096;
+    let daemon = start_daemon(cfg).await;
+    let mut c = client(daemon.socket()).await;
+
+    let health = c.get("/healthz").await.expect("healthz");
+    assert_eq!(health.status, 200);
+
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            "t",
+            "application/json",
+            b"{\"id\": 1,".to_vec(),
+            400,
+            "malformed JSON",
+        ),
+        (
+            "t",
+            "application/json",
+            b"{\"id\": 1, \"note\": \"\xff\"}".to_vec(),
+            400,
+            "not UTF-8",
+        ),
+        (
+            "t",
+            "application/json",
+            b"[{\"id\":1},{\"id\":2},3]".to_vec(),
+            400,
+            "row at index 2",
+        ),
+        (
+            "t",
+            "application/json",
+            b"{\"id\":1,\"id\":2}".to_vec(),
+            400,
+            "\"id\" is given twice",
+        ),
+        ("t", "application/json", b"[]".to_vec(), 400, "no rows"),
+        (
+            "a.b.c",
+            "application/json",
+            b"{}".to_vec(),
+            400,
+            "invalid table name",
+        ),
+        (
+            "nosuch",
+            "application/json",
+            b"{\"id\":1}".to_vec(),
+            404,
+            "does not exist",
+        ),
+        (
+            "t",
+            "text/plain",
+            b"{\"id\":1}".to_vec(),
+            415,
+            "unsupported content type",
+        ),
+        (
+            "t",
+            "application/json",
+            vec![b' '; 5000],
+            413,
+            "larger than the limit",
+        ),
+        (
+            "t",
+            "application/x-ndjson",
+            b"{\"id\":1}\n{\"nope\":2}\n".to_vec(),
+            422,
+            "line 2: column \"nope\"",
+        ),
+        (
+            "t",
+            "application/json",
+            b"{\"id\":1,\"twice\":2}".to_vec(),
+            422,
+            "generated column",
+        ),
+        (
+            "t",
+            "application/json",
+            b"{\"id\":1,\"note\":\"a\\u0000b\"}".to_vec(),
+            422,
+            "NUL",
+        ),
+    ];
+    for (table, content_type, body, status, says) in cases {
+        let reply = c
+            .post_rows(table, content_type, body)
+            .await
+            .expect("request");
+        assert_eq!(reply.status, status, "{says}: {}", reply.body);
+        let error = reply.body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "expected {says:?} in {error:?}");
+    }
+    let wrong_method = c.get("/v1/tables/t/rows").await.expect("request");
+    assert_eq!(wrong_method.status, 405);
+    assert_eq!(c.get("/nowhere").await.expect("request").status, 404);
+
+    // What is accepted: consecutive LSNs, names that need quoting, NDJSON with blank lines.
+    let first = post_ndjson(&mut c, "t", "{\"id\":1}\n\n{\"id\":2,\"doc\":[1]}\n").await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    assert_eq!(first.body["rows"], 2);
+    let second = c
+        .post_rows(
+            "\"Odd.Schema\".\"Odd\"\"Table\"",
+            "application/json",
+            "{\"Mixed Case\":\"x\"}",
+        )
+        .await
+        .expect("request");
+    assert_eq!(second.status, 202, "{}", second.body);
+    assert_eq!(
+        second.body["first_lsn"].as_u64(),
+        first.body["last_lsn"].as_u64().map(|l| l + 1),
+        "LSNs are consecutive"
+    );
+    daemon.wait_flushed().await;
+    assert_eq!(
+        pg.count("SELECT count(*) FROM t").await,
+        2,
+        "refused requests left nothing"
+    );
+    assert_eq!(
+        pg.count("SELECT count(*) FROM \"Odd.Schema\".\"Odd\"\"Table\"")
+            .await,
+        1
+    );
+    daemon.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_group_commits_and_all_land() {
+    let pg = Pg::start().await;
+    pg.exec("CREATE TABLE e (id bigint NOT NULL, at timestamptz DEFAULT now())")
+        .await;
+    let dir = short_tempdir();
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let mut tasks = Vec::new();
+    for worker in 0..32 {
+        let socket = daemon.socket().to_path_buf();
+        tasks.push(tokio::spawn(async move {
+            let mut c = client(&socket).await;
+            for i in 0..20 {
+                let reply =
+                    post_ndjson(&mut c, "e", &format!("{{\"id\":{}}}\n", worker * 1000 + i)).await;
+                assert_eq!(reply.status, 202, "{}", reply.body);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client");
+    }
+    daemon.wait_flushed().await;
+    assert_eq!(pg.count("SELECT count(DISTINCT id) FROM e").await, 640);
+    assert_eq!(
+        pg.count("SELECT count(*) FROM e WHERE at IS NOT NULL")
+            .await,
+        640,
+        "defaults apply"
+    );
+    daemon.stop().await.expect("stop");
+
+    // Records written by one group commit (one fdatasync) share their append time.
+    let wal = dir.path().join("wal");
+    let spool = pgspool::wal::read_spool_id(&wal)
+        .expect("read")
+        .expect("spool id");
+    let mut commits = std::collections::HashSet::new();
+    let mut records = 0;
+    for segment in pgspool::wal::segment::list(&wal).expect("list") {
+        let (mut cursor, _) = SegmentCursor::open(segment, spool).expect("open");
+        while let Step::Record(_) = cursor.step(Lsn(u64::MAX)).expect("step") {
+            commits.insert(cursor.record().time_us);
+            records += 1;
+        }
+    }
+    assert_eq!(records, 640);
+    assert!(
+        commits.len() < 640,
+        "640 requests took {} fdatasyncs",
+        commits.len()
+    );
+}
