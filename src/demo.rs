@@ -22,6 +22,9 @@ use crate::dataset::{self, DataTable, NYCFLIGHTS13};
 use crate::pgtemp::TempPostgres;
 use crate::table::quote_ident;
 
+/// How long the demo waits for acknowledged rows to be committed.
+const COMMIT_DEADLINE: Duration = Duration::from_secs(300);
+
 /// One request's worth of rows.
 struct Chunk {
     table: String,
@@ -109,7 +112,14 @@ async fn load_and_verify(
     );
     let stats = load(daemon, schema, args, total).await?;
     let flushing = Instant::now();
-    daemon.wait_flushed().await;
+    tokio::time::timeout(COMMIT_DEADLINE, daemon.wait_flushed())
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "rows were still not committed after {} s; the warnings above say why",
+                COMMIT_DEADLINE.as_secs()
+            )
+        })?;
     let committed_after = stats.elapsed + flushing.elapsed();
 
     println!(

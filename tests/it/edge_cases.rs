@@ -4,7 +4,7 @@
 
 use pgspool::dataset::compare;
 
-use crate::harness::{Pg, client, config, post_ndjson, short_tempdir, start_daemon};
+use crate::harness::{Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon};
 
 const SCHEMA: &str = include_str!("../data/edge_cases/schema.sql");
 const ACCEPT: &str = include_str!("../data/edge_cases/accept.ndjson");
@@ -43,7 +43,7 @@ async fn accepted_rows_land_exactly_as_jsonb_populate_record_stores_them() {
         .await
         .expect("request");
     assert_eq!(reply.status, 202, "{}", reply.body);
-    daemon.wait_flushed().await;
+    flushed(&daemon).await;
 
     for table in ["edge_cases", "edge_cases_array"] {
         let comparison = compare(&pg.client, table, "oracle").await.expect("compare");
@@ -111,7 +111,7 @@ async fn rejected_rows_get_their_4xx_and_leave_nothing_behind() {
     )
     .await;
     assert_eq!(reply.status, 202, "{}", reply.body);
-    daemon.wait_flushed().await;
+    flushed(&daemon).await;
     assert_eq!(
         pg.count("SELECT count(*) FROM edge_cases WHERE id = 201")
             .await,

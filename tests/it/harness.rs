@@ -97,6 +97,14 @@ pub async fn start_daemon(config: Config) -> Daemon {
     Daemon::start(config).await.expect("start the daemon")
 }
 
+/// Waits until everything durable now is committed in PostgreSQL, or panics after
+/// [`DEADLINE`].
+pub async fn flushed(daemon: &Daemon) {
+    tokio::time::timeout(DEADLINE, daemon.wait_flushed())
+        .await
+        .expect("timed out waiting for the flusher to commit everything durable");
+}
+
 /// A client connected to `socket`.
 pub async fn client(socket: &Path) -> SpoolClient {
     SpoolClient::connect(socket)

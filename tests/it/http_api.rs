@@ -3,7 +3,7 @@
 use pgspool::lsn::Lsn;
 use pgspool::wal::segment::{SegmentCursor, Step};
 
-use crate::harness::{Pg, client, config, post_ndjson, short_tempdir, start_daemon};
+use crate::harness::{Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refusal_has_its_status_and_a_message_that_says_where() {
@@ -135,7 +135,7 @@ async fn every_refusal_has_its_status_and_a_message_that_says_where() {
         first.body["last_lsn"].as_u64().map(|l| l + 1),
         "LSNs are consecutive"
     );
-    daemon.wait_flushed().await;
+    flushed(&daemon).await;
     assert_eq!(
         pg.count("SELECT count(*) FROM t").await,
         2,
@@ -171,7 +171,7 @@ async fn concurrent_requests_share_group_commits_and_all_land() {
     for task in tasks {
         task.await.expect("client");
     }
-    daemon.wait_flushed().await;
+    flushed(&daemon).await;
     assert_eq!(pg.count("SELECT count(DISTINCT id) FROM e").await, 640);
     assert_eq!(
         pg.count("SELECT count(*) FROM e WHERE at IS NOT NULL")

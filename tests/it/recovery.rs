@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use pgspool::pgtemp::StopMode;
 
 use crate::harness::{
-    DaemonProcess, Pg, client, config, post_ndjson, short_tempdir, start_daemon, wait_until,
+    DaemonProcess, Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon,
+    wait_until,
 };
 
 const EVENTS: &str = "CREATE TABLE ev (id bigint NOT NULL, client int NOT NULL, payload text)";
@@ -146,7 +147,7 @@ async fn postgres_stopped_mid_load_then_started_gets_every_row_once() {
     for c in clients {
         c.await.expect("client");
     }
-    daemon.wait_flushed().await;
+    flushed(&daemon).await;
     let acked = load.acked.lock().expect("lock").clone();
     assert_exactly_once(&pg, &acked).await;
     daemon.stop().await.expect("stop");
@@ -184,7 +185,7 @@ async fn postgres_down_at_start_rows_are_accepted_then_loaded_with_their_types()
     );
 
     pg.restart().await;
-    daemon.wait_flushed().await;
+    flushed(&daemon).await;
     let same = pgspool::dataset::compare(&pg.client, "typed", "oracle")
         .await
         .expect("compare");
@@ -201,7 +202,7 @@ async fn a_restart_while_postgres_is_down_validates_with_the_cached_columns() {
     let daemon = start_daemon(config(dir.path(), &pg.url())).await;
     let mut c = client(daemon.socket()).await;
     assert_eq!(post_ndjson(&mut c, "t", "{\"id\":1}\n").await.status, 202);
-    daemon.wait_flushed().await;
+    flushed(&daemon).await;
     daemon.stop().await.expect("stop");
     tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
 
@@ -225,7 +226,7 @@ async fn a_restart_while_postgres_is_down_validates_with_the_cached_columns() {
         202
     );
     pg.restart().await;
-    daemon.wait_flushed().await;
+    flushed(&daemon).await;
     assert_eq!(
         pg.count("SELECT count(*) FROM t WHERE id = 3 AND doc = '\"s\"'::jsonb")
             .await,
@@ -285,7 +286,7 @@ async fn a_torn_tail_is_cut_at_start_and_acknowledged_rows_survive() {
         "LSNs continue after the last valid record"
     );
     pg.restart().await;
-    daemon.wait_flushed().await;
+    flushed(&daemon).await;
     assert_exactly_once(&pg, &[1, 2, 3]).await;
     assert_eq!(pg.count("SELECT count(*) FROM ev").await, 3);
     daemon.stop().await.expect("stop");

@@ -4,7 +4,9 @@ use std::process::Command;
 
 use pgspool::pgtemp::StopMode;
 
-use crate::harness::{DaemonProcess, Pg, client, config, post_ndjson, short_tempdir, start_daemon};
+use crate::harness::{
+    DaemonProcess, Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon,
+};
 
 fn status_json(wal: &std::path::Path) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
@@ -30,7 +32,7 @@ async fn status_reports_the_backlog_then_nothing_pending_after_the_flush() {
     let daemon = start_daemon(config(dir.path(), &pg.url())).await;
     let mut c = client(daemon.socket()).await;
     assert_eq!(post_ndjson(&mut c, "a", "{\"id\":1}\n").await.status, 202);
-    daemon.wait_flushed().await;
+    flushed(&daemon).await;
 
     // PostgreSQL goes down: new rows wait in the WAL, and status shows them per table.
     tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
@@ -52,7 +54,7 @@ async fn status_reports_the_backlog_then_nothing_pending_after_the_flush() {
     assert!(s["oldest_pending_age_seconds"].as_f64().is_some(), "{s:#}");
 
     pg.restart().await;
-    daemon.wait_flushed().await;
+    flushed(&daemon).await;
     daemon.stop().await.expect("stop");
     let s = status_json(&wal);
     for key in [
