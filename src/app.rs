@@ -94,6 +94,7 @@ impl Daemon {
             listener,
             Arc::clone(&ingest),
             shutdown.clone(),
+            config.shutdown.drain_timeout,
         ));
         info!(socket = %config.listen.socket.display(), "accepting writes");
 
@@ -117,7 +118,6 @@ impl Daemon {
             ingest.stop_accepting();
             token.cancel();
             let _ = server.await;
-            drop(ingest);
             let _ = std::fs::remove_file(&socket);
             if !flusher.is_finished() {
                 stop_flusher.cancel();

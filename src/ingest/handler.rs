@@ -11,8 +11,7 @@
 //! column, a NUL character, a value no column of that type can take; 503 not accepting
 //! writes (stopping) or PostgreSQL needed but unreachable; 507 the WAL's disk is full.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -31,11 +30,12 @@ use crate::wal::{AppendError, AppendRecord, Appender};
 /// Shared state of the request handlers.
 #[derive(Debug)]
 pub struct Ingest {
-    appender: Appender,
+    /// `None` once the daemon stops accepting writes, so that no connection left behind
+    /// keeps the WAL writer alive.
+    appender: RwLock<Option<Appender>>,
     schemas: Arc<SchemaCache>,
     catalog: Catalog,
     max_body_bytes: u64,
-    accepting: AtomicBool,
 }
 
 /// A refusal: status and message.
@@ -58,17 +58,31 @@ impl Ingest {
         max_body_bytes: u64,
     ) -> Ingest {
         Ingest {
-            appender,
+            appender: RwLock::new(Some(appender)),
             schemas,
             catalog,
             max_body_bytes,
-            accepting: AtomicBool::new(true),
         }
     }
 
-    /// Stops accepting writes: from now on they get 503 and `/healthz` says so.
+    /// Stops accepting writes: from now on they get 503 and `/healthz` says so. Appends
+    /// already under way complete.
     pub fn stop_accepting(&self) {
-        self.accepting.store(false, Ordering::SeqCst);
+        self.appender.write().expect("lock poisoned").take();
+    }
+
+    /// The appender, or a 503 refusal once the daemon is stopping.
+    fn appender(&self) -> Result<Appender, Refusal> {
+        self.appender
+            .read()
+            .expect("lock poisoned")
+            .clone()
+            .ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "pgspool is stopping and accepts no more writes",
+                )
+            })
     }
 
     /// Answers one request.
@@ -109,14 +123,8 @@ impl Ingest {
     }
 
     fn health(&self) -> Result<Response<Full<Bytes>>, Refusal> {
-        if self.accepting.load(Ordering::SeqCst) {
-            Ok(json_response(StatusCode::OK, &json!({ "status": "ok" })))
-        } else {
-            Err(Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "pgspool is stopping and accepts no more writes",
-            ))
-        }
+        self.appender()?;
+        Ok(json_response(StatusCode::OK, &json!({ "status": "ok" })))
     }
 
     async fn post_rows(
@@ -124,12 +132,7 @@ impl Ingest {
         table: &str,
         request: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
-        if !self.accepting.load(Ordering::SeqCst) {
-            return Err(Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "pgspool is stopping and accepts no more writes",
-            ));
-        }
+        self.appender()?;
         let table = percent_decode_str(table)
             .decode_utf8()
             .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "the table name is not UTF-8"))?;
@@ -153,7 +156,7 @@ impl Ingest {
             .into_iter()
             .map(|(rows, payload)| AppendRecord::new(rows, payload))
             .collect();
-        let lsns = self.appender.append(records).await.map_err(|e| {
+        let lsns = self.appender()?.append(records).await.map_err(|e| {
             let status = match &e {
                 AppendError::Write(io) if is_disk_full(io) => StatusCode::INSUFFICIENT_STORAGE,
                 AppendError::Write(_) | AppendError::Sync(_) => StatusCode::INTERNAL_SERVER_ERROR,

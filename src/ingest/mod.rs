@@ -6,6 +6,7 @@
 pub mod handler;
 
 use std::io;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,12 +22,22 @@ use tracing::{debug, warn};
 pub use handler::Ingest;
 
 /// Binds the Unix socket at `path`. A socket file left by a daemon that is gone is
-/// replaced; one a live daemon answers on is not.
+/// replaced; one a live daemon answers on is not, nor is any file that is not a socket.
 ///
 /// # Errors
-/// When a live daemon listens on `path`, the parent directory is missing, or binding fails.
+/// When a live daemon listens on `path`, `path` is some other file, the parent directory
+/// is missing, or binding fails.
 pub async fn bind(path: &Path) -> io::Result<UnixListener> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; choose another --socket",
+                    path.display()
+                ),
+            ));
+        }
         if UnixStream::connect(path).await.is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
@@ -47,8 +58,13 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Serves requests on `listener` until `shutdown` is cancelled, then stops accepting,
-/// lets in-flight requests finish, and returns.
-pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: CancellationToken) {
+/// gives requests in flight up to `grace` to finish, and returns.
+pub async fn serve(
+    listener: UnixListener,
+    ingest: Arc<Ingest>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
@@ -78,5 +94,10 @@ pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: Cancel
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(?grace, "connections still open at shutdown are abandoned");
+    }
 }

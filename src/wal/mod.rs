@@ -275,7 +275,8 @@ pub struct Wal {
     dir: Arc<WalDir>,
     appender: Appender,
     durable: watch::Receiver<Lsn>,
-    writer_exit: oneshot::Receiver<Result<(), WalError>>,
+    /// The writer's result; `None` once [`Wal::writer_failed`] took it.
+    writer_exit: Option<oneshot::Receiver<Result<(), WalError>>>,
     report: RecoveryReport,
 }
 
@@ -311,7 +312,7 @@ impl Wal {
             dir: wal_dir,
             appender: writer.appender,
             durable: writer.durable,
-            writer_exit: writer.exit,
+            writer_exit: Some(writer.exit),
             report,
         })
     }
@@ -351,10 +352,14 @@ impl Wal {
     /// Waits until the writer stops on its own, which it only does on a fatal error (a
     /// failed fdatasync), and returns that error.
     pub async fn writer_failed(&mut self) -> WalError {
-        match (&mut self.writer_exit).await {
-            Ok(Err(e)) => e,
-            Ok(Ok(())) | Err(_) => std::future::pending().await,
+        if let Some(exit) = &mut self.writer_exit {
+            let result = exit.await;
+            self.writer_exit = None;
+            if let Ok(Err(e)) = result {
+                return e;
+            }
         }
+        std::future::pending().await
     }
 
     /// Stops the writer once every other [`Appender`] is dropped and waits for it.
@@ -363,7 +368,10 @@ impl Wal {
     /// The writer's fatal error, if it had one.
     pub async fn close(self) -> Result<(), WalError> {
         drop(self.appender);
-        self.writer_exit.await.unwrap_or(Ok(()))
+        match self.writer_exit {
+            Some(exit) => exit.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
     }
 }
 
