@@ -49,6 +49,16 @@ impl Daemon {
         let url = config.postgres.url.as_deref().unwrap_or_default();
         let pg = crate::pg::parse_url(url, config.postgres.connect_timeout)
             .context("invalid PostgreSQL connection string")?;
+        if let Some(parent) = config.listen.socket.parent()
+            && !parent.as_os_str().is_empty()
+            && !parent.is_dir()
+        {
+            anyhow::bail!(
+                "cannot listen on {}: the directory {} does not exist; create it first",
+                config.listen.socket.display(),
+                parent.display()
+            );
+        }
         let options = WalOptions {
             dir: config.wal.dir.clone(),
             segment_bytes: config.wal.segment_bytes,
@@ -64,7 +74,7 @@ impl Daemon {
             spool_id = %wal.dir().spool_id(),
             segments = report.segments,
             next_lsn = %report.next_lsn,
-            torn_bytes_cut = report.cut.as_ref().map_or(0, |c| c.1),
+            torn_bytes_cut = report.cut.as_ref().map_or(0, |c| c.bytes),
             "WAL recovered"
         );
         let schemas = Arc::new(SchemaCache::load(&config.wal.dir));
@@ -77,6 +87,7 @@ impl Daemon {
             postgres: config.postgres.clone(),
             wal: Arc::clone(wal.dir()),
             durable: wal.durable(),
+            recovered_end: report.next_lsn.prev(),
             committed: committed_tx,
             limits: config.batch.clone(),
             schemas: Arc::clone(&schemas),

@@ -12,12 +12,12 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not valid TOML for this configuration.
     #[error("invalid config file {path}: {message}")]
@@ -198,9 +198,9 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Read`] or [`ConfigError::Parse`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
@@ -227,7 +227,11 @@ impl Config {
             .as_ref()
             .map(|u| u.parse::<tokio_postgres::Config>())
         {
-            return invalid(format!("[postgres] url cannot be parsed: {e}"));
+            return invalid(format!(
+                "the PostgreSQL connection string (--database-url, PGSPOOL_DATABASE_URL or \
+                 [postgres] url) cannot be parsed: {e}; write postgres://user@host:port/dbname \
+                 or key=value pairs such as \"host=/var/run/postgresql port=5432 dbname=app\""
+            ));
         }
         if self.wal.segment_bytes < 64 << 10 {
             return invalid(format!(

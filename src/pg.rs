@@ -39,6 +39,37 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_po
     Ok(client)
 }
 
+/// Where `config` connects, for messages: hosts (or socket directories), ports, database
+/// and user; never the password.
+#[must_use]
+pub fn describe_target(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(dir) => dir.display().to_string(),
+        })
+        .collect();
+    let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+    format!(
+        "host={} port={} dbname={} user={}",
+        if hosts.is_empty() {
+            "(default)".to_string()
+        } else {
+            hosts.join(",")
+        },
+        if ports.is_empty() {
+            "5432".to_string()
+        } else {
+            ports.join(",")
+        },
+        config.get_dbname().unwrap_or("(the user name)"),
+        config.get_user().unwrap_or("(none given)"),
+    )
+}
+
 /// A one-line description of a PostgreSQL error: SQLSTATE, message, detail, and the
 /// underlying cause for connection errors.
 #[must_use]

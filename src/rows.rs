@@ -240,7 +240,10 @@ pub enum RowError {
         table: TableName,
     },
     /// A value for a generated column.
-    #[error("{position}: column {column:?} is a generated column; PostgreSQL computes it")]
+    #[error(
+        "{position}: column {column:?} is GENERATED ALWAYS; PostgreSQL computes its values, \
+         leave it out"
+    )]
     GeneratedColumn {
         /// The row.
         position: RowPosition,

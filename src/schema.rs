@@ -30,7 +30,9 @@ pub struct Column {
     pub name: String,
     /// How values are written (from the column's type).
     pub kind: ColumnKind,
-    /// A generated column: PostgreSQL computes it and refuses values for it.
+    /// A generated column (`GENERATED ALWAYS AS (...)` or `GENERATED ALWAYS AS IDENTITY`):
+    /// PostgreSQL computes it and an INSERT may not give it a value. (COPY would take one for
+    /// an identity column; pgspool refuses it as an INSERT would.)
     #[serde(default)]
     pub generated: bool,
 }
@@ -111,7 +113,7 @@ pub async fn fetch(
     // Domains are resolved to their base type; arrays are recognised by their element type.
     const QUERY: &str = "
         SELECT n.nspname::text, c.relname::text, a.attname::text,
-               a.attgenerated <> '' AS generated,
+               a.attgenerated <> '' OR a.attidentity = 'a' AS generated,
                bt.oid::int8 AS type_oid, bt.typcategory = 'A' AS is_array,
                et.oid::int8 AS elem_oid, et.typdelim::text AS delim
         FROM pg_class c

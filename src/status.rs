@@ -8,13 +8,19 @@
 //! `--json` prints one object with these keys (stable; new keys may be added):
 //! `wal_dir`, `spool_id`, `segments`, `bytes`, `first_lsn`, `last_lsn`, `flushed_lsn`,
 //! `pending_rows`, `pending_bytes`, `oldest_pending_age_seconds` (null when nothing is
-//! pending), `checksums_ok`, `torn_tail_bytes`, `problems` (list of strings), and `tables`
-//! (table name → `{pending_rows, pending_bytes}`).
+//! pending), `intact`, `checksums_ok`, `torn_tail_bytes`, `problems` (list of strings), and
+//! `tables` (table name → `{pending_rows, pending_bytes}`; a table the daemon had not seen
+//! yet is listed under the name the client gave).
 //!
-//! Exit code: 0 when every record verified, 2 when the WAL is damaged or unreadable.
+//! A bad record at the very end of the last segment with nothing valid after it is a torn
+//! write (`torn_tail_bytes`; the daemon cuts it at its next start, or it is a write in
+//! progress); anywhere else it is damage to acknowledged data.
+//!
+//! Exit code: 0 when the log is intact, 2 when it is damaged, 1 when the directory cannot
+//! be read at all.
 
 use std::collections::BTreeMap;
-use std::io::{self, IsTerminal};
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -27,7 +33,7 @@ use crate::fsutil;
 use crate::lsn::Lsn;
 use crate::rowgroup::RowGroup;
 use crate::wal::segment::{self, SegmentCursor, Step};
-use crate::wal::{self, WalError};
+use crate::wal::{self, Record, TailDamage, WalError};
 
 /// Backlog of one table.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
@@ -44,7 +50,7 @@ pub struct WalStatus {
     /// The directory.
     pub wal_dir: PathBuf,
     /// The spool's id.
-    pub spool_id: Option<uuid::Uuid>,
+    pub spool_id: uuid::Uuid,
     /// Segment files.
     pub segments: usize,
     /// Bytes in segment files.
@@ -61,6 +67,9 @@ pub struct WalStatus {
     pub pending_bytes: u64,
     /// Age in seconds of the oldest pending row.
     pub oldest_pending_age_seconds: Option<f64>,
+    /// Whether the log is whole: every record verified, no LSN missing between segments,
+    /// nothing the checkpoint counts as committed missing from its end.
+    pub intact: bool,
     /// Whether every complete record verified.
     pub checksums_ok: bool,
     /// Bytes after the last valid record of the last segment: a torn write the daemon cuts
@@ -88,7 +97,7 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
     let segments = segment::list(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
     let mut status = WalStatus {
         wal_dir: dir.to_path_buf(),
-        spool_id: Some(spool_id),
+        spool_id,
         segments: 0,
         bytes: 0,
         first_lsn: segments.first().map_or(Lsn::ZERO, |s| s.first_lsn),
@@ -97,6 +106,7 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
         pending_rows: 0,
         pending_bytes: 0,
         oldest_pending_age_seconds: None,
+        intact: true,
         checksums_ok: true,
         torn_tail_bytes: 0,
         problems: Vec::new(),
@@ -104,19 +114,30 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
     };
     let now_us = fsutil::now_us();
     let count = segments.len();
+    // Where the next segment must start, when the previous one was read to its end.
+    let mut expected: Option<Lsn> = None;
     for (i, seg) in segments.into_iter().enumerate() {
         let path = seg.path.clone();
-        let Ok(len) = std::fs::metadata(&path).map(|m| m.len()) else {
-            continue; // deleted by the flusher while we were reading
-        };
-        let mut cursor = match SegmentCursor::open(seg, spool_id) {
-            Ok((cursor, _)) => cursor,
+        if let Some(expected) = expected
+            && seg.first_lsn != expected
+        {
+            status.damage(format!(
+                "LSNs {expected} .. {} are in no segment (before {})",
+                seg.first_lsn.prev(),
+                path.display()
+            ));
+        }
+        expected = None;
+        let (mut cursor, len) = match SegmentCursor::open(seg, spool_id) {
+            Ok((cursor, _)) => match std::fs::metadata(&path) {
+                Ok(meta) => (cursor, meta.len()),
+                Err(_) => continue, // deleted by the flusher while we were reading
+            },
             Err(segment::OpenSegmentError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
                 continue;
             }
             Err(e) => {
-                status.checksums_ok = false;
-                status.problems.push(format!("{}: {e}", path.display()));
+                status.damage(format!("{}: {e}", path.display()));
                 continue;
             }
         };
@@ -130,35 +151,36 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
             match step {
                 Step::Record(lsns) => {
                     status.last_lsn = lsns.last;
-                    if lsns.last <= flushed {
-                        continue;
-                    }
-                    let record = cursor.record();
-                    let rows = lsns.last.0 - lsns.first.0.max(flushed.0 + 1) + 1;
-                    let table = RowGroup::decode(record.payload)
-                        .map_or_else(|_| "(unreadable)".to_string(), |g| g.table.to_string());
-                    let backlog = status.tables.entry(table).or_default();
-                    backlog.pending_rows += rows;
-                    backlog.pending_bytes += record.payload.len() as u64;
-                    status.pending_rows += rows;
-                    status.pending_bytes += record.payload.len() as u64;
-                    if status.oldest_pending_age_seconds.is_none() {
-                        let age_us = now_us.saturating_sub(record.time_us);
-                        status.oldest_pending_age_seconds = Some(age_us as f64 / 1e6);
+                    if lsns.last > flushed {
+                        status.count_pending(&cursor.record(), flushed, now_us);
                     }
                 }
-                Step::End | Step::CaughtUp => break,
-                Step::Damaged { offset, .. } if i + 1 == count => {
-                    status.torn_tail_bytes = len.saturating_sub(offset);
+                Step::End | Step::CaughtUp => {
+                    expected = Some(cursor.next_lsn());
                     break;
                 }
                 Step::Damaged { offset, reason } => {
-                    status.checksums_ok = false;
-                    status.problems.push(format!(
-                        "{} at byte {offset} (LSN {} on): {reason}",
-                        path.display(),
-                        cursor.next_lsn()
-                    ));
+                    let damage = if i + 1 == count {
+                        let tail = wal::read_tail(&path, offset)
+                            .map_err(WalError::io(format!("read {}", path.display())))?;
+                        wal::classify_tail(&tail, offset, cursor.next_lsn())
+                    } else {
+                        TailDamage::Followed {
+                            offset,
+                            lsn: cursor.next_lsn(),
+                        }
+                    };
+                    match damage {
+                        TailDamage::Torn => status.torn_tail_bytes = len.saturating_sub(offset),
+                        TailDamage::Followed { .. } => {
+                            status.checksums_ok = false;
+                            status.damage(format!(
+                                "{} at byte {offset} (LSN {} on): {reason}",
+                                path.display(),
+                                cursor.next_lsn()
+                            ));
+                        }
+                    }
                     break;
                 }
             }
@@ -166,7 +188,38 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
         }
         progress(status.bytes);
     }
+    if flushed > status.last_lsn {
+        status.damage(format!(
+            "the checkpoint says PostgreSQL committed rows up to LSN {flushed}, beyond the end \
+             of the log at LSN {}: records were lost from its end",
+            status.last_lsn
+        ));
+    }
     Ok(status)
+}
+
+impl WalStatus {
+    fn damage(&mut self, problem: String) {
+        self.intact = false;
+        self.problems.push(problem);
+    }
+
+    /// Counts the rows of `record` above the watermark `flushed` as pending.
+    fn count_pending(&mut self, record: &Record<'_>, flushed: Lsn, now_us: u64) {
+        let rows = record.lsns.last.0 - record.lsns.first.0.max(flushed.0 + 1) + 1;
+        let bytes = record.payload.len() as u64;
+        let table = RowGroup::decode(record.payload)
+            .map_or_else(|_| "(unreadable)".to_string(), |g| g.table.to_string());
+        let backlog = self.tables.entry(table).or_default();
+        backlog.pending_rows += rows;
+        backlog.pending_bytes += bytes;
+        self.pending_rows += rows;
+        self.pending_bytes += bytes;
+        if self.oldest_pending_age_seconds.is_none() {
+            let age_us = now_us.saturating_sub(record.time_us);
+            self.oldest_pending_age_seconds = Some(age_us as f64 / 1e6);
+        }
+    }
 }
 
 /// Runs `pgspool status`.
@@ -189,12 +242,17 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+    let text = if args.json {
+        serde_json::to_string_pretty(&status)? + "\n"
     } else {
-        print!("{}", render(&status));
+        render(&status)
+    };
+    // A reader that stops early (`| head`) is not an error.
+    match io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
+        _ => {}
     }
-    Ok(if status.checksums_ok {
+    Ok(if status.intact {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
@@ -224,8 +282,8 @@ fn progress_bar(dir: &Path) -> Option<indicatif::ProgressBar> {
 #[must_use]
 pub fn render(s: &WalStatus) -> String {
     use std::fmt::Write;
-    let verdict = if !s.checksums_ok {
-        "DAMAGED: records failed verification (see problems below)"
+    let verdict = if !s.intact {
+        "DAMAGED: acknowledged data is damaged or missing (see problems below)"
     } else if s.pending_rows == 0 {
         "ok: every record verified, nothing pending"
     } else {
@@ -236,14 +294,16 @@ pub fn render(s: &WalStatus) -> String {
     let age = s
         .oldest_pending_age_seconds
         .map_or_else(|| "-".to_string(), |a| format!("{a:.1} s"));
-    let spool = s
-        .spool_id
-        .map_or_else(|| "-".to_string(), |id| id.to_string());
+    let lsns = if s.last_lsn < s.first_lsn {
+        format!("none held (the next is {})", s.last_lsn.next())
+    } else {
+        format!("{} .. {}", s.first_lsn, s.last_lsn)
+    };
     for (key, value) in [
         ("wal dir", s.wal_dir.display().to_string()),
-        ("spool id", spool),
+        ("spool id", s.spool_id.to_string()),
         ("segments", format!("{} ({} bytes)", s.segments, s.bytes)),
-        ("LSNs", format!("{} .. {}", s.first_lsn, s.last_lsn)),
+        ("LSNs", lsns),
         ("flushed LSN", s.flushed_lsn.to_string()),
         (
             "pending",

@@ -49,12 +49,12 @@ pub enum FillError {
     #[error(transparent)]
     Wal(#[from] WalError),
     /// A record's payload is not a row group.
-    #[error("record at LSN {lsn}: {source}")]
+    #[error("record at LSN {lsn}: {error}")]
     Malformed {
         /// The record's first LSN.
         lsn: Lsn,
         /// What is wrong.
-        source: MalformedGroup,
+        error: MalformedGroup,
     },
 }
 
@@ -110,7 +110,7 @@ impl Batch {
             };
             let lsn = record.lsns.first;
             self.push(record, limits.max_wait)
-                .map_err(|source| FillError::Malformed { lsn, source })?;
+                .map_err(|error| FillError::Malformed { lsn, error })?;
         }
         Ok(())
     }

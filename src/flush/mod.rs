@@ -39,18 +39,21 @@ pub enum FatalError {
     /// A record's payload cannot be decoded.
     #[error("WAL record is not a row group: {0}")]
     Malformed(String),
-    /// PostgreSQL's watermark is beyond everything this WAL holds.
+    /// PostgreSQL's watermark is beyond everything this WAL held when it was opened, and
+    /// beyond everything this process committed.
     #[error(
-        "PostgreSQL's watermark for spool {spool_id} is LSN {watermark}, but this WAL ends at \
-         LSN {wal_end}: the WAL directory is older than the database (restored from a backup \
-         or replaced). Refusing to reuse LSNs; move the directory aside to start a new spool"
+        "PostgreSQL's watermark for spool {spool_id} is LSN {watermark}, but this WAL held \
+         rows only up to LSN {wal_end}: the WAL directory is older than the database (restored \
+         from a backup, or records were lost from its end). Rows written since the start would \
+         reuse LSNs PostgreSQL already has, so pgspool stops; they are still in the WAL. Move \
+         the directory aside to start a new spool and send them again"
     )]
     WatermarkAhead {
         /// The spool.
         spool_id: uuid::Uuid,
         /// The watermark in PostgreSQL.
         watermark: Lsn,
-        /// The last LSN in the WAL.
+        /// The last LSN the WAL held at start, or this process committed.
         wal_end: Lsn,
     },
 }
@@ -74,6 +77,8 @@ pub struct Flusher {
     pub wal: Arc<WalDir>,
     /// The writer's durable LSN.
     pub durable: watch::Receiver<Lsn>,
+    /// The last LSN the WAL held when it was opened.
+    pub recovered_end: Lsn,
     /// Where the committed watermark is published.
     pub committed: watch::Sender<Lsn>,
     /// Batch limits.
@@ -117,7 +122,13 @@ impl Flusher {
         let retry = |e: &dyn std::fmt::Display| Ok(SessionEnd::Retry(e.to_string()));
         let mut client = match crate::pg::connect(&self.pg).await {
             Ok(client) => client,
-            Err(e) => return retry(&format!("cannot connect: {}", crate::pg::describe(&e))),
+            Err(e) => {
+                return retry(&format!(
+                    "cannot connect to {}: {}",
+                    crate::pg::describe_target(&self.pg),
+                    crate::pg::describe(&e)
+                ));
+            }
         };
         if let Err(e) = transaction::bootstrap(&client).await {
             return retry(&format!(
@@ -134,7 +145,9 @@ impl Flusher {
                 ));
             }
         };
-        let wal_end = *self.durable.borrow();
+        // LSNs written since the start are new: PostgreSQL can only know those this
+        // process committed itself.
+        let wal_end = self.recovered_end.max(*self.committed.borrow());
         if watermark > wal_end {
             return Err(FatalError::WatermarkAhead {
                 spool_id: self.wal.spool_id(),
@@ -149,7 +162,8 @@ impl Flusher {
             tokio::task::spawn_blocking(move || WalReader::open(dir, watermark.next()))
                 .await
                 .expect("opening a reader does not panic")?;
-        info!(watermark = %watermark, backlog_rows = wal_end.0 - watermark.0, "connected to PostgreSQL; flushing from the watermark");
+        let backlog_rows = self.durable.borrow().0 - watermark.0;
+        info!(watermark = %watermark, backlog_rows, "connected to PostgreSQL; flushing from the watermark");
         loop {
             let (next_reader, batch) = self.next_batch(reader, shutdown).await?;
             reader = next_reader;
@@ -222,20 +236,26 @@ impl Flusher {
         *self.durable.borrow() > read_up_to
     }
 
-    /// Records the watermark locally and deletes the segments it covers. Failures are
-    /// logged: PostgreSQL's watermark is what counts, and the next commit tries again.
+    /// Deletes the segments the watermark covers (first: it frees space), then records the
+    /// watermark locally. Failures are logged: PostgreSQL's watermark is what counts, and
+    /// the next commit tries again.
     async fn after_commit(&self, watermark: Lsn) {
         let dir = Arc::clone(&self.wal);
-        let done = tokio::task::spawn_blocking(move || {
-            dir.write_checkpoint(watermark)?;
-            dir.remove_segments_through(watermark)
+        let (removed, checkpointed) = tokio::task::spawn_blocking(move || {
+            (
+                dir.remove_segments_through(watermark),
+                dir.write_checkpoint(watermark),
+            )
         })
         .await
         .expect("checkpointing does not panic");
-        match done {
+        match removed {
             Ok(0) => {}
             Ok(removed) => debug!(removed, watermark = %watermark, "deleted flushed segments"),
-            Err(e) => warn!(error = %e, "could not checkpoint or delete flushed segments"),
+            Err(e) => warn!(error = %e, "could not delete flushed segments"),
+        }
+        if let Err(e) = checkpointed {
+            warn!(error = %e, "could not write the checkpoint");
         }
     }
 }

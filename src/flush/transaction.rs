@@ -30,7 +30,8 @@ use crate::table::{TableName, quote_ident};
 pub async fn bootstrap(client: &Client) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(
-            "CREATE SCHEMA IF NOT EXISTS pgspool;
+            "SET client_min_messages = warning; -- no NOTICEs for objects that exist
+             CREATE SCHEMA IF NOT EXISTS pgspool;
              CREATE TABLE IF NOT EXISTS pgspool.watermarks (
                  spool_id   uuid PRIMARY KEY,
                  lsn        bigint NOT NULL CHECK (lsn >= 0),

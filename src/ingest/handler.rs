@@ -6,7 +6,8 @@
 //! | `GET /healthz` | 200 once the WAL is recovered and writes are accepted, 503 while stopping |
 //!
 //! Errors are `{"error": "..."}`: 400 malformed body, not UTF-8, a row that is not an
-//! object, a duplicate key, a bad table name; 404 no such table; 405 wrong method; 413
+//! object, a duplicate key, a bad table name; 403 one of pgspool's own tables; 404 no such
+//! table; 405 wrong method; 413
 //! body over `[ingest] max_body_bytes`; 415 other content types; 422 unknown or generated
 //! column, a NUL character, a value no column of that type can take; 503 not accepting
 //! writes (stopping) or PostgreSQL needed but unreachable; 507 the WAL's disk is full.
@@ -139,6 +140,9 @@ impl Ingest {
         let table = TableName::parse(&table)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
         let format = body_format(request.headers().get(CONTENT_TYPE))?;
+        // Before the body is read, so a request for a table that does not exist costs no
+        // memory.
+        let columns = self.columns(&table).await?;
         let body = self.read_body(request).await?;
         let body = std::str::from_utf8(&body).map_err(|e| {
             Refusal::new(
@@ -151,7 +155,7 @@ impl Ingest {
         })?;
         let rows = rows::parse(body, format)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-        let groups = self.encode(&table, &rows).await?;
+        let groups = self.encode(&table, columns, &rows).await?;
         let records: Vec<AppendRecord> = groups
             .into_iter()
             .map(|(rows, payload)| AppendRecord::new(rows, payload))
@@ -201,23 +205,40 @@ impl Ingest {
         }
     }
 
-    /// Encodes the rows for the table's columns, refreshing the cached columns once when a
-    /// row names one the cache does not know; keeps them as JSON when PostgreSQL has never
-    /// been asked about the table and cannot be now.
-    async fn encode(&self, table: &TableName, rows: &[rows::Row<'_>]) -> Result<Groups, Refusal> {
-        let (schema, fresh) = match self.schemas.get(table) {
-            Some(schema) => (schema, false),
-            None => match self.lookup(table).await {
-                Ok(schema) => (schema, true),
-                Err(Lookup::Unreachable(why)) => {
-                    debug!(table = %table, %why, "accepting rows unchecked");
-                    return rows::encode_unchecked(table, rows).map_err(unprocessable);
-                }
-                Err(Lookup::Refused(refusal)) => return Err(refusal),
-            },
+    /// The table's columns: cached, or asked of PostgreSQL, or unknown when PostgreSQL
+    /// cannot be asked about a table never seen.
+    async fn columns(&self, table: &TableName) -> Result<Columns, Refusal> {
+        if table.schema.as_deref() == Some(OWN_SCHEMA) {
+            return Err(own_table(table));
+        }
+        if let Some(schema) = self.schemas.get(table) {
+            return Ok(Columns::Cached(schema));
+        }
+        match self.lookup(table).await {
+            Ok(schema) => Ok(Columns::Fresh(schema)),
+            Err(Lookup::Unreachable(why)) => {
+                debug!(table = %table, %why, "accepting rows unchecked");
+                Ok(Columns::Unknown)
+            }
+            Err(Lookup::Refused(refusal)) => Err(refusal),
+        }
+    }
+
+    /// Encodes the rows for the table's columns, refreshing cached columns once when a row
+    /// names one the cache does not know; keeps them as JSON when the columns are unknown.
+    async fn encode(
+        &self,
+        table: &TableName,
+        columns: Columns,
+        rows: &[rows::Row<'_>],
+    ) -> Result<Groups, Refusal> {
+        let schema = match columns {
+            Columns::Unknown => return rows::encode_unchecked(table, rows).map_err(unprocessable),
+            Columns::Fresh(schema) => return rows::encode(&schema, rows).map_err(unprocessable),
+            Columns::Cached(schema) => schema,
         };
         match rows::encode(&schema, rows) {
-            Err(unknown @ RowError::UnknownColumn { .. }) if !fresh => {
+            Err(unknown @ RowError::UnknownColumn { .. }) => {
                 let schema = self.lookup(table).await.map_err(|e| match e {
                     Lookup::Refused(refusal) => refusal,
                     Lookup::Unreachable(why) => Refusal::new(
@@ -234,8 +255,12 @@ impl Ingest {
         }
     }
 
+    /// Asks PostgreSQL for the table's columns and caches them.
     async fn lookup(&self, table: &TableName) -> Result<Arc<TableSchema>, Lookup> {
         match self.catalog.fetch(table).await {
+            Ok(Some(schema)) if schema.table().schema.as_deref() == Some(OWN_SCHEMA) => {
+                Err(Lookup::Refused(own_table(table)))
+            }
             Ok(Some(schema)) => Ok(self.schemas.put(table, schema).await),
             Ok(None) => Err(Lookup::Refused(Refusal::new(
                 StatusCode::NOT_FOUND,
@@ -244,6 +269,26 @@ impl Ingest {
             Err(e) => Err(Lookup::Unreachable(e.0)),
         }
     }
+}
+
+/// pgspool's own schema in PostgreSQL (the watermarks); not writable through the API.
+const OWN_SCHEMA: &str = "pgspool";
+
+fn own_table(table: &TableName) -> Refusal {
+    Refusal::new(
+        StatusCode::FORBIDDEN,
+        format!("{table} is one of pgspool's own tables and cannot be written through its API"),
+    )
+}
+
+/// What is known of a table's columns when a request arrives.
+enum Columns {
+    /// From the cache (refreshed once if a row names a column it lacks).
+    Cached(Arc<TableSchema>),
+    /// Just read from PostgreSQL.
+    Fresh(Arc<TableSchema>),
+    /// PostgreSQL cannot be asked and the table was never seen: rows are kept as JSON.
+    Unknown,
 }
 
 enum Lookup {

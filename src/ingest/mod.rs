@@ -85,7 +85,11 @@ pub async fn serve(
             let ingest = Arc::clone(&ingest);
             async move { Ok::<_, std::convert::Infallible>(ingest.handle(request).await) }
         });
-        let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        // half_close: a client that shuts down its sending side after the request still
+        // gets the answer (the rows may have been acknowledged).
+        let connection = http1::Builder::new()
+            .half_close(true)
+            .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {

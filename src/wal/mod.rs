@@ -48,26 +48,26 @@
 
 pub mod reader;
 pub mod record;
+mod recovery;
 pub mod segment;
 mod writer;
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::{oneshot, watch};
-use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::fsutil;
 use crate::lsn::Lsn;
 pub use reader::WalReader;
 pub use record::{AppendRecord, Invalid, Record};
-use segment::{OpenSegmentError, SegmentCursor, SegmentFile, Step};
+pub use recovery::{TailDamage, classify_tail, read_tail};
+use segment::{OpenSegmentError, SegmentFile};
 pub use writer::{AppendError, Appender};
 
-const LOCK_FILE: &str = "LOCK";
 const SPOOL_ID_FILE: &str = "spool_id";
 const CHECKPOINT_FILE: &str = "checkpoint";
 /// Directory (inside the WAL directory) for bytes cut from the log.
@@ -78,12 +78,12 @@ pub const QUARANTINE_DIR: &str = "quarantine";
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
     /// A file-system call failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What was being done, with the path.
         context: String,
         /// The error from the operating system.
-        source: io::Error,
+        error: io::Error,
     },
     /// Another process holds the directory lock.
     #[error(
@@ -106,8 +106,14 @@ pub enum WalError {
     },
     /// A record of acknowledged data failed validation.
     #[error(
-        "WAL damaged: segment {path} at byte {offset} (expected LSN {lsn}): {reason}; the rows \
-         from LSN {lsn} on in this segment cannot be read"
+        "WAL damaged: segment {path} at byte {offset} (expected LSN {lsn}): {reason}{}; the \
+         acknowledged rows from LSN {lsn} on cannot be read. pgspool does not skip them \
+         silently: keep the directory for inspection (pgspool status --wal-dir shows the \
+         damage) and restore it, or move it aside to start a new spool and send those rows \
+         again",
+        followed_by.map_or_else(String::new, |(at, lsn)| format!(
+            ", and a valid record (LSN {lsn}) follows at byte {at}"
+        ))
     )]
     Corrupt {
         /// The segment.
@@ -118,6 +124,24 @@ pub enum WalError {
         lsn: Lsn,
         /// What failed.
         reason: Invalid,
+        /// The next valid record after the damage, if one was looked for and found: its
+        /// offset and first LSN.
+        followed_by: Option<(u64, Lsn)>,
+    },
+    /// The log ends before rows its checkpoint says PostgreSQL committed.
+    #[error(
+        "the WAL in {dir} ends at LSN {last}, but its checkpoint says PostgreSQL committed rows \
+         up to LSN {flushed}: records were lost from the end of the log (an older copy of the \
+         directory, or a disk that dropped writes). pgspool will not reuse those LSNs: move \
+         the directory aside to start a new spool"
+    )]
+    EndsBeforeCheckpoint {
+        /// The WAL directory.
+        dir: PathBuf,
+        /// The last LSN the log holds.
+        last: Lsn,
+        /// The checkpoint's watermark.
+        flushed: Lsn,
     },
     /// The log does not hold the LSN asked for.
     #[error("the WAL does not hold LSN {lsn}: {reason}")]
@@ -132,14 +156,14 @@ pub enum WalError {
 impl WalError {
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> WalError {
         let context = context.into();
-        move |source| WalError::Io { context, source }
+        move |error| WalError::Io { context, error }
     }
 
     fn segment(path: &Path) -> impl FnOnce(OpenSegmentError) -> WalError + '_ {
         move |e| match e {
-            OpenSegmentError::Io(source) => WalError::Io {
+            OpenSegmentError::Io(error) => WalError::Io {
                 context: format!("read segment {}", path.display()),
-                source,
+                error,
             },
             OpenSegmentError::BadHeader(reason) => WalError::BadFile {
                 path: path.to_path_buf(),
@@ -264,9 +288,19 @@ pub struct RecoveryReport {
     pub segments: usize,
     /// LSN the next appended row gets.
     pub next_lsn: Lsn,
-    /// A torn tail cut from the last segment: its offset, length in bytes, and where a copy
-    /// of the bytes was saved.
-    pub cut: Option<(u64, u64, PathBuf)>,
+    /// A torn write cut from the end of the last segment.
+    pub cut: Option<CutTail>,
+}
+
+/// A torn write cut from the end of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutTail {
+    /// Where the cut was made in the segment, in bytes.
+    pub offset: u64,
+    /// Bytes cut off.
+    pub bytes: u64,
+    /// The copy of those bytes.
+    pub saved_to: PathBuf,
 }
 
 /// An open WAL: the locked directory, the writer thread, and the durable LSN it publishes.
@@ -285,31 +319,15 @@ impl Wal {
     ///
     /// # Errors
     /// [`WalError::Locked`] when another daemon holds the directory, [`WalError::BadFile`]
-    /// for a damaged segment header or metadata file, I/O errors.
+    /// for a damaged segment header or metadata file, [`WalError::Corrupt`] for damage to
+    /// acknowledged records at the end of the log, [`WalError::EndsBeforeCheckpoint`],
+    /// I/O errors.
     pub fn open(options: &WalOptions) -> Result<Wal, WalError> {
-        let dir = &options.dir;
-        fs::create_dir_all(dir).map_err(WalError::io(format!("create {}", dir.display())))?;
-        let lock = lock_dir(dir)?;
-        let spool_id = match read_spool_id(dir)? {
-            Some(id) => id,
-            None => {
-                let id = Uuid::new_v4();
-                fsutil::write_atomic(dir, SPOOL_ID_FILE, format!("{id}\n").as_bytes())
-                    .map_err(WalError::io(format!("write spool id in {}", dir.display())))?;
-                info!(spool_id = %id, dir = %dir.display(), "created a new spool");
-                id
-            }
-        };
-        remove_temporary_files(dir)?;
-        let wal_dir = Arc::new(WalDir {
-            path: dir.clone(),
-            spool_id,
-            _lock: lock,
-        });
-        let (tail, report) = recover_tail(&wal_dir)?;
-        let writer = writer::start(Arc::clone(&wal_dir), tail, options.segment_bytes)?;
+        let (dir, tail, report) = recovery::recover(&options.dir)?;
+        let dir = Arc::new(dir);
+        let writer = writer::start(Arc::clone(&dir), tail, options.segment_bytes)?;
         Ok(Wal {
-            dir: wal_dir,
+            dir,
             appender: writer.appender,
             durable: writer.durable,
             writer_exit: Some(writer.exit),
@@ -375,56 +393,6 @@ impl Wal {
     }
 }
 
-fn lock_dir(dir: &Path) -> Result<File, WalError> {
-    let path = dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(WalError::io(format!("open {}", path.display())))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = match holder.trim() {
-                "" => "pid unknown".to_string(),
-                pid => format!("pid {pid}"),
-            };
-            return Err(WalError::Locked {
-                dir: dir.to_path_buf(),
-                holder,
-            });
-        }
-        Err(fs::TryLockError::Error(e)) => {
-            return Err(WalError::io(format!("lock {}", path.display()))(e));
-        }
-    }
-    file.set_len(0)
-        .and_then(|()| writeln!(&file, "{}", std::process::id()))
-        .map_err(WalError::io(format!("write {}", path.display())))?;
-    Ok(file)
-}
-
-fn remove_temporary_files(dir: &Path) -> Result<(), WalError> {
-    let entries = fs::read_dir(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
-    for entry in entries {
-        let entry = entry.map_err(WalError::io(format!("list {}", dir.display())))?;
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .ends_with(fsutil::TMP_SUFFIX)
-        {
-            warn!(file = %entry.path().display(), "removing a file left by an interrupted write");
-            fs::remove_file(entry.path())
-                .map_err(WalError::io(format!("delete {}", entry.path().display())))?;
-        }
-    }
-    Ok(())
-}
-
 /// The active segment as recovery leaves it, handed to the writer.
 #[derive(Debug)]
 struct Tail {
@@ -432,122 +400,4 @@ struct Tail {
     segment: SegmentFile,
     len: u64,
     next_lsn: Lsn,
-}
-
-/// Checks every segment header, then scans the last segment to its end, cutting a torn
-/// tail. Creates the first segment of a new WAL.
-fn recover_tail(dir: &WalDir) -> Result<(Tail, RecoveryReport), WalError> {
-    let path = dir.path();
-    let segments = segment::list(path).map_err(WalError::io(format!("list {}", path.display())))?;
-    for seg in &segments {
-        let file =
-            File::open(&seg.path).map_err(WalError::io(format!("open {}", seg.path.display())))?;
-        segment::read_header(&file, seg, dir.spool_id()).map_err(WalError::segment(&seg.path))?;
-    }
-    let Some(last) = segments.last().cloned() else {
-        let (file, segment) = segment::create(path, Lsn::FIRST, dir.spool_id()).map_err(
-            WalError::io(format!("create the first segment in {}", path.display())),
-        )?;
-        let report = RecoveryReport {
-            segments: 1,
-            next_lsn: Lsn::FIRST,
-            cut: None,
-        };
-        let tail = Tail {
-            file,
-            segment,
-            len: segment::SEGMENT_HEADER_BYTES,
-            next_lsn: Lsn::FIRST,
-        };
-        return Ok((tail, report));
-    };
-
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&last.path)
-        .map_err(WalError::io(format!("open {}", last.path.display())))?;
-    // What a crashed daemon wrote may still be only in the page cache: make it durable
-    // before anything downstream trusts it.
-    file.sync_all()
-        .map_err(WalError::io(format!("sync {}", last.path.display())))?;
-    let (mut cursor, _) =
-        SegmentCursor::open(last.clone(), dir.spool_id()).map_err(WalError::segment(&last.path))?;
-    let mut cut = None;
-    loop {
-        let step = cursor
-            .step(Lsn(u64::MAX))
-            .map_err(WalError::io(format!("read {}", last.path.display())))?;
-        match step {
-            Step::Record(_) => {}
-            Step::End | Step::CaughtUp => break,
-            Step::Damaged { offset, reason } => {
-                cut = Some(cut_torn_tail(dir, &last, &file, offset, &reason)?);
-                break;
-            }
-        }
-    }
-    let len = cursor.offset();
-    let next_lsn = cursor.next_lsn();
-    let report = RecoveryReport {
-        segments: segments.len(),
-        next_lsn,
-        cut,
-    };
-    let tail = Tail {
-        file,
-        segment: last,
-        len,
-        next_lsn,
-    };
-    Ok((tail, report))
-}
-
-/// Saves the bytes of `segment` from `offset` on to the quarantine directory, then
-/// truncates the segment there and syncs it.
-fn cut_torn_tail(
-    dir: &WalDir,
-    segment: &SegmentFile,
-    file: &File,
-    offset: u64,
-    reason: &Invalid,
-) -> Result<(u64, u64, PathBuf), WalError> {
-    let seg_path = &segment.path;
-    let mut tail = Vec::new();
-    let mut reader =
-        File::open(seg_path).map_err(WalError::io(format!("open {}", seg_path.display())))?;
-    io::Seek::seek(&mut reader, io::SeekFrom::Start(offset))
-        .and_then(|_| reader.read_to_end(&mut tail))
-        .map_err(WalError::io(format!(
-            "read the tail of {}",
-            seg_path.display()
-        )))?;
-    let quarantine = dir.path().join(QUARANTINE_DIR);
-    fs::create_dir_all(&quarantine)
-        .map_err(WalError::io(format!("create {}", quarantine.display())))?;
-    let name = format!(
-        "torn-{}-{offset}-{}.bin",
-        segment.first_lsn.0,
-        fsutil::now_us()
-    );
-    fsutil::write_atomic(&quarantine, &name, &tail).map_err(WalError::io(format!(
-        "save the torn tail to {}",
-        quarantine.display()
-    )))?;
-    file.set_len(offset)
-        .and_then(|()| file.sync_all())
-        .map_err(WalError::io(format!(
-            "cut the torn tail of {}",
-            seg_path.display()
-        )))?;
-    let saved = quarantine.join(name);
-    warn!(
-        segment = %seg_path.display(),
-        offset,
-        bytes_dropped = tail.len(),
-        saved_to = %saved.display(),
-        %reason,
-        "cut a torn write at the end of the WAL (a request that was never acknowledged)"
-    );
-    Ok((offset, tail.len() as u64, saved))
 }

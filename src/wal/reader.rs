@@ -110,6 +110,7 @@ impl WalReader {
                         offset,
                         lsn: self.cursor.next_lsn(),
                         reason,
+                        followed_by: None,
                     });
                 }
             }

@@ -27,10 +27,10 @@ pub enum AppendError {
     /// Writing failed (for example the disk is full); the write was rolled back and the
     /// daemon goes on.
     #[error("writing to the WAL failed: {0}")]
-    Write(#[source] io::Error),
+    Write(io::Error),
     /// fdatasync failed: the daemon stops, since the page cache can no longer be trusted.
     #[error("fdatasync of the WAL failed: {0}; pgspool is stopping")]
-    Sync(#[source] io::Error),
+    Sync(io::Error),
     /// The writer is not running (the daemon is stopping, or stopped on a fatal error).
     #[error("the WAL writer is stopped")]
     Closed,

@@ -10,7 +10,8 @@ async fn every_refusal_has_its_status_and_a_message_that_says_where() {
     let pg = Pg::start().await;
     pg.exec(
         "CREATE TABLE t (id int PRIMARY KEY, note text, doc jsonb,
-                         twice int GENERATED ALWAYS AS (id * 2) STORED);
+                         twice int GENERATED ALWAYS AS (id * 2) STORED,
+                         serial int GENERATED ALWAYS AS IDENTITY);
          CREATE SCHEMA \"Odd.Schema\";
          CREATE TABLE \"Odd.Schema\".\"Odd\"\"Table\" (\"Mixed Case\" text);",
     )
@@ -94,7 +95,21 @@ async fn every_refusal_has_its_status_and_a_message_that_says_where() {
             "application/json",
             b"{\"id\":1,\"twice\":2}".to_vec(),
             422,
-            "generated column",
+            "GENERATED ALWAYS",
+        ),
+        (
+            "t",
+            "application/json",
+            b"{\"id\":1,\"serial\":2}".to_vec(),
+            422,
+            "GENERATED ALWAYS",
+        ),
+        (
+            "pgspool.watermarks",
+            "application/json",
+            b"{\"lsn\":1}".to_vec(),
+            403,
+            "pgspool's own",
         ),
         (
             "t",

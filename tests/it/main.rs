@@ -9,3 +9,4 @@ mod http_api;
 mod pgtemp;
 mod recovery;
 mod status;
+mod wal_damage;

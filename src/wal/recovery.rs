@@ -1,0 +1,388 @@
+//! Opening a WAL directory: the lock, the spool id, and recovery of the log's end.
+//!
+//! The end of the log is the first record of the last segment that fails validation. What
+//! lies from there to the end of the file is one of two things:
+//!
+//! - a **torn write**: the group being written when the process or machine died. It was
+//!   never fdatasync'd, so never acknowledged, and nothing valid follows it. It is copied
+//!   to `quarantine/`, cut off, and the cut synced.
+//! - **damage to acknowledged data**: a valid record follows the bad one (a flipped bit, a
+//!   bad sector). Cutting there would silently drop acknowledged rows and give their LSNs
+//!   to new ones, so the daemon refuses to start and says where the damage is.
+//!
+//! Nor may the log end before the rows its checkpoint says PostgreSQL committed: that means
+//! records were lost from its end (an old copy of the directory, a disk that dropped
+//! writes), and new rows would reuse LSNs PostgreSQL already holds. Both checks run before
+//! anything is cut.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::record::{self, Decoded, HEADER_BYTES, Invalid};
+use super::segment::{self, SEGMENT_HEADER_BYTES, SegmentCursor, SegmentFile, Step};
+use super::{
+    CutTail, QUARANTINE_DIR, RecoveryReport, SPOOL_ID_FILE, Tail, WalDir, WalError,
+    read_checkpoint, read_spool_id,
+};
+use crate::fsutil;
+use crate::lsn::Lsn;
+
+const LOCK_FILE: &str = "LOCK";
+
+/// What follows the first invalid record of a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailDamage {
+    /// Nothing valid follows: a torn write of a request that was never acknowledged.
+    Torn,
+    /// A valid record follows: the invalid record is damaged acknowledged data.
+    Followed {
+        /// File offset of the valid record.
+        offset: u64,
+        /// Its first LSN.
+        lsn: Lsn,
+    },
+}
+
+/// Classifies `tail`, the bytes of a segment from offset `start` (an invalid record where
+/// LSN `expected` should begin) to its end, by looking for a valid record with an LSN of
+/// `expected` or later at any byte after `start`.
+#[must_use]
+pub fn classify_tail(tail: &[u8], start: u64, expected: Lsn) -> TailDamage {
+    for at in 1..tail.len().saturating_sub(HEADER_BYTES - 1) {
+        let candidate = &tail[at..];
+        // Cheap header checks first; the checksum only for plausible headers.
+        let Ok(len) = record::record_len(candidate) else {
+            continue;
+        };
+        let first = Lsn(u64::from_le_bytes(
+            candidate[8..16].try_into().expect("8 bytes"),
+        ));
+        if len > candidate.len() || first < expected || candidate[16..20] == [0; 4] {
+            continue;
+        }
+        if let Decoded::Record(r, _) = record::decode(candidate, first) {
+            return TailDamage::Followed {
+                offset: start + at as u64,
+                lsn: r.lsns.first,
+            };
+        }
+    }
+    TailDamage::Torn
+}
+
+/// Reads a segment's bytes from `offset` to its end (at most a segment: bounded by
+/// `[wal] segment_bytes` plus one request).
+///
+/// # Errors
+/// When reading fails.
+pub fn read_tail(path: &Path, offset: u64) -> io::Result<Vec<u8>> {
+    let mut file = File::open(path)?;
+    io::Seek::seek(&mut file, io::SeekFrom::Start(offset))?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)?;
+    Ok(tail)
+}
+
+/// Opens `dir` (creating it if needed): takes the lock, reads or creates the spool id,
+/// removes temporary files, checks every segment header, and recovers the end of the log.
+pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalError> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(WalError::BadFile {
+            path: dir.to_path_buf(),
+            reason: "is not a directory; --wal-dir must name a directory".into(),
+        });
+    }
+    fs::create_dir_all(dir).map_err(WalError::io(format!("create {}", dir.display())))?;
+    let lock = lock_dir(dir)?;
+    let segments = segment::list(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
+    let spool_id = spool_id(dir, segments.first())?;
+    remove_temporary_files(dir)?;
+    let wal = WalDir {
+        path: dir.to_path_buf(),
+        spool_id,
+        _lock: lock,
+    };
+    for seg in &segments {
+        let file =
+            File::open(&seg.path).map_err(WalError::io(format!("open {}", seg.path.display())))?;
+        segment::read_header(&file, seg, spool_id).map_err(WalError::segment(&seg.path))?;
+    }
+    let (tail, report) = match segments.last() {
+        Some(last) => recover_tail(&wal, last.clone(), segments.len())?,
+        None => {
+            let (file, segment) = segment::create(dir, Lsn::FIRST, spool_id).map_err(
+                WalError::io(format!("create the first segment in {}", dir.display())),
+            )?;
+            let tail = Tail {
+                file,
+                segment,
+                len: SEGMENT_HEADER_BYTES,
+                next_lsn: Lsn::FIRST,
+            };
+            let report = RecoveryReport {
+                segments: 1,
+                next_lsn: Lsn::FIRST,
+                cut: None,
+            };
+            (tail, report)
+        }
+    };
+    Ok((wal, tail, report))
+}
+
+/// Reads the spool id, or creates one for a new directory. A directory with segments but
+/// no spool id is refused: a new id would disown the segments.
+fn spool_id(dir: &Path, first: Option<&SegmentFile>) -> Result<Uuid, WalError> {
+    if let Some(id) = read_spool_id(dir)? {
+        return Ok(id);
+    }
+    if let Some(segment) = first {
+        let file = File::open(&segment.path)
+            .map_err(WalError::io(format!("open {}", segment.path.display())))?;
+        let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
+        let owner = file
+            .read_exact_at(&mut header, 0)
+            .ok()
+            .map(|()| Uuid::from_bytes(header[24..40].try_into().expect("16 bytes")));
+        return Err(WalError::BadFile {
+            path: dir.join(SPOOL_ID_FILE),
+            reason: format!(
+                "is missing, but the directory holds segments{}; restore the file rather \
+                 than let pgspool start a new spool beside them",
+                owner.map_or_else(String::new, |id| format!(
+                    " of spool {id} (echo {id} > {})",
+                    dir.join(SPOOL_ID_FILE).display()
+                ))
+            ),
+        });
+    }
+    let id = Uuid::new_v4();
+    fsutil::write_atomic(dir, SPOOL_ID_FILE, format!("{id}\n").as_bytes()).map_err(
+        WalError::io(format!("write the spool id in {}", dir.display())),
+    )?;
+    info!(spool_id = %id, dir = %dir.display(), "created a new spool");
+    Ok(id)
+}
+
+fn lock_dir(dir: &Path) -> Result<File, WalError> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(WalError::io(format!("open {}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "pid unknown".to_string(),
+                pid => format!("pid {pid}"),
+            };
+            return Err(WalError::Locked {
+                dir: dir.to_path_buf(),
+                holder,
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            return Err(WalError::io(format!("lock {}", path.display()))(e));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| writeln!(&file, "{}", std::process::id()))
+        .map_err(WalError::io(format!("write {}", path.display())))?;
+    Ok(file)
+}
+
+fn remove_temporary_files(dir: &Path) -> Result<(), WalError> {
+    let entries = fs::read_dir(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(WalError::io(format!("list {}", dir.display())))?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(fsutil::TMP_SUFFIX)
+        {
+            warn!(file = %entry.path().display(), "removing a file left by an interrupted write");
+            fs::remove_file(entry.path())
+                .map_err(WalError::io(format!("delete {}", entry.path().display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Scans the last segment to the end of the log, checks that end against the checkpoint,
+/// and cuts a torn write; refuses damage to acknowledged data.
+fn recover_tail(
+    dir: &WalDir,
+    last: SegmentFile,
+    segments: usize,
+) -> Result<(Tail, RecoveryReport), WalError> {
+    let path = last.path.clone();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(WalError::io(format!("open {}", path.display())))?;
+    // What a crashed daemon wrote may be only in the page cache: make it durable before
+    // anything downstream trusts it.
+    file.sync_all()
+        .map_err(WalError::io(format!("sync {}", path.display())))?;
+    let (mut cursor, _) =
+        SegmentCursor::open(last.clone(), dir.spool_id()).map_err(WalError::segment(&path))?;
+    let damage = loop {
+        let step = cursor
+            .step(Lsn(u64::MAX))
+            .map_err(WalError::io(format!("read {}", path.display())))?;
+        match step {
+            Step::Record(_) => {}
+            Step::End | Step::CaughtUp => break None,
+            Step::Damaged { offset, reason } => break Some((offset, reason)),
+        }
+    };
+    let next_lsn = cursor.next_lsn();
+    if let Some(flushed) = read_checkpoint(dir.path())?
+        && flushed >= next_lsn
+    {
+        return Err(WalError::EndsBeforeCheckpoint {
+            dir: dir.path().to_path_buf(),
+            last: next_lsn.prev(),
+            flushed,
+        });
+    }
+    let cut = match damage {
+        None => None,
+        Some((offset, reason)) => {
+            let tail = read_tail(&path, offset)
+                .map_err(WalError::io(format!("read the tail of {}", path.display())))?;
+            if let TailDamage::Followed {
+                offset: valid_at,
+                lsn,
+            } = classify_tail(&tail, offset, next_lsn)
+            {
+                return Err(WalError::Corrupt {
+                    path,
+                    offset,
+                    lsn: next_lsn,
+                    reason,
+                    followed_by: Some((valid_at, lsn)),
+                });
+            }
+            Some(cut_torn_tail(dir, &last, &file, offset, &tail, &reason)?)
+        }
+    };
+    let report = RecoveryReport {
+        segments,
+        next_lsn,
+        cut,
+    };
+    let tail = Tail {
+        file,
+        segment: last,
+        len: cursor.offset(),
+        next_lsn,
+    };
+    Ok((tail, report))
+}
+
+/// Saves `tail` (the bytes of `segment` from `offset` on) to the quarantine directory,
+/// then truncates the segment there and syncs it.
+fn cut_torn_tail(
+    dir: &WalDir,
+    segment: &SegmentFile,
+    file: &File,
+    offset: u64,
+    tail: &[u8],
+    reason: &Invalid,
+) -> Result<CutTail, WalError> {
+    let quarantine = dir.path().join(QUARANTINE_DIR);
+    fs::create_dir_all(&quarantine)
+        .map_err(WalError::io(format!("create {}", quarantine.display())))?;
+    let name = format!(
+        "torn-{}-{offset}-{}.bin",
+        segment.first_lsn.0,
+        fsutil::now_us()
+    );
+    fsutil::write_atomic(&quarantine, &name, tail).map_err(WalError::io(format!(
+        "save the torn tail to {}",
+        quarantine.display()
+    )))?;
+    file.set_len(offset)
+        .and_then(|()| file.sync_all())
+        .map_err(WalError::io(format!(
+            "cut the torn tail of {}",
+            segment.path.display()
+        )))?;
+    let cut = CutTail {
+        offset,
+        bytes: tail.len() as u64,
+        saved_to: quarantine.join(name),
+    };
+    warn!(
+        segment = %segment.path.display(),
+        offset,
+        bytes_dropped = cut.bytes,
+        saved_to = %cut.saved_to.display(),
+        %reason,
+        "cut a torn write at the end of the WAL (a request that was never acknowledged)"
+    );
+    Ok(cut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::record::AppendRecord;
+
+    fn records(first: u64, count: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in 0..count {
+            AppendRecord::new(1, format!("row {i}\n").into_bytes()).encode_into(
+                Lsn(first + i),
+                0,
+                &mut out,
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn garbage_and_zeroes_after_a_bad_record_are_a_torn_write() {
+        let mut tail = records(5, 1);
+        tail[40] ^= 1;
+        tail.extend((0..500u32).map(|i| (i * 7919 % 251) as u8));
+        tail.extend([0u8; 300]);
+        assert_eq!(classify_tail(&tail, 1000, Lsn(5)), TailDamage::Torn);
+    }
+
+    #[test]
+    fn a_valid_record_after_a_bad_one_is_damage() {
+        let mut tail = records(5, 3);
+        tail[HEADER_BYTES + 2] ^= 0x10;
+        let second = records(5, 1).len();
+        assert_eq!(
+            classify_tail(&tail, 1000, Lsn(5)),
+            TailDamage::Followed {
+                offset: 1000 + second as u64,
+                lsn: Lsn(6)
+            }
+        );
+    }
+
+    #[test]
+    fn records_from_before_the_damage_do_not_count() {
+        // A stale copy of an earlier record (lower LSN) is not evidence of later data.
+        let mut tail = records(9, 1);
+        tail[0] ^= 1;
+        tail.extend(records(3, 1));
+        assert_eq!(classify_tail(&tail, 0, Lsn(9)), TailDamage::Torn);
+    }
+}

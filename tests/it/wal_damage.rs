@@ -1,0 +1,172 @@
+//! A damaged or out-of-date WAL is refused, never cut or skipped silently; `status` says
+//! what is wrong.
+
+use std::process::Command;
+
+use pgspool::app::Daemon;
+use pgspool::pgtemp::StopMode;
+
+use crate::harness::{Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon};
+
+/// Writes three requests of two rows into a WAL in `dir` while PostgreSQL is down, so the
+/// rows stay in the last segment; returns the segment.
+async fn three_requests(dir: &std::path::Path, pg: &mut Pg) -> std::path::PathBuf {
+    pg.exec("CREATE TABLE ev (id int)").await;
+    tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
+    let daemon = start_daemon(config(dir, &pg.url())).await;
+    let mut c = client(daemon.socket()).await;
+    for i in 0..3 {
+        let body = format!("{{\"id\":{}}}\n{{\"id\":{}}}\n", 2 * i, 2 * i + 1);
+        assert_eq!(post_ndjson(&mut c, "ev", &body).await.status, 202);
+    }
+    daemon.stop().await.expect("stop");
+    pgspool::wal::segment::list(&dir.join("wal"))
+        .expect("list")
+        .pop()
+        .expect("a segment")
+        .path
+}
+
+fn status(wal: &std::path::Path) -> (Option<i32>, serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
+        .args(["status", "--json", "--wal-dir"])
+        .arg(wal)
+        .output()
+        .expect("run status");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code(), json)
+}
+
+async fn start_error(dir: &std::path::Path, pg: &Pg) -> String {
+    let err = Daemon::start(config(dir, &pg.url()))
+        .await
+        .expect_err("the daemon must refuse to start");
+    format!("{err:#}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_bit_with_valid_records_after_it_is_refused_not_cut() {
+    let mut pg = Pg::start().await;
+    let dir = short_tempdir();
+    let segment = three_requests(dir.path(), &mut pg).await;
+    let mut bytes = std::fs::read(&segment).expect("read");
+    // The first record's payload: two records follow it.
+    bytes[64 + 40] ^= 0x04;
+    std::fs::write(&segment, &bytes).expect("write");
+
+    let (code, s) = status(&dir.path().join("wal"));
+    assert_eq!(code, Some(2), "{s:#}");
+    assert_eq!(s["intact"], false);
+    assert!(
+        s["problems"][0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("LSN 1 on"),
+        "{s:#}"
+    );
+
+    let err = start_error(dir.path(), &pg).await;
+    assert!(
+        err.contains("WAL damaged") && err.contains("at byte 64"),
+        "{err}"
+    );
+    assert!(err.contains("a valid record (LSN 3) follows"), "{err}");
+    assert_eq!(
+        std::fs::read(&segment).expect("read"),
+        bytes,
+        "nothing was cut"
+    );
+    assert!(!dir.path().join("wal/quarantine").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_ends_before_its_checkpoint_is_refused() {
+    let pg = Pg::start().await;
+    pg.exec("CREATE TABLE ev (id int)").await;
+    let dir = short_tempdir();
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let mut c = client(daemon.socket()).await;
+    assert_eq!(
+        post_ndjson(&mut c, "ev", "{\"id\":1}\n{\"id\":2}\n")
+            .await
+            .status,
+        202
+    );
+    flushed(&daemon).await;
+    daemon.stop().await.expect("stop");
+    // The disk lost the last write (the file is cut back to its header).
+    let segment = pgspool::wal::segment::list(&dir.path().join("wal"))
+        .expect("list")
+        .pop()
+        .expect("a segment");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment.path)
+        .and_then(|f| f.set_len(64))
+        .expect("truncate");
+
+    let (code, s) = status(&dir.path().join("wal"));
+    assert_eq!(code, Some(2), "{s:#}");
+    let err = start_error(dir.path(), &pg).await;
+    assert!(
+        err.contains("ends at LSN 0") && err.contains("up to LSN 2"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_older_than_the_database_stops_the_daemon_instead_of_reusing_lsns() {
+    let mut pg = Pg::start().await;
+    pg.exec("CREATE TABLE ev (id int)").await;
+    let dir = short_tempdir();
+    let wal = dir.path().join("wal");
+    let backup = dir.path().join("backup");
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let mut c = client(daemon.socket()).await;
+    assert_eq!(post_ndjson(&mut c, "ev", "{\"id\":1}\n").await.status, 202);
+    flushed(&daemon).await;
+    daemon.stop().await.expect("stop");
+    copy_dir(&wal, &backup);
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let mut c = client(daemon.socket()).await;
+    assert_eq!(
+        post_ndjson(&mut c, "ev", "{\"id\":2}\n{\"id\":3}\n")
+            .await
+            .status,
+        202
+    );
+    flushed(&daemon).await;
+    daemon.stop().await.expect("stop");
+    // The directory is restored from the old copy: PostgreSQL is at LSN 3, the WAL at 1.
+    std::fs::remove_dir_all(&wal).expect("remove");
+    std::fs::rename(&backup, &wal).expect("restore");
+
+    // While PostgreSQL is down, new rows take LSNs 2..=4, past its watermark of 3.
+    tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let mut c = client(daemon.socket()).await;
+    let reply = post_ndjson(&mut c, "ev", "{\"id\":4}\n{\"id\":5}\n{\"id\":6}\n").await;
+    assert_eq!(reply.body["last_lsn"], 4, "{}", reply.body);
+    pg.restart().await;
+    let err = tokio::time::timeout(crate::harness::DEADLINE, daemon.wait())
+        .await
+        .expect("the daemon stops by itself")
+        .expect_err("it stops on an error");
+    let err = format!("{err:#}");
+    assert!(err.contains("older than the database"), "{err}");
+    assert_eq!(
+        pg.count("SELECT count(*) FROM ev").await,
+        3,
+        "nothing loaded under a reused LSN"
+    );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        if entry.file_type().expect("type").is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+        }
+    }
+}
