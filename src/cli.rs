@@ -33,7 +33,8 @@ pub enum Command {
 /// `pgspool run`
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Config file (TOML; see config/pgspool.toml for every key and its default).
+    /// Config file (TOML; config/pgspool.toml in the source tree lists every key with its
+    /// default).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Unix socket to listen on [config: listen.socket].

@@ -357,7 +357,7 @@ mod tests {
     #[test]
     fn garbage_and_zeroes_after_a_bad_record_are_a_torn_write() {
         let mut tail = records(5, 1);
-        tail[40] ^= 1;
+        tail[34] ^= 1;
         tail.extend((0..500u32).map(|i| (i * 7919 % 251) as u8));
         tail.extend([0u8; 300]);
         assert_eq!(classify_tail(&tail, 1000, Lsn(5)), TailDamage::Torn);
