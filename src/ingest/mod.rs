@@ -13,13 +13,17 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 pub use handler::Ingest;
+
+/// How long a client may take to send a request's headers (a slow client cannot hold a
+/// connection open forever by trickling them).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Binds the Unix socket at `path`. A socket file left by a daemon that is gone is
 /// replaced; one a live daemon answers on is not, nor is any file that is not a socket.
@@ -86,9 +90,12 @@ pub async fn serve(
             async move { Ok::<_, std::convert::Infallible>(ingest.handle(request).await) }
         });
         // half_close: a client that shuts down its sending side after the request still
-        // gets the answer (the rows may have been acknowledged).
+        // gets the answer (the rows may have been acknowledged). The timer enables hyper's
+        // limit on the time a client may take to send its headers.
         let connection = http1::Builder::new()
             .half_close(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
