@@ -12,6 +12,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch;
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::flush::Flusher;
+use crate::flush::{FatalError, Flusher};
 use crate::ingest::{self, Ingest};
 use crate::lsn::Lsn;
 use crate::schema::{Catalog, SchemaCache};
@@ -49,37 +50,19 @@ impl Daemon {
         let url = config.postgres.url.as_deref().unwrap_or_default();
         let pg = crate::pg::parse_url(url, config.postgres.connect_timeout)
             .context("invalid PostgreSQL connection string")?;
-        if let Some(parent) = config.listen.socket.parent()
-            && !parent.as_os_str().is_empty()
-            && !parent.is_dir()
-        {
-            anyhow::bail!(
-                "cannot listen on {}: the directory {} does not exist; create it first",
-                config.listen.socket.display(),
-                parent.display()
-            );
-        }
-        let options = WalOptions {
-            dir: config.wal.dir.clone(),
-            segment_bytes: config.wal.segment_bytes,
+        // The socket first: a live daemon on it, or a file in the way, is refused before
+        // the WAL is touched.
+        let socket = config.listen.socket.clone();
+        let listener = ingest::bind(&socket).await?;
+        let wal = match open_wal(&config).await {
+            Ok(wal) => wal,
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
         };
-        let mut wal = tokio::task::spawn_blocking(move || Wal::open(&options))
-            .await
-            .context("WAL recovery panicked")?
-            .with_context(|| format!("cannot open the WAL in {}", config.wal.dir.display()))?;
-        let report = wal.recovery_report().clone();
         let spool_id = wal.dir().spool_id();
-        info!(
-            dir = %config.wal.dir.display(),
-            spool_id = %wal.dir().spool_id(),
-            segments = report.segments,
-            next_lsn = %report.next_lsn,
-            torn_bytes_cut = report.cut.as_ref().map_or(0, |c| c.bytes),
-            "WAL recovered"
-        );
         let schemas = Arc::new(SchemaCache::load(&config.wal.dir));
-        let listener = ingest::bind(&config.listen.socket).await?;
-
         let shutdown = CancellationToken::new();
         let (committed_tx, committed) = watch::channel(Lsn::ZERO);
         let flusher = Flusher {
@@ -87,7 +70,6 @@ impl Daemon {
             postgres: config.postgres.clone(),
             wal: Arc::clone(wal.dir()),
             durable: wal.durable(),
-            recovered_end: report.next_lsn.prev(),
             committed: committed_tx,
             limits: config.batch.clone(),
             schemas: Arc::clone(&schemas),
@@ -100,58 +82,28 @@ impl Daemon {
         ));
         let durable = wal.durable();
         let stop_flusher = CancellationToken::new();
-        let mut flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
-        let server = tokio::spawn(ingest::serve(
-            listener,
-            Arc::clone(&ingest),
-            shutdown.clone(),
-            config.shutdown.drain_timeout,
-        ));
-        info!(socket = %config.listen.socket.display(), "accepting writes");
-
-        let token = shutdown.clone();
-        let socket = config.listen.socket.clone();
-        let drain_timeout = config.shutdown.drain_timeout;
-        let supervisor = tokio::spawn(async move {
-            let fatal = tokio::select! {
-                () = token.cancelled() => None,
-                e = wal.writer_failed() => Some(anyhow::Error::new(e).context("the WAL writer failed")),
-                r = &mut flusher => Some(match r {
-                    Ok(Ok(())) => anyhow::anyhow!("the flusher stopped unexpectedly"),
-                    Ok(Err(e)) => anyhow::Error::new(e).context("the flusher stopped"),
-                    Err(e) => anyhow::Error::new(e).context("the flusher panicked"),
-                }),
-            };
-            if let Some(e) = &fatal {
-                error!(error = format!("{e:#}"), "stopping on a fatal error");
-            }
-            info!("stopping: no new writes; finishing requests in flight");
-            ingest.stop_accepting();
-            token.cancel();
-            let _ = server.await;
-            let _ = std::fs::remove_file(&socket);
-            if !flusher.is_finished() {
-                stop_flusher.cancel();
-                match tokio::time::timeout(drain_timeout, &mut flusher).await {
-                    Ok(Ok(Err(e))) => warn!(error = %e, "the flusher stopped with an error"),
-                    Ok(_) => {}
-                    Err(_) => {
-                        warn!(timeout = ?drain_timeout, "drain timeout: rows not flushed stay in the WAL");
-                        flusher.abort();
-                    }
-                }
-            }
-            wal.close().await.context("closing the WAL")?;
-            info!("stopped");
-            fatal.map_or(Ok(()), Err)
-        });
+        let running = Running {
+            flusher: tokio::spawn(flusher.run(stop_flusher.clone())),
+            stop_flusher,
+            server: tokio::spawn(ingest::serve(
+                listener,
+                Arc::clone(&ingest),
+                shutdown.clone(),
+            )),
+            ingest,
+            wal,
+            shutdown: shutdown.clone(),
+            socket: socket.clone(),
+            drain_timeout: config.shutdown.drain_timeout,
+        };
+        info!(socket = %socket.display(), "accepting writes");
         Ok(Daemon {
             spool_id,
             shutdown,
             durable,
             committed,
-            socket: config.listen.socket,
-            supervisor,
+            socket,
+            supervisor: tokio::spawn(running.supervise()),
         })
     }
 
@@ -208,6 +160,86 @@ impl Daemon {
     /// The fatal error the daemon stopped on.
     pub async fn wait(self) -> anyhow::Result<()> {
         self.supervisor.await.context("the daemon panicked")?
+    }
+}
+
+/// Opens and recovers the WAL (which starts the writer) and logs what recovery found.
+async fn open_wal(config: &Config) -> anyhow::Result<Wal> {
+    let options = WalOptions {
+        dir: config.wal.dir.clone(),
+        segment_bytes: config.wal.segment_bytes,
+    };
+    let wal = tokio::task::spawn_blocking(move || Wal::open(&options))
+        .await
+        .context("WAL recovery panicked")?
+        .with_context(|| format!("cannot open the WAL in {}", config.wal.dir.display()))?;
+    let report = wal.recovery_report();
+    info!(
+        dir = %config.wal.dir.display(),
+        spool_id = %wal.dir().spool_id(),
+        segments = report.segments,
+        next_lsn = %report.next_lsn,
+        torn_bytes_cut = report.cut.as_ref().map_or(0, |c| c.bytes),
+        "WAL recovered"
+    );
+    Ok(wal)
+}
+
+/// The parts of a running daemon, which [`Running::supervise`] stops in order.
+struct Running {
+    wal: Wal,
+    ingest: Arc<Ingest>,
+    server: JoinHandle<()>,
+    flusher: JoinHandle<Result<(), FatalError>>,
+    stop_flusher: CancellationToken,
+    shutdown: CancellationToken,
+    socket: PathBuf,
+    drain_timeout: Duration,
+}
+
+impl Running {
+    /// Waits for the shutdown token or a fatal error, then stops: no new writes, requests
+    /// in flight finish, the flusher sends what is durable, the WAL closes. Requests and
+    /// flushing share one `drain_timeout`; what is not flushed by then stays in the WAL.
+    async fn supervise(mut self) -> anyhow::Result<()> {
+        let fatal = tokio::select! {
+            () = self.shutdown.cancelled() => None,
+            e = self.wal.writer_failed() => Some(anyhow::Error::new(e).context("the WAL writer failed")),
+            r = &mut self.flusher => Some(match r {
+                Ok(Ok(())) => anyhow::anyhow!("the flusher stopped unexpectedly"),
+                Ok(Err(e)) => anyhow::Error::new(e).context("the flusher stopped"),
+                Err(e) => anyhow::Error::new(e).context("the flusher panicked"),
+            }),
+        };
+        if let Some(e) = &fatal {
+            error!(error = format!("{e:#}"), "stopping on a fatal error");
+        }
+        info!("stopping: no new writes; finishing requests in flight");
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        self.ingest.stop_accepting();
+        self.shutdown.cancel();
+        if tokio::time::timeout_at(deadline, &mut self.server)
+            .await
+            .is_err()
+        {
+            warn!(timeout = ?self.drain_timeout, "drain timeout: connections still open are abandoned");
+            self.server.abort();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        if !self.flusher.is_finished() {
+            self.stop_flusher.cancel();
+            match tokio::time::timeout_at(deadline, &mut self.flusher).await {
+                Ok(Ok(Err(e))) => warn!(error = %e, "the flusher stopped with an error"),
+                Ok(_) => {}
+                Err(_) => {
+                    warn!(timeout = ?self.drain_timeout, "drain timeout: rows not flushed stay in the WAL");
+                    self.flusher.abort();
+                }
+            }
+        }
+        self.wal.close().await.context("closing the WAL")?;
+        info!("stopped");
+        fatal.map_or(Ok(()), Err)
     }
 }
 

@@ -229,8 +229,9 @@ impl Config {
         {
             return invalid(format!(
                 "the PostgreSQL connection string (--database-url, PGSPOOL_DATABASE_URL or \
-                 [postgres] url) cannot be parsed: {e}; write postgres://user@host:port/dbname \
-                 or key=value pairs such as \"host=/var/run/postgresql port=5432 dbname=app\""
+                 [postgres] url) cannot be parsed: {}; write postgres://user@host:port/dbname \
+                 or key=value pairs such as \"host=/var/run/postgresql port=5432 dbname=app\"",
+                crate::pg::describe(&e)
             ));
         }
         if self.wal.segment_bytes < 64 << 10 {

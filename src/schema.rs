@@ -102,34 +102,60 @@ impl TableSchema {
     }
 }
 
-/// Reads `table`'s schema from the catalog; `None` when no such table (or view) exists.
+/// pgspool's own schema in PostgreSQL (the watermarks): never a target of rows.
+pub const OWN_SCHEMA: &str = "pgspool";
+
+/// What the catalog says of a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// A table (plain, partitioned or foreign): its schema.
+    Table(TableSchema),
+    /// No relation of that name.
+    Missing,
+    /// A relation COPY cannot load, such as a view or a sequence (`a view`, ...).
+    NotATable(&'static str),
+}
+
+/// Reads what the catalog says of `table`.
 ///
 /// # Errors
 /// When the query fails.
 pub async fn fetch(
     client: &impl GenericClient,
     table: &TableName,
-) -> Result<Option<TableSchema>, tokio_postgres::Error> {
+) -> Result<Found, tokio_postgres::Error> {
     // Domains are resolved to their base type; arrays are recognised by their element type.
     const QUERY: &str = "
         SELECT n.nspname::text, c.relname::text, a.attname::text,
                a.attgenerated <> '' OR a.attidentity = 'a' AS generated,
                bt.oid::int8 AS type_oid, bt.typcategory = 'A' AS is_array,
-               et.oid::int8 AS elem_oid, et.typdelim::text AS delim
+               et.oid::int8 AS elem_oid, et.typdelim::text AS delim, c.relkind::text
         FROM pg_class c
         JOIN pg_namespace n ON n.oid = c.relnamespace
         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
         JOIN pg_type t ON t.oid = a.atttypid
         JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
         LEFT JOIN pg_type et ON et.oid = bt.typelem AND bt.typcategory = 'A'
-        WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p', 'f', 'v')
+        WHERE c.oid = to_regclass($1)
         ORDER BY a.attnum";
     const JSON: i64 = 114;
     const JSONB: i64 = 3802;
     let rows = client.query(QUERY, &[&table.quoted()]).await?;
     let Some(first) = rows.first() else {
-        return Ok(None);
+        return Ok(Found::Missing);
     };
+    let kind = match first.get::<_, String>(8).as_str() {
+        "r" | "p" | "f" => None,
+        "v" => Some("a view"),
+        "m" => Some("a materialized view"),
+        "S" => Some("a sequence"),
+        "i" | "I" => Some("an index"),
+        "c" => Some("a composite type"),
+        _ => Some("not a table"),
+    };
+    if let Some(kind) = kind {
+        return Ok(Found::NotATable(kind));
+    }
     let resolved = TableName {
         schema: Some(first.get(0)),
         name: first.get(1),
@@ -161,7 +187,7 @@ pub async fn fetch(
             }
         })
         .collect();
-    Ok(Some(TableSchema::new(resolved, columns)))
+    Ok(Found::Table(TableSchema::new(resolved, columns)))
 }
 
 /// The schema cache, keyed by the table name as requests give it.
@@ -274,12 +300,12 @@ impl Catalog {
         }
     }
 
-    /// Reads `table`'s schema from PostgreSQL; `Ok(None)` when it has no such table.
+    /// Asks PostgreSQL's catalog about `table` (see [`fetch`]).
     ///
     /// # Errors
     /// [`Unreachable`] when PostgreSQL cannot be asked (also, for a second after a failed
     /// attempt, without trying again).
-    pub async fn fetch(&self, table: &TableName) -> Result<Option<TableSchema>, Unreachable> {
+    pub async fn fetch(&self, table: &TableName) -> Result<Found, Unreachable> {
         if let Some((until, why)) = &*self.down_until.lock().expect("lock poisoned")
             && Instant::now() < *until
         {

@@ -87,14 +87,17 @@ pub struct WalStatus {
 /// When `dir` is not a WAL directory or cannot be read. Damage inside segments is reported
 /// in [`WalStatus::problems`], not as an error.
 pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, WalError> {
+    let segments = segment::list(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
     let Some(spool_id) = wal::read_spool_id(dir)? else {
-        return Err(WalError::BadFile {
-            path: dir.to_path_buf(),
-            reason: "not a pgspool WAL directory (no spool_id file)".into(),
+        return Err(match segments.first() {
+            Some(first) => wal::missing_spool_id(dir, first),
+            None => WalError::BadFile {
+                path: dir.to_path_buf(),
+                reason: "not a pgspool WAL directory (no spool_id file)".into(),
+            },
         });
     };
     let flushed = wal::read_checkpoint(dir)?.unwrap_or(Lsn::ZERO);
-    let segments = segment::list(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
     let mut status = WalStatus {
         wal_dir: dir.to_path_buf(),
         spool_id,
@@ -114,6 +117,16 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
     };
     let now_us = fsutil::now_us();
     let count = segments.len();
+    if let Some(first) = segments.first()
+        && first.first_lsn > flushed.next()
+    {
+        status.damage(format!(
+            "LSNs {} .. {} are pending but in no segment (before {})",
+            flushed.next(),
+            first.first_lsn.prev(),
+            first.path.display()
+        ));
+    }
     // Where the next segment must start, when the previous one was read to its end.
     let mut expected: Option<Lsn> = None;
     for (i, seg) in segments.into_iter().enumerate() {
@@ -294,7 +307,9 @@ pub fn render(s: &WalStatus) -> String {
     let age = s
         .oldest_pending_age_seconds
         .map_or_else(|| "-".to_string(), |a| format!("{a:.1} s"));
-    let lsns = if s.last_lsn < s.first_lsn {
+    let lsns = if s.segments == 0 {
+        "none (no segments)".to_string()
+    } else if s.last_lsn < s.first_lsn {
         format!("none held (the next is {})", s.last_lsn.next())
     } else {
         format!("{} .. {}", s.first_lsn, s.last_lsn)

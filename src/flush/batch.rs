@@ -39,6 +39,8 @@ pub struct Batch {
     rows: u64,
     bytes: u64,
     last: Lsn,
+    /// CRC of the last record: stored with the watermark as its fingerprint.
+    last_crc: u32,
     due: Option<Instant>,
 }
 
@@ -90,6 +92,7 @@ impl Batch {
         self.rows += record.lsns.rows();
         self.bytes += group.body.len() as u64;
         self.last = record.lsns.last;
+        self.last_crc = record.crc;
         Ok(())
     }
 
@@ -151,6 +154,12 @@ impl Batch {
         self.last
     }
 
+    /// The CRC of the batch's last record (see [`crate::wal::WalReader::crc_before`]).
+    #[must_use]
+    pub fn last_crc(&self) -> u32 {
+        self.last_crc
+    }
+
     /// Takes the groups out, in the order their first rows were read.
     #[must_use]
     pub fn into_groups(self) -> Vec<BatchGroup> {
@@ -192,6 +201,7 @@ mod tests {
             let record = Record {
                 lsns: LsnRange::starting_at(Lsn(lsn), rows),
                 time_us: now,
+                crc: 0,
                 payload: p,
             };
             assert!(!batch.is_full(&limits));
@@ -216,6 +226,7 @@ mod tests {
         let record = Record {
             lsns: LsnRange::starting_at(Lsn(1), 1),
             time_us: fsutil::now_us() - 10_000_000,
+            crc: 0,
             payload: &p,
         };
         batch

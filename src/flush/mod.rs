@@ -27,7 +27,7 @@ use crate::schema::SchemaCache;
 use crate::wal::{WalDir, WalError, WalReader};
 pub use batch::Batch;
 use batch::FillError;
-use transaction::FlushFailure;
+use transaction::{FlushFailure, Watermark};
 
 /// Errors that stop the flusher (and the daemon): acknowledged data cannot be delivered
 /// without an operator.
@@ -39,22 +39,22 @@ pub enum FatalError {
     /// A record's payload cannot be decoded.
     #[error("WAL record is not a row group: {0}")]
     Malformed(String),
-    /// PostgreSQL's watermark is beyond everything this WAL held when it was opened, and
-    /// beyond everything this process committed.
+    /// The WAL does not hold, at PostgreSQL's watermark, the record PostgreSQL committed.
     #[error(
-        "PostgreSQL's watermark for spool {spool_id} is LSN {watermark}, but this WAL held \
-         rows only up to LSN {wal_end}: the WAL directory is older than the database (restored \
-         from a backup, or records were lost from its end). Rows written since the start would \
-         reuse LSNs PostgreSQL already has, so pgspool stops; they are still in the WAL. Move \
-         the directory aside to start a new spool and send them again"
+        "PostgreSQL's watermark for spool {spool_id} is LSN {watermark}, but {detail}: this \
+         WAL directory does not match the database (restored from an older copy, copied from \
+         another host, or records lost from its end). Rows acknowledged since would be skipped \
+         or loaded under the wrong LSNs, so pgspool stops; they stay in the WAL. Move the \
+         directory aside to start a new spool, and send again what it holds past LSN \
+         {watermark}"
     )]
-    WatermarkAhead {
+    WalMismatch {
         /// The spool.
         spool_id: uuid::Uuid,
         /// The watermark in PostgreSQL.
         watermark: Lsn,
-        /// The last LSN the WAL held at start, or this process committed.
-        wal_end: Lsn,
+        /// What the WAL holds there.
+        detail: String,
     },
 }
 
@@ -77,8 +77,6 @@ pub struct Flusher {
     pub wal: Arc<WalDir>,
     /// The writer's durable LSN.
     pub durable: watch::Receiver<Lsn>,
-    /// The last LSN the WAL held when it was opened.
-    pub recovered_end: Lsn,
     /// Where the committed watermark is published.
     pub committed: watch::Sender<Lsn>,
     /// Batch limits.
@@ -137,7 +135,7 @@ impl Flusher {
             ));
         }
         let watermark = match transaction::read_watermark(&client, self.wal.spool_id()).await {
-            Ok(lsn) => lsn,
+            Ok(watermark) => watermark,
             Err(e) => {
                 return retry(&format!(
                     "cannot read the watermark: {}",
@@ -145,23 +143,21 @@ impl Flusher {
                 ));
             }
         };
-        // LSNs written since the start are new: PostgreSQL can only know those this
-        // process committed itself.
-        let wal_end = self.recovered_end.max(*self.committed.borrow());
-        if watermark > wal_end {
-            return Err(FatalError::WatermarkAhead {
-                spool_id: self.wal.spool_id(),
-                watermark,
-                wal_end,
-            });
+        let mut reader = self.open_reader(watermark).await?;
+        let watermark = watermark.lsn;
+        if let Ok(Some(local)) = crate::wal::read_checkpoint(self.wal.path())
+            && watermark < local
+        {
+            warn!(
+                watermark = %watermark,
+                checkpoint = %local,
+                "PostgreSQL's watermark is behind what this spool saw committed (the database \
+                 was restored from a backup, or the watermark row was changed): the rows after \
+                 it are sent again"
+            );
         }
         self.committed.send_replace(watermark);
         self.after_commit(watermark).await;
-        let dir = Arc::clone(&self.wal);
-        let mut reader =
-            tokio::task::spawn_blocking(move || WalReader::open(dir, watermark.next()))
-                .await
-                .expect("opening a reader does not panic")?;
         let backlog_rows = self.durable.borrow().0 - watermark.0;
         info!(watermark = %watermark, backlog_rows, "connected to PostgreSQL; flushing from the watermark");
         loop {
@@ -230,6 +226,44 @@ impl Flusher {
                 () = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
             }
         }
+    }
+
+    /// Opens a reader just past `watermark`, after checking that the WAL holds, ending at
+    /// the watermark, the very record PostgreSQL committed: a WAL older than the database
+    /// would otherwise have its new rows skipped, or loaded under LSNs PostgreSQL counts as
+    /// done.
+    async fn open_reader(&self, watermark: Watermark) -> Result<WalReader, FatalError> {
+        let mismatch = |detail: String| FatalError::WalMismatch {
+            spool_id: self.wal.spool_id(),
+            watermark: watermark.lsn,
+            detail,
+        };
+        let wal_end = *self.durable.borrow();
+        if watermark.lsn > wal_end {
+            return Err(mismatch(format!("this WAL ends at LSN {wal_end}")));
+        }
+        let dir = Arc::clone(&self.wal);
+        let from = watermark.lsn.next();
+        let reader = tokio::task::spawn_blocking(move || WalReader::open(dir, from))
+            .await
+            .expect("opening a reader does not panic");
+        let reader = match reader {
+            Err(WalError::InsideRecord { record_end, .. }) => {
+                return Err(mismatch(format!(
+                    "no record of this WAL ends there (one spans it, up to LSN {record_end})"
+                )));
+            }
+            other => other?,
+        };
+        if let (Some(committed), Some(held)) = (watermark.record_crc, reader.crc_before())
+            && committed != held
+        {
+            return Err(mismatch(format!(
+                "the record of this WAL that ends there is not the one PostgreSQL committed \
+                 (CRC {held:#010x}, committed {committed:#010x})"
+            )));
+        }
+        Ok(reader)
     }
 
     fn more_durable(&self, read_up_to: Lsn) -> bool {

@@ -5,11 +5,13 @@
 //! SET LOCAL synchronous_commit = on;                -- the WAL is deleted after COMMIT
 //! COPY "schema"."table" ("c1", "c2") FROM STDIN;    -- one per (table, column set)
 //! INSERT INTO pgspool.watermarks ... ON CONFLICT (spool_id) DO UPDATE
-//!     SET lsn = <batch's last LSN> WHERE watermarks.lsn < <batch's last LSN>;
+//!     SET lsn = <batch's last LSN>, record_crc = <CRC of the batch's last record>
+//!     WHERE watermarks.lsn < <batch's last LSN>;
 //! COMMIT;
 //! ```
 //! The rows and the watermark commit together or not at all, so after any crash the
-//! watermark read back from PostgreSQL says exactly which rows it holds.
+//! watermark read back from PostgreSQL says exactly which rows it holds. The record CRC
+//! lets a later session check that its WAL still holds that very record at that LSN.
 
 use bytes::Bytes;
 use futures::SinkExt;
@@ -20,7 +22,7 @@ use super::batch::{Batch, BatchGroup};
 use crate::lsn::Lsn;
 use crate::rowgroup::{RowFormat, RowGroup};
 use crate::rows::{self, BodyFormat};
-use crate::schema::{self, SchemaCache};
+use crate::schema::{self, Found, OWN_SCHEMA, SchemaCache};
 use crate::table::{TableName, quote_ident};
 
 /// Creates pgspool's schema and watermark table if they are missing.
@@ -35,24 +37,48 @@ pub async fn bootstrap(client: &Client) -> Result<(), tokio_postgres::Error> {
              CREATE TABLE IF NOT EXISTS pgspool.watermarks (
                  spool_id   uuid PRIMARY KEY,
                  lsn        bigint NOT NULL CHECK (lsn >= 0),
+                 record_crc bigint,
                  updated_at timestamptz NOT NULL DEFAULT now()
              );",
         )
         .await
 }
 
-/// The watermark committed for `spool_id`: `Lsn::ZERO` when it never committed.
+/// A spool's watermark as committed in PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermark {
+    /// The last LSN committed (`Lsn::ZERO`: nothing yet).
+    pub lsn: Lsn,
+    /// CRC-32C of the WAL record that ends at `lsn`, when known.
+    pub record_crc: Option<u32>,
+}
+
+/// The watermark committed for `spool_id`.
 ///
 /// # Errors
 /// When the query fails.
-pub async fn read_watermark(client: &Client, spool_id: Uuid) -> Result<Lsn, tokio_postgres::Error> {
+pub async fn read_watermark(
+    client: &Client,
+    spool_id: Uuid,
+) -> Result<Watermark, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT lsn FROM pgspool.watermarks WHERE spool_id = $1",
+            "SELECT lsn, record_crc FROM pgspool.watermarks WHERE spool_id = $1",
             &[&spool_id],
         )
         .await?;
-    Ok(row.map_or(Lsn::ZERO, |r| Lsn(r.get::<_, i64>(0).cast_unsigned())))
+    Ok(row.map_or(
+        Watermark {
+            lsn: Lsn::ZERO,
+            record_crc: None,
+        },
+        |r| Watermark {
+            lsn: Lsn(r.get::<_, i64>(0).cast_unsigned()),
+            record_crc: r
+                .get::<_, Option<i64>>(1)
+                .and_then(|c| u32::try_from(c).ok()),
+        },
+    ))
 }
 
 /// Why a batch did not commit.
@@ -104,6 +130,7 @@ pub async fn commit(
     schemas: &SchemaCache,
 ) -> Result<(), FlushFailure> {
     let last = batch.last_lsn();
+    let record_crc = i64::from(batch.last_crc());
     let tx = client.transaction().await?;
     tx.batch_execute("SET LOCAL synchronous_commit = on")
         .await?;
@@ -118,11 +145,12 @@ pub async fn commit(
     }
     let updated = tx
         .execute(
-            "INSERT INTO pgspool.watermarks AS w (spool_id, lsn, updated_at)
-             VALUES ($1, $2, now())
-             ON CONFLICT (spool_id) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()
+            "INSERT INTO pgspool.watermarks AS w (spool_id, lsn, record_crc, updated_at)
+             VALUES ($1, $2, $3, now())
+             ON CONFLICT (spool_id) DO UPDATE
+             SET lsn = EXCLUDED.lsn, record_crc = EXCLUDED.record_crc, updated_at = now()
              WHERE w.lsn < EXCLUDED.lsn",
-            &[&spool_id, &last.0.cast_signed()],
+            &[&spool_id, &last.0.cast_signed(), &record_crc],
         )
         .await?;
     if updated != 1 {
@@ -182,8 +210,13 @@ async fn copy_json_rows(
         table: group.table.clone(),
         reason,
     };
-    let Some(schema) = schema::fetch(tx, &group.table).await? else {
-        return Err(refuse("the table does not exist".into()));
+    let schema = match schema::fetch(tx, &group.table).await? {
+        Found::Table(schema) if schema.table().schema.as_deref() == Some(OWN_SCHEMA) => {
+            return Err(refuse("it is one of pgspool's own tables".into()));
+        }
+        Found::Table(schema) => schema,
+        Found::Missing => return Err(refuse("the table does not exist".into())),
+        Found::NotATable(kind) => return Err(refuse(format!("it is {kind}, not a table"))),
     };
     let schema = schemas.put(&group.table, schema).await;
     let stored = RowGroup {

@@ -24,7 +24,7 @@ use serde_json::json;
 use tracing::{debug, warn};
 
 use crate::rows::{self, BodyFormat, Groups, RowError};
-use crate::schema::{Catalog, SchemaCache, TableSchema};
+use crate::schema::{Catalog, Found, OWN_SCHEMA, SchemaCache, TableSchema};
 use crate::table::TableName;
 use crate::wal::{AppendError, AppendRecord, Appender};
 
@@ -167,7 +167,7 @@ impl Ingest {
                 AppendError::Closed => StatusCode::SERVICE_UNAVAILABLE,
             };
             warn!(error = %e, table = %table, "a write was not acknowledged");
-            Refusal::new(status, format!("{e}; nothing of this request was kept"))
+            Refusal::new(status, e.to_string())
         })?;
         Ok(json_response(
             StatusCode::ACCEPTED,
@@ -258,21 +258,24 @@ impl Ingest {
     /// Asks PostgreSQL for the table's columns and caches them.
     async fn lookup(&self, table: &TableName) -> Result<Arc<TableSchema>, Lookup> {
         match self.catalog.fetch(table).await {
-            Ok(Some(schema)) if schema.table().schema.as_deref() == Some(OWN_SCHEMA) => {
+            Ok(Found::Table(schema)) if schema.table().schema.as_deref() == Some(OWN_SCHEMA) => {
                 Err(Lookup::Refused(own_table(table)))
             }
-            Ok(Some(schema)) => Ok(self.schemas.put(table, schema).await),
-            Ok(None) => Err(Lookup::Refused(Refusal::new(
+            Ok(Found::Table(schema)) => Ok(self.schemas.put(table, schema).await),
+            Ok(Found::Missing) => Err(Lookup::Refused(Refusal::new(
                 StatusCode::NOT_FOUND,
                 format!("table {table} does not exist in PostgreSQL"),
+            ))),
+            Ok(Found::NotATable(kind)) => Err(Lookup::Refused(Refusal::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "{table} is {kind}, not a table: pgspool loads rows with COPY, which writes only to tables"
+                ),
             ))),
             Err(e) => Err(Lookup::Unreachable(e.0)),
         }
     }
 }
-
-/// pgspool's own schema in PostgreSQL (the watermarks); not writable through the API.
-const OWN_SCHEMA: &str = "pgspool";
 
 fn own_table(table: &TableName) -> Refusal {
     Refusal::new(

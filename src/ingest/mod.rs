@@ -29,9 +29,26 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// replaced; one a live daemon answers on is not, nor is any file that is not a socket.
 ///
 /// # Errors
-/// When a live daemon listens on `path`, `path` is some other file, the parent directory
-/// is missing, or binding fails.
+/// When a live daemon listens on `path`, `path` is some other file, its directory is
+/// missing, or binding fails.
 pub async fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        let what = if parent.exists() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "cannot listen on {}: {} {what}",
+                path.display(),
+                parent.display()
+            ),
+        ));
+    }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(io::Error::new(
@@ -61,14 +78,9 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
     })
 }
 
-/// Serves requests on `listener` until `shutdown` is cancelled, then stops accepting,
-/// gives requests in flight up to `grace` to finish, and returns.
-pub async fn serve(
-    listener: UnixListener,
-    ingest: Arc<Ingest>,
-    shutdown: CancellationToken,
-    grace: Duration,
-) {
+/// Serves requests on `listener` until `shutdown` is cancelled, then stops accepting, lets
+/// requests in flight finish, and returns (callers bound the wait).
+pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: CancellationToken) {
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
@@ -105,10 +117,5 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!(?grace, "connections still open at shutdown are abandoned");
-    }
+    graceful.shutdown().await;
 }

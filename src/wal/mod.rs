@@ -64,6 +64,7 @@ use crate::fsutil;
 use crate::lsn::Lsn;
 pub use reader::WalReader;
 pub use record::{AppendRecord, Invalid, Record};
+pub(crate) use recovery::missing_spool_id;
 pub use recovery::{TailDamage, classify_tail, read_tail};
 use segment::{OpenSegmentError, SegmentFile};
 pub use writer::{AppendError, Appender};
@@ -142,6 +143,16 @@ pub enum WalError {
         last: Lsn,
         /// The checkpoint's watermark.
         flushed: Lsn,
+    },
+    /// The LSN asked for is not the first of a record.
+    #[error(
+        "LSN {lsn} is not the first LSN of a record: a record spans it, up to LSN {record_end}"
+    )]
+    InsideRecord {
+        /// The LSN asked for.
+        lsn: Lsn,
+        /// The last LSN of the record that holds it.
+        record_end: Lsn,
     },
     /// The log does not hold the LSN asked for.
     #[error("the WAL does not hold LSN {lsn}: {reason}")]

@@ -13,6 +13,8 @@ use crate::lsn::Lsn;
 pub struct WalReader {
     dir: Arc<WalDir>,
     cursor: SegmentCursor,
+    /// CRC of the record that ends just before the starting LSN, if the WAL holds it.
+    crc_before: Option<u32>,
 }
 
 impl WalReader {
@@ -23,7 +25,8 @@ impl WalReader {
     ///
     /// # Errors
     /// [`WalError::Missing`] when no segment holds `from` (its segment was deleted or never
-    /// written) or `from` falls inside a record; [`WalError::Corrupt`] for damage before it.
+    /// written), [`WalError::InsideRecord`] when `from` falls inside a record,
+    /// [`WalError::Corrupt`] for damage before it.
     pub fn open(dir: Arc<WalDir>, from: Lsn) -> Result<WalReader, WalError> {
         let path = dir.path();
         let segments =
@@ -41,21 +44,35 @@ impl WalReader {
         let mut reader = WalReader {
             cursor: open_cursor(&dir, start)?,
             dir,
+            crc_before: None,
         };
         // Skip the records before `from`; they are all durable.
         let before = from.prev();
-        while reader.step(before)?.is_some() {}
+        while reader.step(before)?.is_some() {
+            reader.crc_before = Some(reader.cursor.record().crc);
+        }
         let at = reader.cursor.next_lsn();
-        if at != from {
+        if at > from {
+            return Err(WalError::InsideRecord {
+                lsn: from,
+                record_end: at.prev(),
+            });
+        }
+        if at < from {
             return Err(WalError::Missing {
                 lsn: from,
-                reason: format!(
-                    "it is not the first LSN of a record (the record before it ends at LSN {})",
-                    at.prev()
-                ),
+                reason: format!("the log ends at LSN {}", at.prev()),
             });
         }
         Ok(reader)
+    }
+
+    /// The CRC of the record that ends just before the LSN the reader was opened at, if the
+    /// WAL still holds that record: compared with the one PostgreSQL committed, it tells
+    /// whether this WAL and the database agree on what that LSN is.
+    #[must_use]
+    pub fn crc_before(&self) -> Option<u32> {
+        self.crc_before
     }
 
     /// LSN of the next record to be read.

@@ -89,6 +89,9 @@ pub struct Record<'a> {
     pub lsns: LsnRange,
     /// When the record was appended, microseconds since the Unix epoch.
     pub time_us: u64,
+    /// The record's CRC-32C: with its LSNs, a fingerprint that tells this record from any
+    /// other that ever held the same LSNs.
+    pub crc: u32,
     /// The payload (a row group, see `crate::rowgroup`).
     pub payload: &'a [u8],
 }
@@ -188,6 +191,7 @@ pub fn decode(buf: &[u8], expected: Lsn) -> Decoded<'_> {
         Record {
             lsns: LsnRange::starting_at(first, u64::from(rows)),
             time_us,
+            crc: stored,
             payload: &buf[HEADER_BYTES..total],
         },
         total,

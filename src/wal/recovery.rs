@@ -115,6 +115,7 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
     let (tail, report) = match segments.last() {
         Some(last) => recover_tail(&wal, last.clone(), segments.len())?,
         None => {
+            check_against_checkpoint(&wal, Lsn::FIRST)?;
             let (file, segment) = segment::create(dir, Lsn::FIRST, spool_id).map_err(
                 WalError::io(format!("create the first segment in {}", dir.display())),
             )?;
@@ -142,24 +143,7 @@ fn spool_id(dir: &Path, first: Option<&SegmentFile>) -> Result<Uuid, WalError> {
         return Ok(id);
     }
     if let Some(segment) = first {
-        let file = File::open(&segment.path)
-            .map_err(WalError::io(format!("open {}", segment.path.display())))?;
-        let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
-        let owner = file
-            .read_exact_at(&mut header, 0)
-            .ok()
-            .map(|()| Uuid::from_bytes(header[24..40].try_into().expect("16 bytes")));
-        return Err(WalError::BadFile {
-            path: dir.join(SPOOL_ID_FILE),
-            reason: format!(
-                "is missing, but the directory holds segments{}; restore the file rather \
-                 than let pgspool start a new spool beside them",
-                owner.map_or_else(String::new, |id| format!(
-                    " of spool {id} (echo {id} > {})",
-                    dir.join(SPOOL_ID_FILE).display()
-                ))
-            ),
-        });
+        return Err(missing_spool_id(dir, segment));
     }
     let id = Uuid::new_v4();
     fsutil::write_atomic(dir, SPOOL_ID_FILE, format!("{id}\n").as_bytes()).map_err(
@@ -167,6 +151,28 @@ fn spool_id(dir: &Path, first: Option<&SegmentFile>) -> Result<Uuid, WalError> {
     )?;
     info!(spool_id = %id, dir = %dir.display(), "created a new spool");
     Ok(id)
+}
+
+/// The error for a directory that holds segments (the first is `segment`) but no spool id
+/// file: it names the id to restore, read from the segment's header.
+pub(crate) fn missing_spool_id(dir: &Path, segment: &SegmentFile) -> WalError {
+    let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
+    let owner = File::open(&segment.path)
+        .and_then(|file| file.read_exact_at(&mut header, 0))
+        .ok()
+        .map(|()| Uuid::from_bytes(header[24..40].try_into().expect("16 bytes")));
+    let file = dir.join(SPOOL_ID_FILE);
+    WalError::BadFile {
+        reason: format!(
+            "is missing, but the directory holds segments{}; restore the file rather than \
+             let pgspool start a new spool beside them",
+            owner.map_or_else(String::new, |id| format!(
+                " of spool {id} (echo {id} > {})",
+                file.display()
+            ))
+        ),
+        path: file,
+    }
 }
 
 fn lock_dir(dir: &Path) -> Result<File, WalError> {
@@ -249,16 +255,8 @@ fn recover_tail(
         }
     };
     let next_lsn = cursor.next_lsn();
-    if let Some(flushed) = read_checkpoint(dir.path())?
-        && flushed >= next_lsn
-    {
-        return Err(WalError::EndsBeforeCheckpoint {
-            dir: dir.path().to_path_buf(),
-            last: next_lsn.prev(),
-            flushed,
-        });
-    }
-    let cut = match damage {
+    // The damage, once it is known to be a torn write: where, why, and the bytes.
+    let torn = match damage {
         None => None,
         Some((offset, reason)) => {
             let tail = read_tail(&path, offset)
@@ -276,9 +274,13 @@ fn recover_tail(
                     followed_by: Some((valid_at, lsn)),
                 });
             }
-            Some(cut_torn_tail(dir, &last, &file, offset, &tail, &reason)?)
+            Some((offset, reason, tail))
         }
     };
+    check_against_checkpoint(dir, next_lsn)?;
+    let cut = torn
+        .map(|(offset, reason, tail)| cut_torn_tail(dir, &last, &file, offset, &tail, &reason))
+        .transpose()?;
     let report = RecoveryReport {
         segments,
         next_lsn,
@@ -291,6 +293,19 @@ fn recover_tail(
         next_lsn,
     };
     Ok((tail, report))
+}
+
+/// Refuses a log whose next LSN is at or below the checkpoint's watermark: rows
+/// PostgreSQL committed are missing from its end, and new rows would reuse their LSNs.
+fn check_against_checkpoint(dir: &WalDir, next_lsn: Lsn) -> Result<(), WalError> {
+    match read_checkpoint(dir.path())? {
+        Some(flushed) if flushed >= next_lsn => Err(WalError::EndsBeforeCheckpoint {
+            dir: dir.path().to_path_buf(),
+            last: next_lsn.prev(),
+            flushed,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Saves `tail` (the bytes of `segment` from `offset` on) to the quarantine directory,

@@ -226,8 +226,8 @@ pub struct SegmentCursor {
     start: usize,
     /// Length of the record handed out last, consumed at the next step.
     handed_out: usize,
-    /// LSNs and append time of the record handed out last.
-    handed_out_meta: (LsnRange, u64),
+    /// LSNs, append time and CRC of the record handed out last.
+    handed_out_meta: (LsnRange, u64, u32),
     next_lsn: Lsn,
     trusted: Lsn,
 }
@@ -251,7 +251,7 @@ impl SegmentCursor {
             buf_offset: SEGMENT_HEADER_BYTES,
             start: 0,
             handed_out: 0,
-            handed_out_meta: (LsnRange::starting_at(Lsn::FIRST, 1), 0),
+            handed_out_meta: (LsnRange::starting_at(Lsn::FIRST, 1), 0, 0),
             trusted: Lsn::ZERO,
         };
         Ok((cursor, header))
@@ -304,14 +304,14 @@ impl SegmentCursor {
         if available < len {
             return Ok(damaged(offset, len, available));
         }
-        let (lsns, time_us) = match record::decode(&self.buf[self.start..], self.next_lsn) {
-            Decoded::Record(r, _) => (r.lsns, r.time_us),
+        let meta = match record::decode(&self.buf[self.start..], self.next_lsn) {
+            Decoded::Record(r, _) => (r.lsns, r.time_us, r.crc),
             Decoded::Invalid(reason) => return Ok(Step::Damaged { offset, reason }),
         };
-        self.next_lsn = lsns.last.next();
+        self.next_lsn = meta.0.last.next();
         self.handed_out = len;
-        self.handed_out_meta = (lsns, time_us);
-        Ok(Step::Record(lsns))
+        self.handed_out_meta = meta;
+        Ok(Step::Record(meta.0))
     }
 
     /// The record the last [`step`](Self::step) returned as [`Step::Record`].
@@ -321,10 +321,11 @@ impl SegmentCursor {
     #[must_use]
     pub fn record(&self) -> Record<'_> {
         assert!(self.handed_out > 0, "no record was handed out");
-        let (lsns, time_us) = self.handed_out_meta;
+        let (lsns, time_us, crc) = self.handed_out_meta;
         Record {
             lsns,
             time_us,
+            crc,
             payload: &self.buf[self.start + HEADER_BYTES..self.start + self.handed_out],
         }
     }

@@ -26,13 +26,19 @@ const QUEUE_DEPTH: usize = 1024;
 pub enum AppendError {
     /// Writing failed (for example the disk is full); the write was rolled back and the
     /// daemon goes on.
-    #[error("writing to the WAL failed: {0}")]
+    #[error("writing to the WAL failed: {0}; nothing of this request was kept")]
     Write(io::Error),
     /// fdatasync failed: the daemon stops, since the page cache can no longer be trusted.
-    #[error("fdatasync of the WAL failed: {0}; pgspool is stopping")]
+    /// The write was rolled back as far as the disk allows, but a disk that failed to sync
+    /// may still hold it.
+    #[error(
+        "fdatasync of the WAL failed: {0}; pgspool is stopping. This request was not \
+         acknowledged and was rolled back, but the disk may still hold it: sent again, its \
+         rows may be loaded twice"
+    )]
     Sync(io::Error),
     /// The writer is not running (the daemon is stopping, or stopped on a fatal error).
-    #[error("the WAL writer is stopped")]
+    #[error("the WAL writer is stopped (pgspool is stopping); nothing of this request was kept")]
     Closed,
 }
 
@@ -183,6 +189,9 @@ impl Writer {
             )));
         }
         if let Err(e) = self.file.sync_data() {
+            // Drop the group from the file so that a restart does not find it; this cannot
+            // be made durable any more, hence the answer says the outcome is unknown.
+            let _ = self.file.set_len(self.len);
             reply_all(group, &e, AppendError::Sync);
             return Err(WalError::io(format!(
                 "fdatasync {}",

@@ -12,6 +12,7 @@ async fn every_refusal_has_its_status_and_a_message_that_says_where() {
         "CREATE TABLE t (id int PRIMARY KEY, note text, doc jsonb,
                          twice int GENERATED ALWAYS AS (id * 2) STORED,
                          serial int GENERATED ALWAYS AS IDENTITY);
+         CREATE VIEW v AS SELECT id FROM t;
          CREATE SCHEMA \"Odd.Schema\";
          CREATE TABLE \"Odd.Schema\".\"Odd\"\"Table\" (\"Mixed Case\" text);",
     )
@@ -103,6 +104,13 @@ async fn every_refusal_has_its_status_and_a_message_that_says_where() {
             b"{\"id\":1,\"serial\":2}".to_vec(),
             422,
             "GENERATED ALWAYS",
+        ),
+        (
+            "v",
+            "application/json",
+            b"{\"id\":1}".to_vec(),
+            422,
+            "is a view",
         ),
         (
             "pgspool.watermarks",

@@ -112,6 +112,49 @@ async fn a_log_that_ends_before_its_checkpoint_is_refused() {
         err.contains("ends at LSN 0") && err.contains("up to LSN 2"),
         "{err}"
     );
+    // Without any segment at all, the same.
+    std::fs::remove_file(&segment.path).expect("remove");
+    let err = start_error(dir.path(), &pg).await;
+    assert!(
+        err.contains("ends at LSN 0") && err.contains("up to LSN 2"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_pending_lsns_that_no_segment_holds() {
+    let mut pg = Pg::start().await;
+    pg.exec("CREATE TABLE ev (id int, pad text)").await;
+    tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
+    let dir = short_tempdir();
+    let mut cfg = config(dir.path(), &pg.url());
+    cfg.wal.segment_bytes = 65536;
+    let daemon = start_daemon(cfg).await;
+    let mut c = client(daemon.socket()).await;
+    let pad = "x".repeat(40_000);
+    for id in 0..4 {
+        let body = format!("{{\"id\":{id},\"pad\":\"{pad}\"}}\n");
+        assert_eq!(post_ndjson(&mut c, "ev", &body).await.status, 202);
+    }
+    daemon.stop().await.expect("stop");
+    let wal = dir.path().join("wal");
+    let segments = pgspool::wal::segment::list(&wal).expect("list");
+    assert!(segments.len() >= 3, "{segments:?}");
+    assert_eq!(status(&wal).0, Some(0));
+
+    std::fs::remove_file(&segments[1].path).expect("remove a middle segment");
+    let (code, s) = status(&wal);
+    assert_eq!(code, Some(2), "{s:#}");
+    let problem = s["problems"][0].as_str().unwrap_or_default();
+    assert!(problem.contains("LSNs 2 .. 2 are in no segment"), "{s:#}");
+    std::fs::remove_file(&segments[0].path).expect("remove the oldest segment");
+    let (code, s) = status(&wal);
+    assert_eq!(code, Some(2), "{s:#}");
+    let problem = s["problems"][0].as_str().unwrap_or_default();
+    assert!(
+        problem.contains("LSNs 1 .. 2 are pending but in no segment"),
+        "{s:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,20 +188,30 @@ async fn a_wal_older_than_the_database_stops_the_daemon_instead_of_reusing_lsns(
     tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
     let daemon = start_daemon(config(dir.path(), &pg.url())).await;
     let mut c = client(daemon.socket()).await;
-    let reply = post_ndjson(&mut c, "ev", "{\"id\":4}\n{\"id\":5}\n{\"id\":6}\n").await;
+    let reply = post_ndjson(&mut c, "ev", "{\"id\":4}\n{\"id\":5}\n").await;
+    assert_eq!(reply.body["last_lsn"], 3, "{}", reply.body);
+    let reply = post_ndjson(&mut c, "ev", "{\"id\":6}\n").await;
     assert_eq!(reply.body["last_lsn"], 4, "{}", reply.body);
     pg.restart().await;
-    let err = tokio::time::timeout(crate::harness::DEADLINE, daemon.wait())
-        .await
-        .expect("the daemon stops by itself")
-        .expect_err("it stops on an error");
-    let err = format!("{err:#}");
-    assert!(err.contains("older than the database"), "{err}");
+    // The record of this WAL that ends at LSN 3 is not the one PostgreSQL committed: the
+    // daemon stops, and a restart (as a supervisor would do) refuses again.
+    assert_mismatch(daemon).await;
+    assert_mismatch(start_daemon(config(dir.path(), &pg.url())).await).await;
     assert_eq!(
         pg.count("SELECT count(*) FROM ev").await,
         3,
         "nothing loaded under a reused LSN"
     );
+}
+
+async fn assert_mismatch(daemon: Daemon) {
+    let err = tokio::time::timeout(crate::harness::DEADLINE, daemon.wait())
+        .await
+        .expect("the daemon stops by itself")
+        .expect_err("it stops on an error");
+    let err = format!("{err:#}");
+    assert!(err.contains("does not match the database"), "{err}");
+    assert!(err.contains("not the one PostgreSQL committed"), "{err}");
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
