@@ -39,7 +39,9 @@ pub async fn bootstrap(client: &Client) -> Result<(), tokio_postgres::Error> {
                  lsn        bigint NOT NULL CHECK (lsn >= 0),
                  record_crc bigint,
                  updated_at timestamptz NOT NULL DEFAULT now()
-             );",
+             );
+             -- Tables made by builds from before the record fingerprint.
+             ALTER TABLE pgspool.watermarks ADD COLUMN IF NOT EXISTS record_crc bigint;",
         )
         .await
 }
