@@ -27,6 +27,15 @@ async fn three_requests(dir: &std::path::Path, pg: &mut Pg) -> std::path::PathBu
         .path
 }
 
+/// Runs a daemon in `dir`, sends `body` to table `ev`, waits until it is committed, stops.
+async fn load_and_stop(dir: &std::path::Path, pg: &Pg, body: &str) {
+    let daemon = start_daemon(config(dir, &pg.url())).await;
+    let mut c = client(daemon.socket()).await;
+    assert_eq!(post_ndjson(&mut c, "ev", body).await.status, 202);
+    flushed(&daemon).await;
+    daemon.stop().await.expect("stop");
+}
+
 fn status(wal: &std::path::Path) -> (Option<i32>, serde_json::Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
         .args(["status", "--json", "--wal-dir"])
@@ -84,16 +93,7 @@ async fn a_log_that_ends_before_its_checkpoint_is_refused() {
     let pg = Pg::start().await;
     pg.exec("CREATE TABLE ev (id int)").await;
     let dir = short_tempdir();
-    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
-    let mut c = client(daemon.socket()).await;
-    assert_eq!(
-        post_ndjson(&mut c, "ev", "{\"id\":1}\n{\"id\":2}\n")
-            .await
-            .status,
-        202
-    );
-    flushed(&daemon).await;
-    daemon.stop().await.expect("stop");
+    load_and_stop(dir.path(), &pg, "{\"id\":1}\n{\"id\":2}\n").await;
     // The disk lost the last write (the file is cut back to its header).
     let segment = pgspool::wal::segment::list(&dir.path().join("wal"))
         .expect("list")
@@ -164,22 +164,9 @@ async fn a_wal_older_than_the_database_stops_the_daemon_instead_of_reusing_lsns(
     let dir = short_tempdir();
     let wal = dir.path().join("wal");
     let backup = dir.path().join("backup");
-    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
-    let mut c = client(daemon.socket()).await;
-    assert_eq!(post_ndjson(&mut c, "ev", "{\"id\":1}\n").await.status, 202);
-    flushed(&daemon).await;
-    daemon.stop().await.expect("stop");
+    load_and_stop(dir.path(), &pg, "{\"id\":1}\n").await;
     copy_dir(&wal, &backup);
-    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
-    let mut c = client(daemon.socket()).await;
-    assert_eq!(
-        post_ndjson(&mut c, "ev", "{\"id\":2}\n{\"id\":3}\n")
-            .await
-            .status,
-        202
-    );
-    flushed(&daemon).await;
-    daemon.stop().await.expect("stop");
+    load_and_stop(dir.path(), &pg, "{\"id\":2}\n{\"id\":3}\n").await;
     // The directory is restored from the old copy: PostgreSQL is at LSN 3, the WAL at 1.
     std::fs::remove_dir_all(&wal).expect("remove");
     std::fs::rename(&backup, &wal).expect("restore");
