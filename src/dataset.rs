@@ -104,11 +104,6 @@ impl DataTable {
     pub fn reader(&self) -> impl BufRead + Send + 'static {
         BufReader::with_capacity(READ_BUFFER, MultiGzDecoder::new(self.gz))
     }
-
-    /// The embedded gzipped NDJSON file as it was bundled.
-    pub fn compressed(&self) -> &'static [u8] {
-        self.gz
-    }
 }
 
 /// Creates the five tables of [`NYCFLIGHTS13_SCHEMA`] in `schema` (an

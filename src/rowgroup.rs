@@ -105,12 +105,6 @@ impl RowGroupBuilder {
         self.buf.len()
     }
 
-    /// Rows in the group so far.
-    #[must_use]
-    pub fn rows(&self) -> u32 {
-        self.rows
-    }
-
     /// Whether the group holds no rows.
     #[must_use]
     pub fn is_empty(&self) -> bool {

@@ -7,10 +7,11 @@
 //!
 //! Errors are `{"error": "..."}`: 400 malformed body, not UTF-8, a row that is not an
 //! object, a duplicate key, a bad table name; 403 one of pgspool's own tables; 404 no such
-//! table; 405 wrong method; 413
-//! body over `[ingest] max_body_bytes`; 415 other content types; 422 unknown or generated
-//! column, a NUL character, a value no column of that type can take; 503 not accepting
-//! writes (stopping) or PostgreSQL needed but unreachable; 507 the WAL's disk is full.
+//! table; 405 wrong method; 413 body over `[ingest] max_body_bytes`; 415 other content
+//! types; 422 unknown or `GENERATED ALWAYS` column, a NUL character, a value no column of
+//! that type can take, a view or other relation that is not a table; 500 a failed
+//! fdatasync (pgspool stops); 503 not accepting writes (stopping) or PostgreSQL needed but
+//! unreachable; 507 the WAL's disk is full.
 
 use std::sync::{Arc, RwLock};
 

@@ -14,14 +14,15 @@
 //! Segment and record formats are described in [`segment`] and [`record`].
 //!
 //! # Writing (group commit)
-//! One thread owns the active segment ([`writer`]). Ingest tasks send it whole requests;
+//! One thread owns the active segment (`writer.rs`). Ingest tasks send it whole requests;
 //! it takes every request waiting (up to a group size), gives their rows consecutive LSNs,
 //! writes them with one `pwrite`, calls `fdatasync` once, then answers every request of the
 //! group. No request is answered before the sync that covers it. A failed write is rolled
 //! back (the file truncated to its previous length) and reported to the group's requests;
-//! a failed `fdatasync` is fatal: the writer answers the group with an error and stops, and
-//! the daemon exits, because after a failed fsync the page cache can no longer be trusted
-//! (PostgreSQL's "fsyncgate"); recovery re-reads the log from disk.
+//! a failed `fdatasync` is fatal: the writer truncates the group away as far as it can,
+//! answers it with an error and stops, and the daemon exits, because after a failed fsync
+//! the page cache can no longer be trusted (PostgreSQL's "fsyncgate"); recovery re-reads
+//! the log from disk.
 //!
 //! A request never spans segments: before a group that would overflow the active segment,
 //! the writer creates the next one (temporary name, header, fsync, rename, directory
@@ -34,12 +35,12 @@
 //! the queue, and replay after a restart is the ordinary read path.
 //!
 //! # Recovery (at open)
-//! Lock the directory; create or read the spool id; remove leftover temporary files; check
-//! every segment header (magic, checksum, spool id, first LSN = file name); fsync the last
-//! segment and scan it to its end. The end of the log is the first record that fails
-//! validation: bytes from there on are a torn write of a request that was never
-//! acknowledged, so they are copied to `quarantine/`, cut off, and the cut synced. Start-up
-//! reads segment headers and the last segment only, whatever the backlog.
+//! See [`recovery`]: lock the directory; read or create the spool id; check every segment
+//! header; fsync and scan the last segment. A bad record at its end with nothing valid
+//! after it is a torn write of a request that was never acknowledged: copied to
+//! `quarantine/`, cut off, the cut synced. A bad record with a valid one after it, or a log
+//! that ends before its checkpoint, is damage to acknowledged data: the WAL refuses to
+//! open. Start-up reads segment headers and the last segment only, whatever the backlog.
 //!
 //! # Deleting
 //! A segment is deleted once every row in it is at or below the watermark committed in
@@ -48,7 +49,7 @@
 
 pub mod reader;
 pub mod record;
-mod recovery;
+pub mod recovery;
 pub mod segment;
 mod writer;
 
@@ -74,8 +75,10 @@ const CHECKPOINT_FILE: &str = "checkpoint";
 /// Directory (inside the WAL directory) for bytes cut from the log.
 pub const QUARANTINE_DIR: &str = "quarantine";
 
-/// Errors of the WAL. [`WalError::Corrupt`] and [`WalError::BadSegment`] mean acknowledged
-/// data is damaged; the rest are environmental.
+/// Errors of the WAL. [`WalError::Corrupt`], [`WalError::EndsBeforeCheckpoint`] and a
+/// [`WalError::BadFile`] for a segment mean acknowledged data is damaged or missing;
+/// [`WalError::Missing`] and [`WalError::InsideRecord`] that the log does not hold what was
+/// asked of it; the rest are environmental.
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
     /// A file-system call failed.
@@ -368,14 +371,6 @@ impl Wal {
     #[must_use]
     pub fn durable(&self) -> watch::Receiver<Lsn> {
         self.durable.clone()
-    }
-
-    /// A reader positioned at `from` (see [`WalReader::open`]).
-    ///
-    /// # Errors
-    /// See [`WalReader::open`].
-    pub fn reader(&self, from: Lsn) -> Result<WalReader, WalError> {
-        WalReader::open(Arc::clone(&self.dir), from)
     }
 
     /// Waits until the writer stops on its own, which it only does on a fatal error (a
