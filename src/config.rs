@@ -161,8 +161,8 @@ impl Default for IngestConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
-    /// How long a stopping daemon keeps flushing; what is left stays in the WAL.
-    /// Default 10 s.
+    /// How long a stopping daemon waits for requests in flight and keeps flushing, both
+    /// together; what is not flushed by then stays in the WAL. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
 }
