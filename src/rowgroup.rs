@@ -175,18 +175,23 @@ impl<'a> RowGroup<'a> {
 
     /// The JSON objects of a JSON group.
     pub fn json_rows(&self) -> impl Iterator<Item = Result<&'a str, MalformedGroup>> + 'a {
-        let mut rest = self.body;
-        std::iter::from_fn(move || {
-            if rest.is_empty() {
-                return None;
-            }
-            Some(take(&mut rest, 4).and_then(|len| {
-                let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
-                std::str::from_utf8(take(&mut rest, len)?)
-                    .map_err(|_| MalformedGroup("a JSON row is not UTF-8"))
-            }))
-        })
+        json_rows(self.body)
     }
+}
+
+/// The JSON objects of a JSON group's `body` (also the concatenated bodies of several).
+pub fn json_rows(body: &[u8]) -> impl Iterator<Item = Result<&str, MalformedGroup>> {
+    let mut rest = body;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        Some(take(&mut rest, 4).and_then(|len| {
+            let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+            std::str::from_utf8(take(&mut rest, len)?)
+                .map_err(|_| MalformedGroup("a JSON row is not UTF-8"))
+        }))
+    })
 }
 
 fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], MalformedGroup> {

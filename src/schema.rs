@@ -112,6 +112,8 @@ pub enum Found {
     Table(TableSchema),
     /// No relation of that name.
     Missing,
+    /// One of pgspool's own tables (schema [`OWN_SCHEMA`]): never written through the API.
+    Own,
     /// A relation COPY cannot load, such as a view or a sequence (`a view`, ...).
     NotATable(&'static str),
 }
@@ -155,6 +157,9 @@ pub async fn fetch(
     };
     if let Some(kind) = kind {
         return Ok(Found::NotATable(kind));
+    }
+    if first.get::<_, String>(0) == OWN_SCHEMA {
+        return Ok(Found::Own);
     }
     let resolved = TableName {
         schema: Some(first.get(0)),

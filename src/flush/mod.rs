@@ -19,7 +19,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{BatchConfig, PostgresConfig};
 use crate::lsn::Lsn;
@@ -27,7 +27,7 @@ use crate::schema::SchemaCache;
 use crate::wal::{WalDir, WalError, WalReader};
 pub use batch::Batch;
 use batch::FillError;
-use transaction::{FlushFailure, Watermark};
+use transaction::Watermark;
 
 /// Errors that stop the flusher (and the daemon): acknowledged data cannot be delivered
 /// without an operator.
@@ -168,14 +168,10 @@ impl Flusher {
             }
             let (rows, bytes, last) = (batch.rows(), batch.bytes(), batch.last_lsn());
             let started = std::time::Instant::now();
-            match transaction::commit(&mut client, self.wal.spool_id(), batch, &self.schemas).await
+            if let Err(e) =
+                transaction::commit(&mut client, self.wal.spool_id(), batch, &self.schemas).await
             {
-                Ok(()) => {}
-                Err(e @ FlushFailure::WatermarkMoved { .. }) => {
-                    error!(error = %e, "flush refused");
-                    return retry(&e);
-                }
-                Err(e) => return retry(&e),
+                return retry(&e);
             }
             debug!(rows, bytes, watermark = %last, elapsed = ?started.elapsed(), "batch committed");
             *delay = self.postgres.retry_initial;

@@ -20,9 +20,9 @@ use uuid::Uuid;
 
 use super::batch::{Batch, BatchGroup};
 use crate::lsn::Lsn;
-use crate::rowgroup::{RowFormat, RowGroup};
+use crate::rowgroup::{self, RowFormat, RowGroup};
 use crate::rows::{self, BodyFormat};
-use crate::schema::{self, Found, OWN_SCHEMA, SchemaCache};
+use crate::schema::{self, Found, SchemaCache};
 use crate::table::{TableName, quote_ident};
 
 /// Creates pgspool's schema and watermark table if they are missing.
@@ -213,22 +213,14 @@ async fn copy_json_rows(
         reason,
     };
     let schema = match schema::fetch(tx, &group.table).await? {
-        Found::Table(schema) if schema.table().schema.as_deref() == Some(OWN_SCHEMA) => {
-            return Err(refuse("it is one of pgspool's own tables".into()));
-        }
         Found::Table(schema) => schema,
+        Found::Own => return Err(refuse("it is one of pgspool's own tables".into())),
         Found::Missing => return Err(refuse("the table does not exist".into())),
         Found::NotATable(kind) => return Err(refuse(format!("it is {kind}, not a table"))),
     };
     let schema = schemas.put(&group.table, schema).await;
-    let stored = RowGroup {
-        format: RowFormat::Json,
-        table: group.table.clone(),
-        columns: Vec::new(),
-        body: &group.data,
-    };
     let mut parsed = Vec::new();
-    for text in stored.json_rows() {
+    for text in rowgroup::json_rows(&group.data) {
         let text = text.map_err(|e| refuse(e.to_string()))?;
         parsed.extend(rows::parse(text, BodyFormat::Json).map_err(|e| refuse(e.to_string()))?);
     }

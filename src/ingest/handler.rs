@@ -259,9 +259,7 @@ impl Ingest {
     /// Asks PostgreSQL for the table's columns and caches them.
     async fn lookup(&self, table: &TableName) -> Result<Arc<TableSchema>, Lookup> {
         match self.catalog.fetch(table).await {
-            Ok(Found::Table(schema)) if schema.table().schema.as_deref() == Some(OWN_SCHEMA) => {
-                Err(Lookup::Refused(own_table(table)))
-            }
+            Ok(Found::Own) => Err(Lookup::Refused(own_table(table))),
             Ok(Found::Table(schema)) => Ok(self.schemas.put(table, schema).await),
             Ok(Found::Missing) => Err(Lookup::Refused(Refusal::new(
                 StatusCode::NOT_FOUND,
