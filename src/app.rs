@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::flush::{FatalError, Flusher};
-use crate::ingest::{self, Ingest};
+use crate::ingest::{self, Ingest, IngestOptions};
 use crate::lsn::Lsn;
 use crate::schema::{Catalog, SchemaCache};
 use crate::wal::{Wal, WalOptions};
@@ -74,12 +74,14 @@ impl Daemon {
             limits: config.batch.clone(),
             schemas: Arc::clone(&schemas),
         };
-        let ingest = Arc::new(Ingest::new(
-            wal.appender(),
+        let ingest = Arc::new(Ingest::new(IngestOptions {
+            appender: wal.appender(),
+            wal: Arc::clone(wal.dir()),
             schemas,
-            Catalog::new(pg),
-            config.ingest.max_body_bytes,
-        ));
+            catalog: Catalog::new(pg),
+            max_body_bytes: config.ingest.max_body_bytes,
+            max_wal_bytes: config.wal.max_bytes,
+        }));
         let durable = wal.durable();
         let stop_flusher = CancellationToken::new();
         let running = Running {

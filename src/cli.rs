@@ -25,6 +25,11 @@ pub enum Command {
     Run(RunArgs),
     /// Inspect a WAL directory (works whether the daemon runs or not).
     Status(StatusArgs),
+    /// Move damaged WAL records aside so that the daemon can start again. Their rows are
+    /// not loaded: the damaged bytes go to <wal dir>/quarantine/ for inspection, and the
+    /// flusher passes over their LSNs. Only with the daemon stopped; `pgspool status`
+    /// lists the damage first.
+    Quarantine(QuarantineArgs),
     /// Load the bundled nycflights13 data through a throwaway daemon and PostgreSQL, and
     /// check that every row arrived exactly once.
     Demo(DemoArgs),
@@ -83,18 +88,48 @@ impl RunArgs {
     }
 }
 
-/// `pgspool status`
+/// The WAL directory an offline command works on.
 #[derive(Debug, Args)]
-pub struct StatusArgs {
-    /// WAL directory to inspect.
+pub struct WalDirArgs {
+    /// The WAL directory.
     #[arg(long, value_name = "DIR", required_unless_present = "config")]
     pub wal_dir: Option<PathBuf>,
     /// Take the WAL directory from this config file.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+impl WalDirArgs {
+    /// The directory: `--wal-dir`, else the config file's `wal.dir`.
+    ///
+    /// # Errors
+    /// When the config file cannot be read or parsed.
+    pub fn resolve(&self) -> Result<PathBuf, ConfigError> {
+        match (&self.wal_dir, &self.config) {
+            (Some(dir), _) => Ok(dir.clone()),
+            (None, Some(config)) => Ok(Config::load(config)?.wal.dir),
+            (None, None) => unreachable!("clap requires --wal-dir or --config"),
+        }
+    }
+}
+
+/// `pgspool status`
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Which WAL directory.
+    #[command(flatten)]
+    pub dir: WalDirArgs,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `pgspool quarantine`
+#[derive(Debug, Args)]
+pub struct QuarantineArgs {
+    /// Which WAL directory.
+    #[command(flatten)]
+    pub dir: WalDirArgs,
 }
 
 /// `pgspool demo`

@@ -76,6 +76,11 @@ pub struct WalConfig {
     pub dir: PathBuf,
     /// Size in bytes at which a new segment is started. Default 64 MiB.
     pub segment_bytes: u64,
+    /// Most bytes the WAL's segments may hold (the unflushed backlog, plus flushed rows
+    /// whose segment is not deleted yet). Beyond it writes get 503 with `Retry-After`;
+    /// nothing held is ever evicted. Default 8 GiB; at least twice `segment_bytes` plus
+    /// `[ingest] max_body_bytes`.
+    pub max_bytes: u64,
 }
 
 impl Default for WalConfig {
@@ -83,6 +88,7 @@ impl Default for WalConfig {
         WalConfig {
             dir: PathBuf::from("/var/lib/pgspool"),
             segment_bytes: 64 << 20,
+            max_bytes: 8 << 30,
         }
     }
 }
@@ -238,6 +244,17 @@ impl Config {
             return invalid(format!(
                 "[wal] segment_bytes = {} is below the minimum of 65536",
                 self.wal.segment_bytes
+            ));
+        }
+        // Once everything is flushed the WAL still holds the active segment (up to
+        // segment_bytes plus one request): max_bytes must leave room beyond that.
+        let floor = 2 * (self.wal.segment_bytes + self.ingest.max_body_bytes);
+        if self.wal.max_bytes < floor {
+            return invalid(format!(
+                "[wal] max_bytes = {} is below 2 * ([wal] segment_bytes + [ingest] \
+                 max_body_bytes) = {floor}: the active segment alone could fill it, and every write \
+                 would be refused",
+                self.wal.max_bytes
             ));
         }
         if self.batch.max_rows == 0 || self.batch.max_bytes == 0 {

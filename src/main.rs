@@ -53,6 +53,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging("warn");
             pgspool::status::run(&args)
         }
+        Command::Quarantine(args) => {
+            init_logging("error");
+            pgspool::quarantine::run(&args)
+        }
         Command::Demo(args) => {
             init_logging("warn");
             pgspool::demo::run(&args).await?;

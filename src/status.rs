@@ -8,13 +8,16 @@
 //! `--json` prints one object with these keys (stable; new keys may be added):
 //! `wal_dir`, `spool_id`, `segments`, `bytes`, `first_lsn`, `last_lsn`, `flushed_lsn`,
 //! `pending_rows`, `pending_bytes`, `oldest_pending_age_seconds` (null when nothing is
-//! pending), `intact`, `checksums_ok`, `torn_tail_bytes`, `problems` (list of strings), and
+//! pending), `intact`, `checksums_ok`, `torn_tail_bytes`, `quarantined_rows` (LSNs moved
+//! aside by `pgspool quarantine`), `problems` (list of strings), and
 //! `tables` (table name → `{pending_rows, pending_bytes}`; a table the daemon had not seen
 //! yet is listed under the name the client gave).
 //!
-//! A bad record at the very end of the last segment with nothing valid after it is a torn
-//! write (`torn_tail_bytes`; the daemon cuts it at its next start, or it is a write in
-//! progress); anywhere else it is damage to acknowledged data.
+//! A bad record at the very end of the last segment with nothing written by a later group
+//! after it is a torn write (`torn_tail_bytes`; the daemon cuts it at its next start, or it
+//! is a write in progress); anywhere else it is damage to acknowledged data, listed with
+//! its segment, byte range and LSNs (see [`crate::wal::damage`]), as is damage the daemon
+//! recorded while flushing.
 //!
 //! Exit code: 0 when the log is intact, 2 when it is damaged, 1 when the directory cannot
 //! be read at all.
@@ -28,12 +31,11 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::cli::StatusArgs;
-use crate::config::Config;
 use crate::fsutil;
 use crate::lsn::Lsn;
 use crate::rowgroup::RowGroup;
-use crate::wal::segment::{self, SegmentCursor, Step};
-use crate::wal::{self, Record, TailDamage, WalError};
+use crate::wal::segment::{self, SegmentCursor};
+use crate::wal::{self, Record, RecordKind, WalError};
 
 /// Backlog of one table.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
@@ -75,6 +77,8 @@ pub struct WalStatus {
     /// Bytes after the last valid record of the last segment: a torn write the daemon cuts
     /// at its next start (or a write in progress).
     pub torn_tail_bytes: u64,
+    /// LSNs an operator moved aside with `pgspool quarantine` (their rows are not loaded).
+    pub quarantined_rows: u64,
     /// Damage found, one line each.
     pub problems: Vec<String>,
     /// Pending rows per table.
@@ -112,11 +116,11 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
         intact: true,
         checksums_ok: true,
         torn_tail_bytes: 0,
+        quarantined_rows: 0,
         problems: Vec::new(),
         tables: BTreeMap::new(),
     };
     let now_us = fsutil::now_us();
-    let count = segments.len();
     if let Some(first) = segments.first()
         && first.first_lsn > flushed.next()
     {
@@ -129,7 +133,7 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
     }
     // Where the next segment must start, when the previous one was read to its end.
     let mut expected: Option<Lsn> = None;
-    for (i, seg) in segments.into_iter().enumerate() {
+    for (i, seg) in segments.iter().enumerate() {
         let path = seg.path.clone();
         if let Some(expected) = expected
             && seg.first_lsn != expected
@@ -141,7 +145,7 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
             ));
         }
         expected = None;
-        let (mut cursor, len) = match SegmentCursor::open(seg, spool_id) {
+        let (mut cursor, len) = match SegmentCursor::open(seg.clone(), spool_id) {
             Ok((cursor, _)) => match std::fs::metadata(&path) {
                 Ok(meta) => (cursor, meta.len()),
                 Err(_) => continue, // deleted by the flusher while we were reading
@@ -157,49 +161,27 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
         status.segments += 1;
         status.bytes += len;
         status.last_lsn = status.last_lsn.max(cursor.next_lsn().prev());
-        loop {
-            let step = cursor
-                .step(Lsn(u64::MAX))
-                .map_err(WalError::io(format!("read {}", path.display())))?;
-            match step {
-                Step::Record(lsns) => {
-                    status.last_lsn = lsns.last;
-                    if lsns.last > flushed {
-                        status.count_pending(&cursor.record(), flushed, now_us);
-                    }
-                }
-                Step::End | Step::CaughtUp => {
-                    expected = Some(cursor.next_lsn());
-                    break;
-                }
-                Step::Damaged { offset, reason } => {
-                    let damage = if i + 1 == count {
-                        let tail = wal::read_tail(&path, offset)
-                            .map_err(WalError::io(format!("read {}", path.display())))?;
-                        wal::classify_tail(&tail, offset, cursor.next_lsn())
-                    } else {
-                        TailDamage::Followed {
-                            offset,
-                            lsn: cursor.next_lsn(),
-                        }
-                    };
-                    match damage {
-                        TailDamage::Torn => status.torn_tail_bytes = len.saturating_sub(offset),
-                        TailDamage::Followed { .. } => {
-                            status.checksums_ok = false;
-                            status.damage(format!(
-                                "{} at byte {offset} (LSN {} on): {reason}",
-                                path.display(),
-                                cursor.next_lsn()
-                            ));
-                        }
-                    }
-                    break;
-                }
-            }
-            progress(status.bytes - len + cursor.offset());
-        }
+        let read_before = status.bytes - len;
+        let next_segment = segments.get(i + 1).map(|s| s.first_lsn);
+        let scan = wal::damage::scan_segment(&mut cursor, next_segment, &mut |record, at| {
+            status.last_lsn = record.lsns.last;
+            status.count(record, flushed, now_us);
+            progress(read_before + at);
+        })
+        .map_err(WalError::io(format!("read {}", path.display())))?;
         progress(status.bytes);
+        if let Some((_, bytes)) = scan.torn_tail {
+            status.torn_tail_bytes = bytes;
+        } else if scan.damage.last().is_none_or(|d| d.last_lsn.is_some()) {
+            expected = Some(cursor.next_lsn());
+        }
+        for damage in scan.damage {
+            status.checksums_ok = false;
+            status.damage(damage.to_string());
+        }
+    }
+    if let Some(damage) = wal::damage::recorded(dir)? {
+        status.damage(format!("the daemon found while flushing: {damage}"));
     }
     if flushed > status.last_lsn {
         status.damage(format!(
@@ -217,8 +199,16 @@ impl WalStatus {
         self.problems.push(problem);
     }
 
-    /// Counts the rows of `record` above the watermark `flushed` as pending.
-    fn count_pending(&mut self, record: &Record<'_>, flushed: Lsn, now_us: u64) {
+    /// Counts the rows of `record` above the watermark `flushed` as pending, or as
+    /// quarantined.
+    fn count(&mut self, record: &Record<'_>, flushed: Lsn, now_us: u64) {
+        if record.kind == RecordKind::Quarantined {
+            self.quarantined_rows += record.lsns.rows();
+            return;
+        }
+        if record.lsns.last <= flushed {
+            return;
+        }
         let rows = record.lsns.last.0 - record.lsns.first.0.max(flushed.0 + 1) + 1;
         let bytes = record.payload.len() as u64;
         let table = RowGroup::decode(record.payload)
@@ -240,12 +230,8 @@ impl WalStatus {
 /// # Errors
 /// When the config file cannot be read or `--wal-dir` is not a WAL directory.
 pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let dir = match (&args.wal_dir, &args.config) {
-        (Some(dir), _) => dir.clone(),
-        (None, Some(config)) => Config::load(config)?.wal.dir,
-        (None, None) => unreachable!("clap requires --wal-dir or --config"),
-    };
-    let bar = progress_bar(&dir);
+    let dir = args.dir.resolve()?;
+    let bar = progress_bar(&dir, "verifying");
     let status = inspect(&dir, &mut |done| {
         if let Some(bar) = &bar {
             bar.set_position(done);
@@ -272,7 +258,9 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn progress_bar(dir: &Path) -> Option<indicatif::ProgressBar> {
+/// A progress bar over the bytes of `dir`'s segments, labelled `what`, when stderr is a
+/// terminal and there is enough to read for it to matter.
+pub(crate) fn progress_bar(dir: &Path, what: &str) -> Option<indicatif::ProgressBar> {
     if !io::stderr().is_terminal() {
         return None;
     }
@@ -284,8 +272,10 @@ fn progress_bar(dir: &Path) -> Option<indicatif::ProgressBar> {
         .sum();
     (total > 64 << 20).then(|| {
         indicatif::ProgressBar::new(total).with_style(
-            indicatif::ProgressStyle::with_template("verifying {bytes}/{total_bytes} {wide_bar}")
-                .expect("the template is valid"),
+            indicatif::ProgressStyle::with_template(&format!(
+                "{what} {{bytes}}/{{total_bytes}} {{wide_bar}}"
+            ))
+            .expect("the template is valid"),
         )
     })
 }
@@ -326,6 +316,7 @@ pub fn render(s: &WalStatus) -> String {
         ),
         ("oldest pending", age),
         ("torn tail", format!("{} bytes", s.torn_tail_bytes)),
+        ("quarantined", format!("{} rows", s.quarantined_rows)),
     ] {
         let _ = writeln!(out, "  {key:<15} {value}");
     }

@@ -8,12 +8,14 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use tracing::warn;
+
 use crate::config::BatchConfig;
 use crate::fsutil;
 use crate::lsn::Lsn;
 use crate::rowgroup::{MalformedGroup, RowFormat, RowGroup};
 use crate::table::TableName;
-use crate::wal::{Record, WalError, WalReader};
+use crate::wal::{Record, RecordKind, WalError, WalReader};
 
 /// The rows of one (table, column set) in a batch.
 #[derive(Debug)]
@@ -37,6 +39,8 @@ pub struct Batch {
     /// Group index by the row-group header bytes (format, table and columns).
     index: HashMap<Vec<u8>, usize>,
     rows: u64,
+    /// LSNs of quarantined records passed over.
+    passed_over: u64,
     bytes: u64,
     last: Lsn,
     /// CRC of the last record: stored with the watermark as its fingerprint.
@@ -66,6 +70,17 @@ impl Batch {
     /// # Errors
     /// When the payload is not a row group.
     pub fn push(&mut self, record: Record<'_>, max_wait: Duration) -> Result<(), MalformedGroup> {
+        self.last = record.lsns.last;
+        self.last_crc = record.crc;
+        if record.kind == RecordKind::Quarantined {
+            warn!(
+                lsns = %record.lsns,
+                note = %String::from_utf8_lossy(record.payload),
+                "passing over LSNs an operator quarantined: their rows are not loaded"
+            );
+            self.passed_over += record.lsns.rows();
+            return Ok(());
+        }
         let group = RowGroup::decode(record.payload)?;
         let header = &record.payload[..record.payload.len() - group.body.len()];
         let slot = match self.index.get(header) {
@@ -91,13 +106,11 @@ impl Batch {
         }
         self.rows += record.lsns.rows();
         self.bytes += group.body.len() as u64;
-        self.last = record.lsns.last;
-        self.last_crc = record.crc;
         Ok(())
     }
 
-    /// Reads records at or below `durable` until the batch is full or the reader is caught
-    /// up.
+    /// Reads records at or below `durable` until the batch is full, the reader is caught
+    /// up, or it meets an error after at least one record.
     ///
     /// # Errors
     /// See [`FillError`].
@@ -108,8 +121,12 @@ impl Batch {
         limits: &BatchConfig,
     ) -> Result<(), FillError> {
         while !self.is_full(limits) {
-            let Some(record) = reader.next(durable)? else {
-                break;
+            let record = match reader.next(durable) {
+                Ok(Some(record)) => record,
+                Ok(None) => break,
+                // The records before damage are loaded first; the next fill meets it again.
+                Err(_) if !self.is_empty() => break,
+                Err(e) => return Err(e.into()),
             };
             let lsn = record.lsns.first;
             self.push(record, limits.max_wait)
@@ -130,10 +147,10 @@ impl Batch {
         self.due
     }
 
-    /// Whether the batch holds no rows.
+    /// Whether the batch holds no records: no rows, and no quarantined LSNs to pass over.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.rows == 0
+        self.rows == 0 && self.passed_over == 0
     }
 
     /// Rows in the batch.
@@ -199,6 +216,8 @@ mod tests {
         let now = fsutil::now_us();
         for (lsn, rows, p) in [(1, 2, &a), (3, 1, &b), (4, 1, &a2)] {
             let record = Record {
+                kind: RecordKind::Rows,
+                group_lsn: Lsn(lsn),
                 lsns: LsnRange::starting_at(Lsn(lsn), rows),
                 time_us: now,
                 crc: 0,
@@ -224,6 +243,8 @@ mod tests {
         let mut batch = Batch::default();
         let p = payload("a", &["x"], &["1"]);
         let record = Record {
+            kind: RecordKind::Rows,
+            group_lsn: Lsn(1),
             lsns: LsnRange::starting_at(Lsn(1), 1),
             time_us: fsutil::now_us() - 10_000_000,
             crc: 0,

@@ -8,7 +8,9 @@
 //! Any failure ends the session: the flusher waits (capped exponential backoff with
 //! jitter) and starts a new one, which reads the watermark again, so a batch whose COMMIT
 //! outcome was lost is neither lost nor sent twice. Replay after a crash is the same path.
-//! Only damage to the WAL, or a watermark the WAL cannot match, stops the flusher.
+//! Only damage to the WAL, or a watermark the WAL cannot match, stops the flusher. Damage
+//! is recorded in the WAL directory (see [`crate::wal::damage`]) so that the daemon keeps
+//! refusing to start until an operator runs `pgspool quarantine` or restores the directory.
 
 pub mod batch;
 pub mod transaction;
@@ -92,9 +94,19 @@ impl Flusher {
     /// # Errors
     /// [`FatalError`].
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), FatalError> {
+        let result = self.flush(&shutdown).await;
+        if let Err(FatalError::Wal(WalError::Corrupt { damage })) = &result
+            && let Err(e) = crate::wal::damage::record(self.wal.path(), damage)
+        {
+            warn!(error = %e, "could not record the damage in the WAL directory");
+        }
+        result
+    }
+
+    async fn flush(&mut self, shutdown: &CancellationToken) -> Result<(), FatalError> {
         let mut delay = self.postgres.retry_initial;
         loop {
-            match self.session(&shutdown, &mut delay).await? {
+            match self.session(shutdown, &mut delay).await? {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Retry(why) => {
                     let wait = jitter(delay);

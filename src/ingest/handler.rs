@@ -4,14 +4,16 @@
 //! |---|---|
 //! | `POST /v1/tables/{table}/rows` | 202 `{"rows","first_lsn","last_lsn"}` once every row is in the WAL and fdatasync'd |
 //! | `GET /healthz` | 200 once the WAL is recovered and writes are accepted, 503 while stopping |
+//! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]) |
 //!
 //! Errors are `{"error": "..."}`: 400 malformed body, not UTF-8, a row that is not an
 //! object, a duplicate key, a bad table name; 403 one of pgspool's own tables; 404 no such
 //! table; 405 wrong method; 413 body over `[ingest] max_body_bytes`; 415 other content
 //! types; 422 unknown or `GENERATED ALWAYS` column, a NUL character, a value no column of
 //! that type can take, a view or other relation that is not a table; 500 a failed
-//! fdatasync (pgspool stops); 503 not accepting writes (stopping) or PostgreSQL needed but
-//! unreachable; 507 the WAL's disk is full.
+//! fdatasync (pgspool stops); 503 with `Retry-After` not accepting writes (stopping), the
+//! WAL holding `[wal] max_bytes`, or PostgreSQL needed but unreachable; 507 the WAL's disk
+//! is full. Refusals for a full WAL or disk are counted in `pgspool_writes_refused_total`.
 
 use std::sync::{Arc, RwLock};
 
@@ -24,10 +26,11 @@ use percent_encoding::percent_decode_str;
 use serde_json::json;
 use tracing::{debug, warn};
 
+use crate::metrics::{Metrics, RefusalReason};
 use crate::rows::{self, BodyFormat, Groups, RowError};
 use crate::schema::{Catalog, Found, OWN_SCHEMA, SchemaCache, TableSchema};
 use crate::table::TableName;
-use crate::wal::{AppendError, AppendRecord, Appender};
+use crate::wal::{AppendError, AppendRecord, Appender, WalDir};
 
 /// Shared state of the request handlers.
 #[derive(Debug)]
@@ -35,9 +38,29 @@ pub struct Ingest {
     /// `None` once the daemon stops accepting writes, so that no connection left behind
     /// keeps the WAL writer alive.
     appender: RwLock<Option<Appender>>,
+    wal: Arc<WalDir>,
     schemas: Arc<SchemaCache>,
     catalog: Catalog,
     max_body_bytes: u64,
+    max_wal_bytes: u64,
+    metrics: Metrics,
+}
+
+/// What the request handlers need.
+#[derive(Debug)]
+pub struct IngestOptions {
+    /// Appends to the WAL.
+    pub appender: Appender,
+    /// The WAL directory, for its size.
+    pub wal: Arc<WalDir>,
+    /// Table schemas, filled from `catalog`.
+    pub schemas: Arc<SchemaCache>,
+    /// Reads table schemas from PostgreSQL.
+    pub catalog: Catalog,
+    /// Bodies above this many bytes get 413.
+    pub max_body_bytes: u64,
+    /// Writes that would take the WAL above this many bytes get 503 (`[wal] max_bytes`).
+    pub max_wal_bytes: u64,
 }
 
 /// A refusal: status and message.
@@ -50,21 +73,37 @@ impl Refusal {
 }
 
 impl Ingest {
-    /// Handlers appending through `appender`, validating against `schemas` (filled from
-    /// `catalog`), refusing bodies over `max_body_bytes` bytes.
+    /// The handlers' state.
     #[must_use]
-    pub fn new(
-        appender: Appender,
-        schemas: Arc<SchemaCache>,
-        catalog: Catalog,
-        max_body_bytes: u64,
-    ) -> Ingest {
+    pub fn new(options: IngestOptions) -> Ingest {
         Ingest {
-            appender: RwLock::new(Some(appender)),
-            schemas,
-            catalog,
-            max_body_bytes,
+            appender: RwLock::new(Some(options.appender)),
+            metrics: Metrics::new(Arc::clone(&options.wal)),
+            wal: options.wal,
+            schemas: options.schemas,
+            catalog: options.catalog,
+            max_body_bytes: options.max_body_bytes,
+            max_wal_bytes: options.max_wal_bytes,
         }
+    }
+
+    /// Refuses a write of `bytes` more bytes (0 before the body is read) with 503 when the
+    /// WAL would hold more than `[wal] max_bytes`, and counts the refusal.
+    fn check_backlog(&self, bytes: u64) -> Result<(), Refusal> {
+        let held = self.wal.bytes();
+        if held + bytes <= self.max_wal_bytes {
+            return Ok(());
+        }
+        self.metrics.refused(RefusalReason::BacklogFull);
+        Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the WAL holds {held} bytes and [wal] max_bytes is {}: PostgreSQL is not \
+                 keeping up (or is down). Nothing of this request was kept, and nothing held is \
+                 evicted; retry later",
+                self.max_wal_bytes
+            ),
+        ))
     }
 
     /// Stops accepting writes: from now on they get 503 and `/healthz` says so. Appends
@@ -93,10 +132,11 @@ impl Ingest {
         let segments: Vec<&str> = path.split('/').collect();
         let result = match (segments.as_slice(), request.method()) {
             (["", "healthz"], &Method::GET) => self.health(),
+            (["", "metrics"], &Method::GET) => Ok(self.metrics()),
             (["", "v1", "tables", table, "rows"], &Method::POST) => {
                 self.post_rows(table, request).await
             }
-            (["", "healthz"], _) => Err(method_not_allowed("GET")),
+            (["", "healthz" | "metrics"], _) => Err(method_not_allowed("GET")),
             (["", "v1", "tables", _, "rows"], _) => Err(method_not_allowed("POST")),
             _ => Err(Refusal::new(
                 StatusCode::NOT_FOUND,
@@ -109,7 +149,11 @@ impl Ingest {
                 debug!(%status, %message, "request refused");
                 let mut response = json_response(status, &json!({ "error": message }));
                 if status == StatusCode::METHOD_NOT_ALLOWED {
-                    let allow = if path == "/healthz" { "GET" } else { "POST" };
+                    let allow = if path.starts_with("/v1/") {
+                        "POST"
+                    } else {
+                        "GET"
+                    };
                     response
                         .headers_mut()
                         .insert("allow", HeaderValue::from_static(allow));
@@ -122,6 +166,15 @@ impl Ingest {
                 response
             }
         }
+    }
+
+    fn metrics(&self) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(Bytes::from(self.metrics.render())));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
     }
 
     fn health(&self) -> Result<Response<Full<Bytes>>, Refusal> {
@@ -144,6 +197,7 @@ impl Ingest {
         // Before the body is read, so a request for a table that does not exist costs no
         // memory.
         let columns = self.columns(&table).await?;
+        self.check_backlog(0)?;
         let body = self.read_body(request).await?;
         let body = std::str::from_utf8(&body).map_err(|e| {
             Refusal::new(
@@ -161,9 +215,13 @@ impl Ingest {
             .into_iter()
             .map(|(rows, payload)| AppendRecord::new(rows, payload))
             .collect();
+        self.check_backlog(records.iter().map(AppendRecord::encoded_len).sum())?;
         let lsns = self.appender()?.append(records).await.map_err(|e| {
             let status = match &e {
-                AppendError::Write(io) if is_disk_full(io) => StatusCode::INSUFFICIENT_STORAGE,
+                AppendError::Write(io) if is_disk_full(io) => {
+                    self.metrics.refused(RefusalReason::DiskFull);
+                    StatusCode::INSUFFICIENT_STORAGE
+                }
                 AppendError::Write(_) | AppendError::Sync(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 AppendError::Closed => StatusCode::SERVICE_UNAVAILABLE,
             };

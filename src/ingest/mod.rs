@@ -19,7 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-pub use handler::Ingest;
+pub use handler::{Ingest, IngestOptions};
 
 /// How long a client may take to send a request's headers (a slow client cannot hold a
 /// connection open forever by trickling them).

@@ -17,8 +17,10 @@
 //! One thread owns the active segment (`writer.rs`). Ingest tasks send it whole requests;
 //! it takes every request waiting (up to a group size), gives their rows consecutive LSNs,
 //! writes them with one `pwrite`, calls `fdatasync` once, then answers every request of the
-//! group. No request is answered before the sync that covers it. A failed write is rolled
-//! back (the file truncated to its previous length) and reported to the group's requests;
+//! group. No request is answered before the sync that covers it. A failed write (a full
+//! disk) is rolled back (the file truncated to its previous length and synced) and reported
+//! to the group's requests, and the next group starts a new segment, so that the flusher can
+//! delete this one and free its space;
 //! a failed `fdatasync` is fatal: the writer truncates the group away as far as it can,
 //! answers it with an error and stops, and the daemon exits, because after a failed fsync
 //! the page cache can no longer be trusted (PostgreSQL's "fsyncgate"); recovery re-reads
@@ -47,6 +49,7 @@
 //! PostgreSQL, i.e. when the next segment's first LSN is at most watermark + 1. The last
 //! segment is never deleted, so the next LSN survives even when everything is flushed.
 
+pub mod damage;
 pub mod reader;
 pub mod record;
 pub mod recovery;
@@ -57,16 +60,17 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
 use crate::fsutil;
 use crate::lsn::Lsn;
+pub use damage::{Damage, TailDamage, classify_tail, read_tail};
 pub use reader::WalReader;
-pub use record::{AppendRecord, Invalid, Record};
+pub use record::{AppendRecord, Invalid, Record, RecordKind};
 pub(crate) use recovery::missing_spool_id;
-pub use recovery::{TailDamage, classify_tail, read_tail};
 use segment::{OpenSegmentError, SegmentFile};
 pub use writer::{AppendError, Appender};
 
@@ -108,29 +112,18 @@ pub enum WalError {
         /// What is wrong with it.
         reason: String,
     },
-    /// A record of acknowledged data failed validation.
+    /// Acknowledged records are damaged.
     #[error(
-        "WAL damaged: segment {path} at byte {offset} (expected LSN {lsn}): {reason}{}; the \
-         acknowledged rows from LSN {lsn} on cannot be read. pgspool does not skip them \
-         silently: keep the directory for inspection (pgspool status --wal-dir shows the \
-         damage) and restore it, or move it aside to start a new spool and send those rows \
-         again",
-        followed_by.map_or_else(String::new, |(at, lsn)| format!(
-            ", and a valid record (LSN {lsn}) follows at byte {at}"
-        ))
+        "WAL damaged: {damage}. These rows were acknowledged, and pgspool never skips them by \
+         itself. Keep the directory ({dir}); `pgspool status --wal-dir {dir}` lists all \
+         damage. Restore the directory from a copy, or, to go on without those rows, stop \
+         pgspool and run `pgspool quarantine --wal-dir {dir}`: it moves the damaged bytes to \
+         {dir}/quarantine/ and the flusher passes over their LSNs",
+        dir = damage.segment.parent().unwrap_or(Path::new(".")).display()
     )]
     Corrupt {
-        /// The segment.
-        path: PathBuf,
-        /// Byte offset of the damaged record in the segment.
-        offset: u64,
-        /// The LSN the damaged record should have started with.
-        lsn: Lsn,
-        /// What failed.
-        reason: Invalid,
-        /// The next valid record after the damage, if one was looked for and found: its
-        /// offset and first LSN.
-        followed_by: Option<(u64, Lsn)>,
+        /// Where, which LSNs, and why.
+        damage: Damage,
     },
     /// The log ends before rows its checkpoint says PostgreSQL committed.
     #[error(
@@ -201,6 +194,8 @@ pub struct WalOptions {
 pub struct WalDir {
     path: PathBuf,
     spool_id: Uuid,
+    /// Bytes in the segment files, kept up to date by the writer and by deletion.
+    bytes: AtomicU64,
     _lock: File,
 }
 
@@ -218,6 +213,17 @@ impl WalDir {
         self.spool_id
     }
 
+    /// Bytes in the segment files: the unflushed backlog, plus flushed rows whose segment
+    /// is not deleted yet (at most one segment's worth). `[wal] max_bytes` bounds it.
+    #[must_use]
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn add_bytes(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Deletes the segments whose rows are all at or below `committed`, oldest first, and
     /// never the last one. Returns how many were deleted.
     ///
@@ -231,8 +237,10 @@ impl WalDir {
             if pair[1].first_lsn.prev() > committed {
                 break;
             }
+            let len = fs::metadata(&pair[0].path).map_or(0, |m| m.len());
             fs::remove_file(&pair[0].path)
                 .map_err(WalError::io(format!("delete {}", pair[0].path.display())))?;
+            self.bytes.fetch_sub(len, Ordering::Relaxed);
             removed += 1;
         }
         if removed > 0 {

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use super::record::Record;
+use super::damage;
+use super::record::{Invalid, Record};
 use super::segment::{self, SegmentCursor, SegmentFile, Step};
 use super::{WalDir, WalError};
 use crate::lsn::Lsn;
@@ -121,16 +122,26 @@ impl WalReader {
                     }
                     self.cursor = open_cursor(&self.dir, segment)?;
                 }
-                Step::Damaged { offset, reason } => {
-                    return Err(WalError::Corrupt {
-                        path: self.cursor.segment().path.clone(),
-                        offset,
-                        lsn: self.cursor.next_lsn(),
-                        reason,
-                        followed_by: None,
-                    });
-                }
+                Step::Damaged { offset, reason } => return Err(self.damage(offset, &reason)),
             }
+        }
+    }
+}
+
+impl WalReader {
+    /// The error for damage at `offset` of the current segment. What the reader reads is
+    /// durable, so it is never a torn write.
+    fn damage(&self, offset: u64, reason: &Invalid) -> WalError {
+        let segment = self.cursor.segment();
+        let next_segment = segment::list(self.dir.path())
+            .ok()
+            .and_then(|all| all.into_iter().find(|s| s.first_lsn > segment.first_lsn))
+            .map(|s| s.first_lsn);
+        let expected = self.cursor.next_lsn();
+        match damage::locate(segment, offset, expected, reason, next_segment, false) {
+            Ok(Some(damage)) => WalError::Corrupt { damage },
+            Ok(None) => unreachable!("a torn write is only located where one is possible"),
+            Err(e) => WalError::io(format!("read {}", segment.path.display()))(e),
         }
     }
 }

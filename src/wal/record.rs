@@ -6,22 +6,44 @@
 //!      4    4 len        payload length in bytes, at most MAX_PAYLOAD_BYTES
 //!      8    8 first_lsn  LSN of the record's first row
 //!     16    4 rows       rows in the record, at least 1
-//!     20    1 type       1 = row group (the payload format is owned by `crate::rowgroup`)
+//!     20    1 type       1 = rows: a row group (the payload format is owned by
+//!                        `crate::rowgroup`); 2 = quarantined: LSNs an operator moved
+//!                        aside with `pgspool quarantine` (payload: UTF-8 note naming the
+//!                        file that holds the damaged bytes)
 //!     21    3 reserved   zero
 //!     24    8 time_us    append time, microseconds since the Unix epoch
-//!     32  len payload
+//!     32    8 group_lsn  first LSN of the group commit that wrote the record
+//!     40  len payload
 //! ```
 //! All integers are little-endian. The LSN sits inside the checksummed bytes, so stale bytes
 //! of an older record can never pass for the record expected at a position.
+//!
+//! `group_lsn` tells a torn write from damage: every record of one group commit carries the
+//! same `group_lsn`, and a group is written only after the one before it was synced and
+//! acknowledged. A valid record whose `group_lsn` is above a damaged LSN therefore proves
+//! that the damaged record had been acknowledged; one of the same group proves nothing (see
+//! `recovery::classify_tail`).
 
 use crate::lsn::{Lsn, LsnRange};
 
 /// Size of the fixed record header in bytes.
-pub const HEADER_BYTES: usize = 32;
+pub const HEADER_BYTES: usize = 40;
 /// Largest payload a record may carry (64 MiB); a length above it is damage, not a record.
 pub const MAX_PAYLOAD_BYTES: u32 = 64 << 20;
-/// The only record type so far: a group of rows for one table (see `crate::rowgroup`).
-const TYPE_ROW_GROUP: u8 = 1;
+/// Record type of a group of rows for one table (see `crate::rowgroup`).
+const TYPE_ROWS: u8 = 1;
+/// Record type of a range of LSNs moved aside by `pgspool quarantine`.
+const TYPE_QUARANTINED: u8 = 2;
+
+/// What a record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// Rows for one table: the payload is a row group.
+    Rows,
+    /// LSNs whose records were damaged and moved aside by `pgspool quarantine`: nothing to
+    /// load; the payload is a note naming where the damaged bytes went.
+    Quarantined,
+}
 
 /// A record ready to be appended: its payload, row count and the payload's CRC-32C.
 ///
@@ -29,6 +51,7 @@ const TYPE_ROW_GROUP: u8 = 1;
 /// writer only combines it with the header's.
 #[derive(Debug)]
 pub struct AppendRecord {
+    pub(crate) kind: RecordKind,
     pub(crate) rows: u32,
     pub(crate) payload: Vec<u8>,
     pub(crate) payload_crc: u32,
@@ -42,6 +65,17 @@ impl AppendRecord {
     /// records from validated requests, so either is a bug.
     #[must_use]
     pub fn new(rows: u32, payload: Vec<u8>) -> AppendRecord {
+        AppendRecord::of_kind(RecordKind::Rows, rows, payload)
+    }
+
+    /// A record standing for `rows` LSNs moved aside by `pgspool quarantine`; `note` says
+    /// where their bytes went.
+    #[must_use]
+    pub fn quarantined(rows: u32, note: &str) -> AppendRecord {
+        AppendRecord::of_kind(RecordKind::Quarantined, rows, note.as_bytes().to_vec())
+    }
+
+    fn of_kind(kind: RecordKind, rows: u32, payload: Vec<u8>) -> AppendRecord {
         assert!(rows > 0, "a record holds at least one row");
         assert!(
             payload.len() <= MAX_PAYLOAD_BYTES as usize,
@@ -50,6 +84,7 @@ impl AppendRecord {
         );
         let payload_crc = crc32c::crc32c(&payload);
         AppendRecord {
+            kind,
             rows,
             payload,
             payload_crc,
@@ -62,15 +97,20 @@ impl AppendRecord {
         (HEADER_BYTES + self.payload.len()) as u64
     }
 
-    /// Appends header and payload to `out`, with `first_lsn` and `time_us` filled in.
-    pub(crate) fn encode_into(&self, first_lsn: Lsn, time_us: u64, out: &mut Vec<u8>) {
+    /// Appends header and payload to `out`, with `first_lsn` filled in and `group` stamped:
+    /// the first LSN and the time of the group commit that writes the record.
+    pub(crate) fn encode_into(&self, first_lsn: Lsn, group: GroupStamp, out: &mut Vec<u8>) {
         let mut header = [0u8; HEADER_BYTES];
         let len = u32::try_from(self.payload.len()).expect("checked against MAX_PAYLOAD_BYTES");
         header[4..8].copy_from_slice(&len.to_le_bytes());
         header[8..16].copy_from_slice(&first_lsn.0.to_le_bytes());
         header[16..20].copy_from_slice(&self.rows.to_le_bytes());
-        header[20] = TYPE_ROW_GROUP;
-        header[24..32].copy_from_slice(&time_us.to_le_bytes());
+        header[20] = match self.kind {
+            RecordKind::Rows => TYPE_ROWS,
+            RecordKind::Quarantined => TYPE_QUARANTINED,
+        };
+        header[24..32].copy_from_slice(&group.time_us.to_le_bytes());
+        header[32..40].copy_from_slice(&group.first_lsn.0.to_le_bytes());
         let crc = crc32c::crc32c_combine(
             crc32c::crc32c(&header[4..]),
             self.payload_crc,
@@ -82,13 +122,37 @@ impl AppendRecord {
     }
 }
 
+/// The group commit a record is written in: its first LSN and its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupStamp {
+    /// LSN of the group's first row.
+    pub first_lsn: Lsn,
+    /// When the group was written, microseconds since the Unix epoch.
+    pub time_us: u64,
+}
+
+#[cfg(test)]
+impl GroupStamp {
+    /// The stamp of a group that starts at `lsn`, at time 0.
+    pub(crate) fn at(lsn: u64) -> GroupStamp {
+        GroupStamp {
+            first_lsn: Lsn(lsn),
+            time_us: 0,
+        }
+    }
+}
+
 /// A record read back from a segment; the payload borrows the reader's buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct Record<'a> {
+    /// What the record holds.
+    pub kind: RecordKind,
     /// The LSNs of the record's rows.
     pub lsns: LsnRange,
     /// When the record was appended, microseconds since the Unix epoch.
     pub time_us: u64,
+    /// First LSN of the group commit that wrote the record.
+    pub group_lsn: Lsn,
     /// The record's CRC-32C: with its LSNs, a fingerprint that tells this record from any
     /// other that ever held the same LSNs.
     pub crc: u32,
@@ -171,9 +235,11 @@ pub fn decode(buf: &[u8], expected: Lsn) -> Decoded<'_> {
     }
     let first = Lsn(u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes")));
     let rows = u32::from_le_bytes(buf[16..20].try_into().expect("4 bytes"));
-    if buf[20] != TYPE_ROW_GROUP {
-        return Decoded::Invalid(Invalid::Malformed("unknown record type"));
-    }
+    let kind = match buf[20] {
+        TYPE_ROWS => RecordKind::Rows,
+        TYPE_QUARANTINED => RecordKind::Quarantined,
+        _ => return Decoded::Invalid(Invalid::Malformed("unknown record type")),
+    };
     if buf[21..24] != [0, 0, 0] {
         return Decoded::Invalid(Invalid::Malformed("reserved bytes are not zero"));
     }
@@ -187,10 +253,16 @@ pub fn decode(buf: &[u8], expected: Lsn) -> Decoded<'_> {
         });
     }
     let time_us = u64::from_le_bytes(buf[24..32].try_into().expect("8 bytes"));
+    let group_lsn = Lsn(u64::from_le_bytes(buf[32..40].try_into().expect("8 bytes")));
+    if group_lsn > first {
+        return Decoded::Invalid(Invalid::Malformed("group LSN above the record's LSN"));
+    }
     Decoded::Record(
         Record {
+            kind,
             lsns: LsnRange::starting_at(first, u64::from(rows)),
             time_us,
+            group_lsn,
             crc: stored,
             payload: &buf[HEADER_BYTES..total],
         },
@@ -204,7 +276,11 @@ mod tests {
 
     fn encoded(first: u64, rows: u32, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        AppendRecord::new(rows, payload.to_vec()).encode_into(Lsn(first), 7, &mut out);
+        let group = GroupStamp {
+            first_lsn: Lsn(first),
+            time_us: 7,
+        };
+        AppendRecord::new(rows, payload.to_vec()).encode_into(Lsn(first), group, &mut out);
         out
     }
 
@@ -264,5 +340,58 @@ mod tests {
         buf[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(record_len(&buf), Err(Invalid::TooLong(u32::MAX)));
         assert_eq!(record_len(&encoded(1, 1, b"xyz")), Ok(HEADER_BYTES + 3));
+    }
+
+    /// Decodes records one after another from the start of `buf`, as a segment cursor does,
+    /// until the first invalid one; returns each with its offset.
+    fn walk(buf: &[u8], first: Lsn) -> Vec<(usize, Record<'_>, usize)> {
+        let (mut at, mut expected, mut out) = (0, first, Vec::new());
+        while let Ok((r, n)) = decode_all(&buf[at..], expected) {
+            out.push((at, r, n));
+            expected = r.lsns.last.next();
+            at += n;
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_bytes_never_panic_and_never_decode(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            expected in 0u64..1000,
+        ) {
+            proptest::prop_assert!(walk(&bytes, Lsn(expected)).is_empty());
+        }
+
+        #[test]
+        fn damaged_logs_decode_only_records_that_were_written(
+            records in proptest::collection::vec(
+                (1u32..50, proptest::collection::vec(proptest::num::u8::ANY, 0..80)),
+                1..12,
+            ),
+            damage in proptest::collection::vec((proptest::num::usize::ANY, proptest::num::u8::ANY), 1..6),
+            cut in proptest::option::of(proptest::num::usize::ANY),
+        ) {
+            let mut written = Vec::new();
+            let mut lsn = Lsn(100);
+            for (rows, payload) in &records {
+                let group = GroupStamp { first_lsn: lsn, time_us: 9 };
+                AppendRecord::new(*rows, payload.clone()).encode_into(lsn, group, &mut written);
+                lsn = lsn.advance(u64::from(*rows));
+            }
+            let mut bytes = written.clone();
+            for (at, value) in &damage {
+                let at = at % bytes.len();
+                bytes[at] = *value;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut % (bytes.len() + 1));
+            }
+            for (at, record, len) in walk(&bytes, Lsn(100)) {
+                // Every record decoded is byte for byte one that was written, in its place.
+                proptest::prop_assert_eq!(&bytes[at..at + len], &written[at..at + len]);
+                proptest::prop_assert_eq!(record.group_lsn, record.lsns.first);
+            }
+        }
     }
 }

@@ -16,14 +16,16 @@
 //! anything is cut.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use super::record::{self, Decoded, HEADER_BYTES, Invalid};
+use super::damage;
+use super::record::Invalid;
 use super::segment::{self, SEGMENT_HEADER_BYTES, SegmentCursor, SegmentFile, Step};
 use super::{
     CutTail, QUARANTINE_DIR, RecoveryReport, SPOOL_ID_FILE, Tail, WalDir, WalError,
@@ -33,60 +35,6 @@ use crate::fsutil;
 use crate::lsn::Lsn;
 
 const LOCK_FILE: &str = "LOCK";
-
-/// What follows the first invalid record of a segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TailDamage {
-    /// Nothing valid follows: a torn write of a request that was never acknowledged.
-    Torn,
-    /// A valid record follows: the invalid record is damaged acknowledged data.
-    Followed {
-        /// File offset of the valid record.
-        offset: u64,
-        /// Its first LSN.
-        lsn: Lsn,
-    },
-}
-
-/// Classifies `tail`, the bytes of a segment from offset `start` (an invalid record where
-/// LSN `expected` should begin) to its end, by looking for a valid record with an LSN of
-/// `expected` or later at any byte after `start`.
-#[must_use]
-pub fn classify_tail(tail: &[u8], start: u64, expected: Lsn) -> TailDamage {
-    for at in 1..tail.len().saturating_sub(HEADER_BYTES - 1) {
-        let candidate = &tail[at..];
-        // Cheap header checks first; the checksum only for plausible headers.
-        let Ok(len) = record::record_len(candidate) else {
-            continue;
-        };
-        let first = Lsn(u64::from_le_bytes(
-            candidate[8..16].try_into().expect("8 bytes"),
-        ));
-        if len > candidate.len() || first < expected || candidate[16..20] == [0; 4] {
-            continue;
-        }
-        if let Decoded::Record(r, _) = record::decode(candidate, first) {
-            return TailDamage::Followed {
-                offset: start + at as u64,
-                lsn: r.lsns.first,
-            };
-        }
-    }
-    TailDamage::Torn
-}
-
-/// Reads a segment's bytes from `offset` to its end (at most a segment: bounded by
-/// `[wal] segment_bytes` plus one request).
-///
-/// # Errors
-/// When reading fails.
-pub fn read_tail(path: &Path, offset: u64) -> io::Result<Vec<u8>> {
-    let mut file = File::open(path)?;
-    io::Seek::seek(&mut file, io::SeekFrom::Start(offset))?;
-    let mut tail = Vec::new();
-    file.read_to_end(&mut tail)?;
-    Ok(tail)
-}
 
 /// Opens `dir` (creating it if needed): takes the lock, reads or creates the spool id,
 /// removes temporary files, checks every segment header, and recovers the end of the log.
@@ -99,12 +47,16 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
     }
     fs::create_dir_all(dir).map_err(WalError::io(format!("create {}", dir.display())))?;
     let lock = lock_dir(dir)?;
+    if let Some(damage) = damage::recorded(dir)? {
+        return Err(WalError::Corrupt { damage });
+    }
     let segments = segment::list(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
     let spool_id = spool_id(dir, segments.first())?;
     remove_temporary_files(dir)?;
     let wal = WalDir {
         path: dir.to_path_buf(),
         spool_id,
+        bytes: AtomicU64::new(0),
         _lock: lock,
     };
     for seg in &segments {
@@ -133,6 +85,14 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
             (tail, report)
         }
     };
+    // Counted once recovery cut what it cuts; the writer and deletion keep it up to date.
+    let mut bytes = 0;
+    for seg in segment::list(dir).map_err(WalError::io(format!("list {}", dir.display())))? {
+        bytes += fs::metadata(&seg.path)
+            .map_err(WalError::io(format!("read {}", seg.path.display())))?
+            .len();
+    }
+    wal.bytes.store(bytes, Ordering::Relaxed);
     Ok((wal, tail, report))
 }
 
@@ -175,7 +135,7 @@ pub(crate) fn missing_spool_id(dir: &Path, segment: &SegmentFile) -> WalError {
     }
 }
 
-fn lock_dir(dir: &Path) -> Result<File, WalError> {
+pub(super) fn lock_dir(dir: &Path) -> Result<File, WalError> {
     let path = dir.join(LOCK_FILE);
     let mut file = OpenOptions::new()
         .read(true)
@@ -259,21 +219,13 @@ fn recover_tail(
     let torn = match damage {
         None => None,
         Some((offset, reason)) => {
-            let tail = read_tail(&path, offset)
+            let located = damage::locate(&last, offset, next_lsn, &reason, None, true)
                 .map_err(WalError::io(format!("read the tail of {}", path.display())))?;
-            if let TailDamage::Followed {
-                offset: valid_at,
-                lsn,
-            } = classify_tail(&tail, offset, next_lsn)
-            {
-                return Err(WalError::Corrupt {
-                    path,
-                    offset,
-                    lsn: next_lsn,
-                    reason,
-                    followed_by: Some((valid_at, lsn)),
-                });
+            if let Some(damage) = located {
+                return Err(WalError::Corrupt { damage });
             }
+            let tail = damage::read_tail(&path, offset)
+                .map_err(WalError::io(format!("read the tail of {}", path.display())))?;
             Some((offset, reason, tail))
         }
     };
@@ -350,54 +302,4 @@ fn cut_torn_tail(
         "cut a torn write at the end of the WAL (a request that was never acknowledged)"
     );
     Ok(cut)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::wal::record::AppendRecord;
-
-    fn records(first: u64, count: u64) -> Vec<u8> {
-        let mut out = Vec::new();
-        for i in 0..count {
-            AppendRecord::new(1, format!("row {i}\n").into_bytes()).encode_into(
-                Lsn(first + i),
-                0,
-                &mut out,
-            );
-        }
-        out
-    }
-
-    #[test]
-    fn garbage_and_zeroes_after_a_bad_record_are_a_torn_write() {
-        let mut tail = records(5, 1);
-        tail[34] ^= 1;
-        tail.extend((0..500u32).map(|i| (i * 7919 % 251) as u8));
-        tail.extend([0u8; 300]);
-        assert_eq!(classify_tail(&tail, 1000, Lsn(5)), TailDamage::Torn);
-    }
-
-    #[test]
-    fn a_valid_record_after_a_bad_one_is_damage() {
-        let mut tail = records(5, 3);
-        tail[HEADER_BYTES + 2] ^= 0x10;
-        let second = records(5, 1).len();
-        assert_eq!(
-            classify_tail(&tail, 1000, Lsn(5)),
-            TailDamage::Followed {
-                offset: 1000 + second as u64,
-                lsn: Lsn(6)
-            }
-        );
-    }
-
-    #[test]
-    fn records_from_before_the_damage_do_not_count() {
-        // A stale copy of an earlier record (lower LSN) is not evidence of later data.
-        let mut tail = records(9, 1);
-        tail[0] ^= 1;
-        tail.extend(records(3, 1));
-        assert_eq!(classify_tail(&tail, 0, Lsn(9)), TailDamage::Torn);
-    }
 }

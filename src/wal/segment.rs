@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use super::record::{self, Decoded, HEADER_BYTES, Invalid, Record};
+use super::record::{self, Decoded, HEADER_BYTES, Invalid, Record, RecordKind};
 use crate::fsutil;
 use crate::lsn::{Lsn, LsnRange};
 
@@ -226,8 +226,8 @@ pub struct SegmentCursor {
     start: usize,
     /// Length of the record handed out last, consumed at the next step.
     handed_out: usize,
-    /// LSNs, append time and CRC of the record handed out last.
-    handed_out_meta: (LsnRange, u64, u32),
+    /// The record handed out last, less its payload.
+    handed_out_meta: Meta,
     next_lsn: Lsn,
     trusted: Lsn,
 }
@@ -251,7 +251,13 @@ impl SegmentCursor {
             buf_offset: SEGMENT_HEADER_BYTES,
             start: 0,
             handed_out: 0,
-            handed_out_meta: (LsnRange::starting_at(Lsn::FIRST, 1), 0, 0),
+            handed_out_meta: Meta {
+                kind: RecordKind::Rows,
+                lsns: LsnRange::starting_at(Lsn::FIRST, 1),
+                time_us: 0,
+                group_lsn: Lsn::FIRST,
+                crc: 0,
+            },
             trusted: Lsn::ZERO,
         };
         Ok((cursor, header))
@@ -305,13 +311,19 @@ impl SegmentCursor {
             return Ok(damaged(offset, len, available));
         }
         let meta = match record::decode(&self.buf[self.start..], self.next_lsn) {
-            Decoded::Record(r, _) => (r.lsns, r.time_us, r.crc),
+            Decoded::Record(r, _) => Meta {
+                kind: r.kind,
+                lsns: r.lsns,
+                time_us: r.time_us,
+                group_lsn: r.group_lsn,
+                crc: r.crc,
+            },
             Decoded::Invalid(reason) => return Ok(Step::Damaged { offset, reason }),
         };
-        self.next_lsn = meta.0.last.next();
+        self.next_lsn = meta.lsns.last.next();
         self.handed_out = len;
         self.handed_out_meta = meta;
-        Ok(Step::Record(meta.0))
+        Ok(Step::Record(meta.lsns))
     }
 
     /// The record the last [`step`](Self::step) returned as [`Step::Record`].
@@ -321,13 +333,32 @@ impl SegmentCursor {
     #[must_use]
     pub fn record(&self) -> Record<'_> {
         assert!(self.handed_out > 0, "no record was handed out");
-        let (lsns, time_us, crc) = self.handed_out_meta;
-        Record {
+        let Meta {
+            kind,
             lsns,
             time_us,
+            group_lsn,
+            crc,
+        } = self.handed_out_meta;
+        Record {
+            kind,
+            lsns,
+            time_us,
+            group_lsn,
             crc,
             payload: &self.buf[self.start + HEADER_BYTES..self.start + self.handed_out],
         }
+    }
+
+    /// Positions the cursor at `offset`, where the record of LSN `lsn` starts: for reading
+    /// on past damage.
+    pub fn resume_at(&mut self, offset: u64, lsn: Lsn) {
+        self.buf.clear();
+        self.buf_offset = offset;
+        self.start = 0;
+        self.handed_out = 0;
+        self.next_lsn = lsn;
+        self.trusted = Lsn::ZERO;
     }
 
     /// Makes the buffer hold `n` bytes from the next record on, reading as needed; returns
@@ -371,6 +402,16 @@ impl SegmentCursor {
     }
 }
 
+/// What a cursor keeps of the record it handed out last, beside the payload.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    kind: RecordKind,
+    lsns: LsnRange,
+    time_us: u64,
+    group_lsn: Lsn,
+    crc: u32,
+}
+
 fn damaged(offset: u64, needed: usize, available: usize) -> Step {
     Step::Damaged {
         offset,
@@ -384,7 +425,7 @@ fn damaged(offset: u64, needed: usize, available: usize) -> Step {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::record::AppendRecord;
+    use crate::wal::record::{AppendRecord, GroupStamp};
 
     #[test]
     fn names_round_trip_and_sort_in_log_order() {
@@ -423,10 +464,10 @@ mod tests {
         let spool = Uuid::new_v4();
         let (file, seg) = create(dir.path(), Lsn(1), spool).expect("create");
         let mut bytes = Vec::new();
-        AppendRecord::new(2, b"a\nb\n".to_vec()).encode_into(Lsn(1), 0, &mut bytes);
-        AppendRecord::new(1, b"c\n".to_vec()).encode_into(Lsn(3), 0, &mut bytes);
+        AppendRecord::new(2, b"a\nb\n".to_vec()).encode_into(Lsn(1), GroupStamp::at(1), &mut bytes);
+        AppendRecord::new(1, b"c\n".to_vec()).encode_into(Lsn(3), GroupStamp::at(3), &mut bytes);
         let good = bytes.len();
-        AppendRecord::new(1, b"torn\n".to_vec()).encode_into(Lsn(4), 0, &mut bytes);
+        AppendRecord::new(1, b"torn\n".to_vec()).encode_into(Lsn(4), GroupStamp::at(4), &mut bytes);
         bytes.truncate(bytes.len() - 2);
         file.write_all_at(&bytes, SEGMENT_HEADER_BYTES)
             .expect("write");
@@ -454,13 +495,20 @@ mod tests {
         let spool = Uuid::new_v4();
         let (file, seg) = create(dir.path(), Lsn(1), spool).expect("create");
         let mut first = Vec::new();
-        AppendRecord::new(1, b"one\n".to_vec()).encode_into(Lsn(1), 0, &mut first);
+        AppendRecord::new(1, b"one\n".to_vec()).encode_into(Lsn(1), GroupStamp::at(1), &mut first);
         let mut second = Vec::new();
-        AppendRecord::new(1, b"two\n".to_vec()).encode_into(Lsn(2), 0, &mut second);
+        AppendRecord::new(1, b"two\n".to_vec()).encode_into(Lsn(2), GroupStamp::at(2), &mut second);
         // When the cursor reads ahead, the bytes after the first record are those of a
         // write that will be rolled back (say the disk filled up) and written again.
         let mut rolled_back = Vec::new();
-        AppendRecord::new(1, b"gone\n".to_vec()).encode_into(Lsn(2), 1, &mut rolled_back);
+        AppendRecord::new(1, b"gone\n".to_vec()).encode_into(
+            Lsn(2),
+            GroupStamp {
+                first_lsn: Lsn(2),
+                time_us: 1,
+            },
+            &mut rolled_back,
+        );
         let mut bytes = first.clone();
         bytes.extend_from_slice(&rolled_back[..20]);
         file.write_all_at(&bytes, SEGMENT_HEADER_BYTES)

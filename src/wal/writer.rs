@@ -9,7 +9,7 @@ use std::thread;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info};
 
-use super::record::AppendRecord;
+use super::record::{AppendRecord, GroupStamp};
 use super::segment::{self, SEGMENT_HEADER_BYTES, SegmentFile};
 use super::{Tail, WalDir, WalError};
 use crate::fsutil;
@@ -102,6 +102,7 @@ pub(super) fn start(dir: Arc<WalDir>, tail: Tail, segment_bytes: u64) -> Result<
         next_lsn: tail.next_lsn,
         durable: durable_tx,
         buf: Vec::new(),
+        rotate_next: false,
     };
     thread::Builder::new()
         .name("pgspool-wal".into())
@@ -130,6 +131,10 @@ struct Writer {
     next_lsn: Lsn,
     durable: watch::Sender<Lsn>,
     buf: Vec<u8>,
+    /// Start a new segment before the next group: set after a failed write, so that once
+    /// flushed the active segment can be deleted and its space freed (the last segment never
+    /// is).
+    rotate_next: bool,
 }
 
 impl Writer {
@@ -140,7 +145,7 @@ impl Writer {
                 return Ok(());
             };
             if self.len > SEGMENT_HEADER_BYTES
-                && self.len + first.bytes > self.segment_bytes
+                && (self.rotate_next || self.len + first.bytes > self.segment_bytes)
                 && let Err(e) = self.rotate()
             {
                 let _ = first.reply.send(Err(AppendError::Write(e)));
@@ -165,13 +170,16 @@ impl Writer {
     /// Writes one group, syncs it, and answers its requests.
     fn commit(&mut self, group: Vec<AppendRequest>) -> Result<(), WalError> {
         self.buf.clear();
-        let time_us = fsutil::now_us();
+        let stamp = GroupStamp {
+            first_lsn: self.next_lsn,
+            time_us: fsutil::now_us(),
+        };
         let mut lsn = self.next_lsn;
         let mut ranges = Vec::with_capacity(group.len());
         for request in &group {
             let first = lsn;
             for record in &request.records {
-                record.encode_into(lsn, time_us, &mut self.buf);
+                record.encode_into(lsn, stamp, &mut self.buf);
                 lsn = lsn.advance(u64::from(record.rows));
             }
             ranges.push(LsnRange {
@@ -181,12 +189,23 @@ impl Writer {
         }
 
         if let Err(e) = self.file.write_all_at(&self.buf, self.len) {
+            // Roll back whatever part was written, durably, so that no partial record stays
+            // behind and none of the group can come back after a crash: its requests are
+            // told that nothing was kept. If that fails the file is in an unknown state.
+            let rolled_back = self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_all());
+            if let Err(rollback) = rolled_back {
+                reply_all(group, &rollback, AppendError::Sync);
+                return Err(WalError::io(format!(
+                    "roll back a failed write ({e}) in {}",
+                    self.segment.path.display()
+                ))(rollback));
+            }
             reply_all(group, &e, AppendError::Write);
-            // Roll back whatever part was written, so no partial record stays behind.
-            return self.file.set_len(self.len).map_err(WalError::io(format!(
-                "roll back a failed write in {}",
-                self.segment.path.display()
-            )));
+            self.rotate_next = true;
+            return Ok(());
         }
         if let Err(e) = self.file.sync_data() {
             // Drop the group from the file so that a restart does not find it; this cannot
@@ -199,6 +218,7 @@ impl Writer {
             ))(e));
         }
         self.len += self.buf.len() as u64;
+        self.dir.add_bytes(self.buf.len() as u64);
         self.next_lsn = lsn;
         self.durable.send_replace(lsn.prev());
         for (request, range) in group.into_iter().zip(ranges) {
@@ -214,6 +234,8 @@ impl Writer {
         self.file = file;
         self.segment = segment;
         self.len = SEGMENT_HEADER_BYTES;
+        self.dir.add_bytes(SEGMENT_HEADER_BYTES);
+        self.rotate_next = false;
         Ok(())
     }
 

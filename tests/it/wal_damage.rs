@@ -6,7 +6,9 @@ use std::process::Command;
 use pgspool::app::Daemon;
 use pgspool::pgtemp::StopMode;
 
-use crate::harness::{Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon};
+use crate::harness::{
+    DEADLINE, Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon,
+};
 
 /// Writes three requests of two rows into a WAL in `dir` while PostgreSQL is down, so the
 /// rows stay in the last segment; returns the segment.
@@ -54,38 +56,180 @@ async fn start_error(dir: &std::path::Path, pg: &Pg) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flipped_bit_with_valid_records_after_it_is_refused_not_cut() {
+async fn a_flipped_bit_with_valid_records_after_it_is_refused_until_quarantined() {
     let mut pg = Pg::start().await;
     let dir = short_tempdir();
+    let wal = dir.path().join("wal");
     let segment = three_requests(dir.path(), &mut pg).await;
     let mut bytes = std::fs::read(&segment).expect("read");
-    // The first record's payload: two records follow it.
+    // The first record's payload (LSNs 1 and 2): two records of later requests follow it.
     bytes[64 + 40] ^= 0x04;
     std::fs::write(&segment, &bytes).expect("write");
+    let damaged = format!("{}, bytes 64..", segment.display());
 
-    let (code, s) = status(&dir.path().join("wal"));
+    let (code, s) = status(&wal);
     assert_eq!(code, Some(2), "{s:#}");
     assert_eq!(s["intact"], false);
+    let problem = s["problems"][0].as_str().unwrap_or_default();
     assert!(
-        s["problems"][0]
-            .as_str()
-            .unwrap_or_default()
-            .contains("LSN 1 on"),
+        problem.contains(&damaged) && problem.contains("LSNs 1 ..= 2 (2 rows)"),
         "{s:#}"
     );
 
     let err = start_error(dir.path(), &pg).await;
     assert!(
-        err.contains("WAL damaged") && err.contains("at byte 64"),
+        err.contains("WAL damaged")
+            && err.contains(&damaged)
+            && err.contains("LSNs 1 ..= 2 (2 rows)")
+            && err.contains("pgspool quarantine --wal-dir"),
         "{err}"
     );
-    assert!(err.contains("a valid record (LSN 3) follows"), "{err}");
     assert_eq!(
         std::fs::read(&segment).expect("read"),
         bytes,
         "nothing was cut"
     );
-    assert!(!dir.path().join("wal/quarantine").exists());
+    assert!(!wal.join("quarantine").exists());
+
+    // The operator's explicit choice: move the damaged record aside, then start.
+    let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
+        .args(["quarantine", "--wal-dir"])
+        .arg(&wal)
+        .output()
+        .expect("run quarantine");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains("moved aside") && report.contains("2 acknowledged rows will not be loaded"),
+        "{report}"
+    );
+    let saved: Vec<_> = std::fs::read_dir(wal.join("quarantine"))
+        .expect("quarantine dir")
+        .map(|e| std::fs::read(e.expect("entry").path()).expect("read"))
+        .collect();
+    assert_eq!(saved.len(), 1);
+    assert_eq!(
+        saved[0],
+        bytes[64..64 + saved[0].len()],
+        "the damaged bytes are kept"
+    );
+    assert!(
+        saved[0].len() > 40,
+        "a whole record (header and payload) is kept"
+    );
+    let (code, s) = status(&wal);
+    assert_eq!(
+        (code, &s["quarantined_rows"]),
+        (Some(0), &2.into()),
+        "{s:#}"
+    );
+
+    tokio::task::block_in_place(|| pg.server.restart()).expect("restart PostgreSQL");
+    let pg = Pg {
+        client: crate::harness::connect(&pg.url()).await,
+        server: pg.server,
+    };
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    flushed(&daemon).await;
+    daemon.stop().await.expect("stop");
+    let ids: String = pg
+        .client
+        .query_one("SELECT string_agg(id::text, ',' ORDER BY id) FROM ev", &[])
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(
+        ids, "2,3,4,5",
+        "the rows after the quarantined range are loaded once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_the_flusher_finds_in_an_older_segment_stops_the_daemon_and_every_start() {
+    let mut pg = Pg::start().await;
+    let dir = short_tempdir();
+    let wal = dir.path().join("wal");
+    let segments = one_row_per_segment(dir.path(), &mut pg, 4).await;
+    // Start-up reads only the last segment: damage in the second is found by the flusher.
+    let mut bytes = std::fs::read(&segments[1]).expect("read");
+    bytes[64 + 40 + 100] ^= 0x01;
+    std::fs::write(&segments[1], &bytes).expect("write");
+    pg.restart().await;
+
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let stopped = tokio::time::timeout(DEADLINE, daemon.wait())
+        .await
+        .expect("the daemon stops by itself");
+    let err = format!("{:#}", stopped.expect_err("a fatal error"));
+    let damage = format!("{}, bytes 64..", segments[1].display());
+    assert!(
+        err.contains("WAL damaged")
+            && err.contains(&damage)
+            && err.contains("LSNs 2 ..= 2 (1 row)"),
+        "{err}"
+    );
+    assert_eq!(
+        pg.count("SELECT count(*) FROM ev").await,
+        1,
+        "LSN 1 was loaded"
+    );
+    // Every later start refuses at once, and status says why.
+    let err = start_error(dir.path(), &pg).await;
+    assert!(err.contains(&damage), "{err}");
+    let (code, s) = status(&wal);
+    assert_eq!(code, Some(2), "{s:#}");
+    assert!(
+        s["problems"].to_string().contains("found while flushing"),
+        "{s:#}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
+        .args(["quarantine", "--wal-dir"])
+        .arg(&wal)
+        .output()
+        .expect("run quarantine");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    flushed(&daemon).await;
+    daemon.stop().await.expect("stop");
+    assert_eq!(pg.count("SELECT count(*) FROM ev WHERE id <> 1").await, 3);
+    assert_eq!(
+        pg.count("SELECT count(*) FROM ev").await,
+        3,
+        "id 1 is not loaded"
+    );
+}
+
+/// Writes `n` rows of 40 kB into a WAL in `dir` with 64 KiB segments while PostgreSQL is
+/// down (left stopped), so each row has a segment of its own; returns the segments.
+async fn one_row_per_segment(
+    dir: &std::path::Path,
+    pg: &mut Pg,
+    n: usize,
+) -> Vec<std::path::PathBuf> {
+    pg.exec("CREATE TABLE ev (id int, pad text)").await;
+    tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
+    let mut cfg = config(dir, &pg.url());
+    cfg.wal.segment_bytes = 65536;
+    let daemon = start_daemon(cfg).await;
+    let mut c = client(daemon.socket()).await;
+    let pad = "x".repeat(40_000);
+    for id in 0..n {
+        let body = format!("{{\"id\":{id},\"pad\":\"{pad}\"}}\n");
+        assert_eq!(post_ndjson(&mut c, "ev", &body).await.status, 202);
+    }
+    daemon.stop().await.expect("stop");
+    let segments = pgspool::wal::segment::list(&dir.join("wal")).expect("list");
+    assert_eq!(segments.len(), n, "{segments:?}");
+    segments.into_iter().map(|s| s.path).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,30 +268,17 @@ async fn a_log_that_ends_before_its_checkpoint_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_names_pending_lsns_that_no_segment_holds() {
     let mut pg = Pg::start().await;
-    pg.exec("CREATE TABLE ev (id int, pad text)").await;
-    tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
     let dir = short_tempdir();
-    let mut cfg = config(dir.path(), &pg.url());
-    cfg.wal.segment_bytes = 65536;
-    let daemon = start_daemon(cfg).await;
-    let mut c = client(daemon.socket()).await;
-    let pad = "x".repeat(40_000);
-    for id in 0..4 {
-        let body = format!("{{\"id\":{id},\"pad\":\"{pad}\"}}\n");
-        assert_eq!(post_ndjson(&mut c, "ev", &body).await.status, 202);
-    }
-    daemon.stop().await.expect("stop");
     let wal = dir.path().join("wal");
-    let segments = pgspool::wal::segment::list(&wal).expect("list");
-    assert!(segments.len() >= 3, "{segments:?}");
+    let segments = one_row_per_segment(dir.path(), &mut pg, 4).await;
     assert_eq!(status(&wal).0, Some(0));
 
-    std::fs::remove_file(&segments[1].path).expect("remove a middle segment");
+    std::fs::remove_file(&segments[1]).expect("remove a middle segment");
     let (code, s) = status(&wal);
     assert_eq!(code, Some(2), "{s:#}");
     let problem = s["problems"][0].as_str().unwrap_or_default();
     assert!(problem.contains("LSNs 2 .. 2 are in no segment"), "{s:#}");
-    std::fs::remove_file(&segments[0].path).expect("remove the oldest segment");
+    std::fs::remove_file(&segments[0]).expect("remove the oldest segment");
     let (code, s) = status(&wal);
     assert_eq!(code, Some(2), "{s:#}");
     let problem = s["problems"][0].as_str().unwrap_or_default();
