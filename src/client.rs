@@ -6,7 +6,7 @@ use std::path::Path;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
-use hyper::{Request, StatusCode};
+use hyper::{HeaderMap, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use tokio::net::UnixStream;
@@ -19,7 +19,9 @@ const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'.').remove(b'-').remo
 pub struct Reply {
     /// The HTTP status.
     pub status: StatusCode,
-    /// The JSON body (`null` if the body was not JSON).
+    /// The response headers.
+    pub headers: HeaderMap,
+    /// The JSON body; a body that is not JSON (`/metrics`) as a JSON string.
     pub body: serde_json::Value,
 }
 
@@ -82,8 +84,15 @@ impl SpoolClient {
         self.sender.ready().await?;
         let response = self.sender.send_request(request).await?;
         let status = response.status();
+        let headers = response.headers().clone();
         let bytes = response.into_body().collect().await?.to_bytes();
-        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-        Ok(Reply { status, body })
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        });
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
     }
 }

@@ -8,9 +8,10 @@
 //! | `pgspool_writes_refused_total{reason}` | counter | writes answered without an ack because the WAL could not take them: `backlog_full` (503, `[wal] max_bytes` reached) or `disk_full` (507) |
 //! | `pgspool_wal_bytes` | gauge | bytes in WAL segment files: the unflushed backlog plus flushed rows whose segment is not deleted yet |
 
+use std::fmt::{self, Write};
 use std::sync::Arc;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -19,12 +20,21 @@ use prometheus_client::registry::Registry;
 use crate::wal::WalDir;
 
 /// Why a write was refused without an ack.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum RefusalReason {
-    /// The WAL holds `[wal] max_bytes` already (503).
+    /// The WAL holds `[wal] max_bytes` already (503): `backlog_full`.
     BacklogFull,
-    /// The WAL's file system is full (507).
+    /// The WAL's file system is full (507): `disk_full`.
     DiskFull,
+}
+
+impl EncodeLabelValue for RefusalReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        encoder.write_str(match self {
+            RefusalReason::BacklogFull => "backlog_full",
+            RefusalReason::DiskFull => "disk_full",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,6 +57,9 @@ impl Metrics {
     pub fn new(wal: Arc<WalDir>) -> Metrics {
         let mut registry = Registry::with_prefix("pgspool");
         let refused = Family::<RefusalLabels, Counter>::default();
+        for reason in [RefusalReason::BacklogFull, RefusalReason::DiskFull] {
+            refused.get_or_create(&RefusalLabels { reason });
+        }
         registry.register(
             "writes_refused",
             "Writes answered without an ack because the WAL could not take them",

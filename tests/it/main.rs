@@ -9,4 +9,6 @@ mod http_api;
 mod pgtemp;
 mod recovery;
 mod status;
+mod torn_writes;
 mod wal_damage;
+mod wal_limits;
