@@ -1,8 +1,11 @@
 //! The daemon: start-up order, supervision, and shutdown.
 //!
-//! Start: validate the configuration; open and recover the WAL (which starts the writer);
-//! load the schema cache; bind the socket; start the flusher and the HTTP server. The
-//! daemon is ready (writes are accepted) once [`Daemon::start`] returns.
+//! Start: validate the configuration; bind the socket; open and recover the WAL (which
+//! starts the writer); load the schema cache; start the flusher and let its first session
+//! check the WAL against PostgreSQL's watermark (a WAL that does not match the database
+//! refuses the start), or find PostgreSQL unreachable (then writes are accepted meanwhile,
+//! and the check comes when it is back); then start the HTTP server. The daemon is ready
+//! (writes are accepted) once [`Daemon::start`] returns.
 //!
 //! Stop (the shutdown token is cancelled): stop accepting writes (503), let in-flight
 //! requests finish, let the flusher send what is durable within `[shutdown]
@@ -15,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -65,6 +68,7 @@ impl Daemon {
         let schemas = Arc::new(SchemaCache::load(&config.wal.dir));
         let shutdown = CancellationToken::new();
         let (committed_tx, committed) = watch::channel(Lsn::ZERO);
+        let (checked_tx, checked) = oneshot::channel();
         let flusher = Flusher {
             pg: pg.clone(),
             postgres: config.postgres.clone(),
@@ -73,7 +77,26 @@ impl Daemon {
             committed: committed_tx,
             limits: config.batch.clone(),
             schemas: Arc::clone(&schemas),
+            checked: Some(checked_tx),
         };
+        let durable = wal.durable();
+        let stop_flusher = CancellationToken::new();
+        let mut flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
+        // Bounded: a server that accepts connections but never answers must not keep the
+        // daemon from accepting writes.
+        let wait = config.postgres.connect_timeout + Duration::from_secs(1);
+        if let Ok(Err(_)) = tokio::time::timeout(wait, checked).await {
+            // The flusher stopped before the check: a WAL that does not match the database.
+            let _ = std::fs::remove_file(&socket);
+            let _ = wal.close().await;
+            return Err(match (&mut flusher).await {
+                Ok(Err(e)) => {
+                    anyhow::Error::new(e).context("the WAL was checked against PostgreSQL")
+                }
+                Ok(Ok(())) => anyhow::anyhow!("the flusher stopped unexpectedly"),
+                Err(e) => anyhow::Error::new(e).context("the flusher panicked"),
+            });
+        }
         let ingest = Arc::new(Ingest::new(IngestOptions {
             appender: wal.appender(),
             wal: Arc::clone(wal.dir()),
@@ -82,10 +105,8 @@ impl Daemon {
             max_body_bytes: config.ingest.max_body_bytes,
             max_wal_bytes: config.wal.max_bytes,
         }));
-        let durable = wal.durable();
-        let stop_flusher = CancellationToken::new();
         let running = Running {
-            flusher: tokio::spawn(flusher.run(stop_flusher.clone())),
+            flusher,
             stop_flusher,
             server: tokio::spawn(ingest::serve(
                 listener,

@@ -58,7 +58,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("pgspool");
         let refused = Family::<RefusalLabels, Counter>::default();
         for reason in [RefusalReason::BacklogFull, RefusalReason::DiskFull] {
-            refused.get_or_create(&RefusalLabels { reason });
+            let _ = refused.get_or_create(&RefusalLabels { reason });
         }
         registry.register(
             "writes_refused",

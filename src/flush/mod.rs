@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -85,6 +85,9 @@ pub struct Flusher {
     pub limits: BatchConfig,
     /// Table schemas, for rows kept as JSON.
     pub schemas: Arc<SchemaCache>,
+    /// Signalled once the first session has checked the WAL against PostgreSQL's
+    /// watermark, or found PostgreSQL unreachable; dropped unsent on a fatal error.
+    pub checked: Option<oneshot::Sender<()>>,
 }
 
 impl Flusher {
@@ -109,6 +112,7 @@ impl Flusher {
             match self.session(shutdown, &mut delay).await? {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Retry(why) => {
+                    self.checked();
                     let wait = jitter(delay);
                     warn!(error = %why, retry_in = ?wait, "flush failed; the rows stay in the WAL");
                     delay = (delay * 2).min(self.postgres.retry_max);
@@ -156,6 +160,7 @@ impl Flusher {
             }
         };
         let mut reader = self.open_reader(watermark).await?;
+        self.checked();
         let watermark = watermark.lsn;
         if let Ok(Some(local)) = crate::wal::read_checkpoint(self.wal.path())
             && watermark < local
@@ -272,6 +277,12 @@ impl Flusher {
             )));
         }
         Ok(reader)
+    }
+
+    fn checked(&mut self) {
+        if let Some(checked) = self.checked.take() {
+            let _ = checked.send(());
+        }
     }
 
     fn more_durable(&self, read_up_to: Lsn) -> bool {
