@@ -22,19 +22,51 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// or the new bytes, never a mix.
 ///
 /// # Errors
-/// Any I/O error; the temporary file is removed on failure.
+/// Any I/O error; the temporary file is removed on failure. [`write_atomic_steps`] tells
+/// which step failed.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_steps(dir, name, bytes).map_err(io::Error::from)
+}
+
+/// Which step of a crash-atomic write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AtomicWriteError {
+    /// Creating, writing or renaming the file failed (a full disk, say): the old file, if
+    /// any, stands.
+    #[error("{0}")]
+    Write(io::Error),
+    /// fdatasync of the file or fsync of the directory failed: after a failed sync the page
+    /// cache no longer says what is on disk.
+    #[error("{0}")]
+    Sync(io::Error),
+}
+
+impl From<AtomicWriteError> for io::Error {
+    fn from(e: AtomicWriteError) -> io::Error {
+        match e {
+            AtomicWriteError::Write(e) | AtomicWriteError::Sync(e) => e,
+        }
+    }
+}
+
+/// [`write_atomic`], telling a failed write from a failed sync.
+///
+/// # Errors
+/// See [`AtomicWriteError`]; the temporary file is removed on failure.
+pub fn write_atomic_steps(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), AtomicWriteError> {
+    use AtomicWriteError::{Sync, Write};
     let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
     let result = (|| {
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_data()?;
-        fs::rename(&tmp, dir.join(name))?;
-        sync_dir(dir)
+            .open(&tmp)
+            .map_err(Write)?;
+        file.write_all(bytes).map_err(Write)?;
+        file.sync_data().map_err(Sync)?;
+        fs::rename(&tmp, dir.join(name)).map_err(Write)?;
+        sync_dir(dir).map_err(Sync)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

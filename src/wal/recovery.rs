@@ -16,7 +16,7 @@
 //! anything is cut.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,7 +68,8 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
         Some(last) => recover_tail(&wal, last.clone(), segments.len())?,
         None => {
             check_against_checkpoint(&wal, Lsn::FIRST)?;
-            let (file, segment) = segment::create(dir, Lsn::FIRST, spool_id).map_err(
+            let created = segment::create(dir, Lsn::FIRST, spool_id).map_err(io::Error::from);
+            let (file, segment) = created.map_err(
                 WalError::io(format!("create the first segment in {}", dir.display())),
             )?;
             let tail = Tail {

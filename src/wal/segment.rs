@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use super::record::{self, Decoded, HEADER_BYTES, Invalid, Record, RecordKind};
-use crate::fsutil;
+use crate::fsutil::{self, AtomicWriteError};
 use crate::lsn::{Lsn, LsnRange};
 
 /// Size of the segment header in bytes.
@@ -177,8 +177,13 @@ pub fn read_header(
 /// Returns the new file opened for writing.
 ///
 /// # Errors
-/// Any I/O error; the temporary file is removed on failure.
-pub fn create(dir: &Path, first_lsn: Lsn, spool_id: Uuid) -> io::Result<(File, SegmentFile)> {
+/// Which step failed (a failed sync is fatal to the caller); the temporary file is removed
+/// on failure.
+pub fn create(
+    dir: &Path,
+    first_lsn: Lsn,
+    spool_id: Uuid,
+) -> Result<(File, SegmentFile), AtomicWriteError> {
     let name = file_name(first_lsn);
     let header = SegmentHeader {
         first_lsn,
@@ -186,8 +191,12 @@ pub fn create(dir: &Path, first_lsn: Lsn, spool_id: Uuid) -> io::Result<(File, S
         created_us: fsutil::now_us(),
     };
     let path = dir.join(&name);
-    fsutil::write_atomic(dir, &name, &header.encode())?;
-    let file = OpenOptions::new().read(true).write(true).open(&path)?;
+    fsutil::write_atomic_steps(dir, &name, &header.encode())?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(AtomicWriteError::Write)?;
     Ok((file, SegmentFile { first_lsn, path }))
 }
 

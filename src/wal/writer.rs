@@ -12,7 +12,7 @@ use tracing::{error, info};
 use super::record::{AppendRecord, GroupStamp};
 use super::segment::{self, SEGMENT_HEADER_BYTES, SegmentFile};
 use super::{Tail, WalDir, WalError};
-use crate::fsutil;
+use crate::fsutil::{self, AtomicWriteError};
 use crate::lsn::{Lsn, LsnRange};
 
 /// Most bytes one group commit writes (4 MiB), so one sync never waits behind an
@@ -148,9 +148,21 @@ impl Writer {
                 && (self.rotate_next || self.len + first.bytes > self.segment_bytes)
                 && let Err(e) = self.rotate()
             {
-                let _ = first.reply.send(Err(AppendError::Write(e)));
-                self.remove_failed_segment()?;
-                continue;
+                match e {
+                    AtomicWriteError::Write(e) => {
+                        let _ = first.reply.send(Err(AppendError::Write(e)));
+                        self.remove_failed_segment()?;
+                        continue;
+                    }
+                    AtomicWriteError::Sync(e) => {
+                        let _ = self.remove_failed_segment();
+                        let _ = first.reply.send(Err(AppendError::Sync(clone_io(&e))));
+                        return Err(WalError::io(format!(
+                            "fsync a new segment in {}",
+                            self.dir.path().display()
+                        ))(e));
+                    }
+                }
             }
             let mut group = vec![first];
             let mut group_bytes = group[0].bytes;
@@ -228,7 +240,7 @@ impl Writer {
     }
 
     /// Starts the next segment at `next_lsn`. The previous one is already synced.
-    fn rotate(&mut self) -> io::Result<()> {
+    fn rotate(&mut self) -> Result<(), AtomicWriteError> {
         let (file, segment) = segment::create(self.dir.path(), self.next_lsn, self.dir.spool_id())?;
         info!(segment = %segment.path.display(), "started a new WAL segment");
         self.file = file;
