@@ -1,6 +1,7 @@
 //! The shared harness: throwaway PostgreSQL servers, daemons in this process or as real
 //! processes, clients, and polling with deadlines.
 
+use std::ffi::OsStr;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -143,6 +144,16 @@ pub struct DaemonProcess {
 impl DaemonProcess {
     /// Spawns `pgspool run` with the given arguments and waits until `/healthz` answers.
     pub async fn spawn(dir: &Path, url: &str, extra: &[&str]) -> DaemonProcess {
+        let mut process = DaemonProcess::start(&[], dir, url, extra);
+        process.wait_ready().await;
+        process
+    }
+
+    /// Spawns `pgspool run` with the given arguments, run by `wrapper` (a program and its
+    /// arguments, such as `fiu-run -x`, which then runs the binary) when it is not empty,
+    /// and returns at once: call [`DaemonProcess::wait_ready`] before sending requests.
+    /// The daemon's stderr is appended to `dir/daemon-<test pid>.log`.
+    pub fn start(wrapper: &[&OsStr], dir: &Path, url: &str, extra: &[&str]) -> DaemonProcess {
         let socket = dir.join("s.sock");
         let log = dir.join(format!("daemon-{}.log", std::process::id()));
         let log_file = std::fs::OpenOptions::new()
@@ -150,7 +161,16 @@ impl DaemonProcess {
             .append(true)
             .open(&log)
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_pgspool"))
+        let binary = OsStr::new(env!("CARGO_BIN_EXE_pgspool"));
+        let mut command = match wrapper {
+            [] => Command::new(binary),
+            [program, args @ ..] => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+        };
+        let child = command
             .arg("run")
             .arg("--socket")
             .arg(&socket)
@@ -164,14 +184,15 @@ impl DaemonProcess {
             .stderr(log_file)
             .spawn()
             .expect("spawn pgspool");
-        let mut process = DaemonProcess { child, socket, log };
-        process.wait_ready().await;
-        process
+        DaemonProcess { child, socket, log }
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits until `/healthz` answers; panics if the process exits first or after
+    /// [`DEADLINE`]. Polls every millisecond at first, then less often.
+    pub async fn wait_ready(&mut self) {
         let socket = self.socket.clone();
         let deadline = Instant::now() + DEADLINE;
+        let mut pause = Duration::from_millis(1);
         loop {
             if let Ok(mut c) = SpoolClient::connect(&socket).await
                 && c.get("/healthz").await.is_ok_and(|r| r.status == 200)
@@ -179,14 +200,15 @@ impl DaemonProcess {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("pgspool exited with {status}: {}", self.log_text());
+                panic!("pgspool exited with {status}: {}", self.log_tail());
             }
             assert!(
                 Instant::now() < deadline,
                 "pgspool did not become ready: {}",
-                self.log_text()
+                self.log_tail()
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
@@ -199,6 +221,14 @@ impl DaemonProcess {
     /// The daemon's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last lines of the daemon's log, for failure messages (the log of a daemon
+    /// restarted many times is long).
+    pub fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
     }
 }
 

@@ -6,6 +6,7 @@ mod demo;
 mod edge_cases;
 mod harness;
 mod http_api;
+mod load;
 mod pgtemp;
 mod recovery;
 mod status;
