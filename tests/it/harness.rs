@@ -212,6 +212,11 @@ impl DaemonProcess {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the process with SIGKILL and reaps it.
     pub fn kill(&mut self) {
         self.child.kill().expect("SIGKILL");

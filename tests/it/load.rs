@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pgspool::client::SpoolClient;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use crate::harness::{Pg, client, post_ndjson, wait_until};
 
@@ -23,6 +25,13 @@ pub enum Shape {
     /// `rows` rows per request, each with a payload of `payload` characters (at least a
     /// short description of the row).
     Fixed { rows: i64, payload: usize },
+    /// 1 to `max_rows` rows per request, each with a payload of up to `max_payload`
+    /// characters, drawn from an RNG seeded with `seed` (and the client's number).
+    Varied {
+        seed: u64,
+        max_rows: i64,
+        max_payload: usize,
+    },
 }
 
 /// What the clients of a load sent and what was answered, shared by its clients. One
@@ -84,8 +93,22 @@ pub fn start_load(
                 let Ok(mut c) = SpoolClient::connect(&socket).await else {
                     return;
                 };
+                let mut rng = match shape {
+                    Shape::Varied { seed, .. } => StdRng::seed_from_u64(seed ^ ((n as u64) << 48)),
+                    Shape::Fixed { .. } => StdRng::seed_from_u64(0),
+                };
                 while !load.stop.load(Ordering::SeqCst) {
-                    let Shape::Fixed { rows, payload } = shape;
+                    let (rows, payload) = match shape {
+                        Shape::Fixed { rows, payload } => (rows, payload),
+                        Shape::Varied {
+                            max_rows,
+                            max_payload,
+                            ..
+                        } => (
+                            rng.random_range(1..=max_rows),
+                            rng.random_range(0..=max_payload),
+                        ),
+                    };
                     let first = load.next_id.fetch_add(rows, Ordering::SeqCst);
                     let ids = first..first + rows;
                     let body = rows_body(ids.clone(), n, payload);
@@ -162,6 +185,48 @@ pub async fn assert_exactly_once(pg: &Pg, acked: &[i64]) {
     );
     let twice = loaded_twice(&counts, 20);
     assert!(twice.is_empty(), "rows loaded twice (id, times): {twice:?}");
+}
+
+/// What PostgreSQL holds, set against what a load sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub acked_rows: usize,
+    /// Rows in `ev`, the marker excluded.
+    pub found_rows: i64,
+    /// Acknowledged ids not in `ev`.
+    pub lost: usize,
+    /// Ids in `ev` more than once.
+    pub duplicated: usize,
+    /// Ids of requests that got no answer, present in `ev`.
+    pub unacked_present: usize,
+    /// Ids in `ev` that no request of the load sent.
+    pub unknown: usize,
+}
+
+/// Counts what `ev` holds of what `load` sent.
+pub async fn tally(pg: &Pg, load: &Load) -> Tally {
+    let mut counts = id_counts(pg).await;
+    counts.remove(&MARKER_ID);
+    let acked = load.acked.lock().expect("lock");
+    let unanswered = load.unanswered.lock().expect("lock");
+    let refused = load.refused.lock().expect("lock");
+    let sent: std::collections::HashSet<i64> = acked
+        .iter()
+        .chain(unanswered.iter())
+        .chain(refused.iter())
+        .copied()
+        .collect();
+    Tally {
+        acked_rows: acked.len(),
+        found_rows: counts.values().sum(),
+        lost: acked.iter().filter(|id| !counts.contains_key(id)).count(),
+        duplicated: counts.values().filter(|&&n| n > 1).count(),
+        unacked_present: unanswered
+            .iter()
+            .filter(|id| counts.contains_key(id))
+            .count(),
+        unknown: counts.keys().filter(|id| !sent.contains(id)).count(),
+    }
 }
 
 /// Sends a marker row and waits until PostgreSQL has it: the flusher commits in LSN order,

@@ -10,4 +10,5 @@ mod load;
 mod pgtemp;
 mod recovery;
 mod status;
+mod torture;
 mod wal_damage;
