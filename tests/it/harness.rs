@@ -4,7 +4,7 @@
 use std::ffi::OsStr;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use pgspool::app::Daemon;
@@ -215,6 +215,23 @@ impl DaemonProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits until the process exits by itself and returns its status; panics after
+    /// [`DEADLINE`].
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for pgspool") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pgspool did not exit by itself: {}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Kills the process with SIGKILL and reaps it.

@@ -199,6 +199,8 @@ pub struct Tally {
     pub duplicated: usize,
     /// Ids of requests that got no answer, present in `ev`.
     pub unacked_present: usize,
+    /// Ids of refused requests present in `ev`.
+    pub refused_present: usize,
     /// Ids in `ev` that no request of the load sent.
     pub unknown: usize,
 }
@@ -225,6 +227,7 @@ pub async fn tally(pg: &Pg, load: &Load) -> Tally {
             .iter()
             .filter(|id| counts.contains_key(id))
             .count(),
+        refused_present: refused.iter().filter(|id| counts.contains_key(id)).count(),
         unknown: counts.keys().filter(|id| !sent.contains(id)).count(),
     }
 }

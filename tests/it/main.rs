@@ -4,6 +4,7 @@
 mod dataset;
 mod demo;
 mod edge_cases;
+mod fdatasync_failure;
 mod harness;
 mod http_api;
 mod load;
