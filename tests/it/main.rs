@@ -1,6 +1,7 @@
 //! Integration tests: real PostgreSQL servers started by the harness, real sockets, real
 //! files. One binary, a module per area.
 
+mod bounded_start;
 mod dataset;
 mod demo;
 mod edge_cases;
