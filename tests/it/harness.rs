@@ -3,10 +3,13 @@
 
 use std::ffi::OsStr;
 use std::future::Future;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use pgspool::app::Daemon;
 use pgspool::client::{Reply, SpoolClient};
 use pgspool::config::Config;
@@ -119,6 +122,21 @@ pub async fn post_ndjson(client: &mut SpoolClient, table: &str, body: &str) -> R
         .post_rows(table, "application/x-ndjson", body.to_string())
         .await
         .expect("request")
+}
+
+/// `pgspool status --json` of the WAL directory `wal`; panics unless it exits 0 (intact).
+pub fn status_json(wal: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
+        .args(["status", "--json", "--wal-dir"])
+        .arg(wal)
+        .output()
+        .expect("run status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
 }
 
 /// Polls `check` until it returns true; panics with `what` after [`DEADLINE`].
@@ -234,10 +252,24 @@ impl DaemonProcess {
         }
     }
 
-    /// Kills the process with SIGKILL and reaps it.
+    /// Kills the process with SIGKILL and reaps it; panics if it had exited by itself
+    /// before.
     pub fn kill(&mut self) {
         self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reap");
+        let status = self.child.wait().expect("reap");
+        assert_eq!(
+            status.signal(),
+            Some(Signal::SIGKILL as i32),
+            "pgspool was no longer running when killed: it exited with {status}: {}",
+            self.log_tail()
+        );
+    }
+
+    /// Stops the process gracefully (SIGTERM) and waits until it exits.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let pid = Pid::from_raw(i32::try_from(self.pid()).expect("pid"));
+        nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM");
+        self.wait_exit().await
     }
 
     /// The daemon's log so far.

@@ -20,11 +20,11 @@ use pgspool::pgtemp::StopMode;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::harness::{DaemonProcess, Pg, short_tempdir};
+use crate::harness::{DaemonProcess, Pg, short_tempdir, status_json};
 use crate::load::{EVENTS, Load, Shape, flush_through_marker, start_load, tally};
 
 const CLIENTS: i64 = 8;
-const DEFAULT_CYCLES: u32 = 30;
+const DEFAULT_CYCLES: u32 = 50;
 /// Every this many cycles PostgreSQL is stopped (immediate mode) during the load too.
 const POSTGRES_EVERY: u32 = 5;
 
@@ -159,8 +159,8 @@ async fn sigkill_at_random_instants_loses_and_duplicates_nothing() {
         let mut daemon = DaemonProcess::spawn(dir.path(), &url, &args).await;
         let shape = Shape::Varied {
             seed: rng.random(),
-            max_rows: 120,
-            max_payload: 400,
+            max_rows: 40,
+            max_payload: 200,
         };
         let clients = start_load(&daemon.socket, CLIENTS, &load, shape);
         if postgres_down {
@@ -204,9 +204,16 @@ async fn sigkill_at_random_instants_loses_and_duplicates_nothing() {
 
     // Drain: a last start, and every row before the marker is committed once it is.
     std::fs::write(&config_file, DRAIN_CONFIG).expect("config");
-    let daemon = DaemonProcess::spawn(dir.path(), &url, &args).await;
+    let mut daemon = DaemonProcess::spawn(dir.path(), &url, &args).await;
     flush_through_marker(&pg, &daemon.socket).await;
     let t = tally(&pg, &load).await;
+    // After all that, a clean stop, and a log that `status` finds intact with nothing
+    // pending.
+    let stopped = daemon.terminate().await;
+    assert!(stopped.success(), "{stopped}: {}", daemon.log_tail());
+    let status = status_json(&wal);
+    assert_eq!(status["intact"], true, "{status:#}");
+    assert_eq!(status["pending_rows"], 0, "{status:#}");
     let log = daemon.log_text();
     let torn_cut = log.matches("cut a torn write").count();
     let tmp_removed = log
