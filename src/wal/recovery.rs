@@ -69,9 +69,10 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
         None => {
             check_against_checkpoint(&wal, Lsn::FIRST)?;
             let created = segment::create(dir, Lsn::FIRST, spool_id).map_err(io::Error::from);
-            let (file, segment) = created.map_err(
-                WalError::io(format!("create the first segment in {}", dir.display())),
-            )?;
+            let (file, segment) = created.map_err(WalError::io(format!(
+                "create the first segment in {}",
+                dir.display()
+            )))?;
             let tail = Tail {
                 file,
                 segment,

@@ -1,11 +1,15 @@
 //! The shared harness: throwaway PostgreSQL servers, daemons in this process or as real
 //! processes, clients, and polling with deadlines.
 
+use std::ffi::OsStr;
 use std::future::Future;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use pgspool::app::Daemon;
 use pgspool::client::{Reply, SpoolClient};
 use pgspool::config::Config;
@@ -120,6 +124,21 @@ pub async fn post_ndjson(client: &mut SpoolClient, table: &str, body: &str) -> R
         .expect("request")
 }
 
+/// `pgspool status --json` of the WAL directory `wal`; panics unless it exits 0 (intact).
+pub fn status_json(wal: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
+        .args(["status", "--json", "--wal-dir"])
+        .arg(wal)
+        .output()
+        .expect("run status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+}
+
 /// Polls `check` until it returns true; panics with `what` after [`DEADLINE`].
 pub async fn wait_until<F, Fut>(what: &str, mut check: F)
 where
@@ -143,6 +162,16 @@ pub struct DaemonProcess {
 impl DaemonProcess {
     /// Spawns `pgspool run` with the given arguments and waits until `/healthz` answers.
     pub async fn spawn(dir: &Path, url: &str, extra: &[&str]) -> DaemonProcess {
+        let mut process = DaemonProcess::start(&[], dir, url, extra);
+        process.wait_ready().await;
+        process
+    }
+
+    /// Spawns `pgspool run` with the given arguments, run by `wrapper` (a program and its
+    /// arguments, such as `fiu-run -x`, which then runs the binary) when it is not empty,
+    /// and returns at once: call [`DaemonProcess::wait_ready`] before sending requests.
+    /// The daemon's stderr is appended to `dir/daemon-<test pid>.log`.
+    pub fn start(wrapper: &[&OsStr], dir: &Path, url: &str, extra: &[&str]) -> DaemonProcess {
         let socket = dir.join("s.sock");
         let log = dir.join(format!("daemon-{}.log", std::process::id()));
         let log_file = std::fs::OpenOptions::new()
@@ -150,7 +179,16 @@ impl DaemonProcess {
             .append(true)
             .open(&log)
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_pgspool"))
+        let binary = OsStr::new(env!("CARGO_BIN_EXE_pgspool"));
+        let mut command = match wrapper {
+            [] => Command::new(binary),
+            [program, args @ ..] => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+        };
+        let child = command
             .arg("run")
             .arg("--socket")
             .arg(&socket)
@@ -164,14 +202,15 @@ impl DaemonProcess {
             .stderr(log_file)
             .spawn()
             .expect("spawn pgspool");
-        let mut process = DaemonProcess { child, socket, log };
-        process.wait_ready().await;
-        process
+        DaemonProcess { child, socket, log }
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits until `/healthz` answers; panics if the process exits first or after
+    /// [`DEADLINE`]. Polls every millisecond at first, then less often.
+    pub async fn wait_ready(&mut self) {
         let socket = self.socket.clone();
         let deadline = Instant::now() + DEADLINE;
+        let mut pause = Duration::from_millis(1);
         loop {
             if let Ok(mut c) = SpoolClient::connect(&socket).await
                 && c.get("/healthz").await.is_ok_and(|r| r.status == 200)
@@ -179,26 +218,71 @@ impl DaemonProcess {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("pgspool exited with {status}: {}", self.log_text());
+                panic!("pgspool exited with {status}: {}", self.log_tail());
             }
             assert!(
                 Instant::now() < deadline,
                 "pgspool did not become ready: {}",
-                self.log_text()
+                self.log_tail()
+            );
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the process exits by itself and returns its status; panics after
+    /// [`DEADLINE`].
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for pgspool") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pgspool did not exit by itself: {}",
+                self.log_tail()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    /// Kills the process with SIGKILL and reaps it.
+    /// Kills the process with SIGKILL and reaps it; panics if it had exited by itself
+    /// before.
     pub fn kill(&mut self) {
         self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reap");
+        let status = self.child.wait().expect("reap");
+        assert_eq!(
+            status.signal(),
+            Some(Signal::SIGKILL as i32),
+            "pgspool was no longer running when killed: it exited with {status}: {}",
+            self.log_tail()
+        );
+    }
+
+    /// Stops the process gracefully (SIGTERM) and waits until it exits.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let pid = Pid::from_raw(i32::try_from(self.pid()).expect("pid"));
+        nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM");
+        self.wait_exit().await
     }
 
     /// The daemon's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last lines of the daemon's log, for failure messages (the log of a daemon
+    /// restarted many times is long).
+    pub fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
     }
 }
 

@@ -1,15 +1,19 @@
 //! Integration tests: real PostgreSQL servers started by the harness, real sockets, real
 //! files. One binary, a module per area.
 
+mod bounded_start;
 mod crash_states;
 mod dataset;
 mod demo;
 mod edge_cases;
+mod fdatasync_failure;
 mod harness;
 mod http_api;
+mod load;
 mod pgtemp;
 mod recovery;
 mod status;
 mod torn_writes;
+mod torture;
 mod wal_damage;
 mod wal_limits;

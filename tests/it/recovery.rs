@@ -2,103 +2,17 @@
 //! a torn write at the end of the WAL. After each, every acknowledged row is in PostgreSQL
 //! exactly once.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use pgspool::pgtemp::StopMode;
 
 use crate::harness::{
     DaemonProcess, Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon,
-    wait_until,
 };
-
-const EVENTS: &str = "CREATE TABLE ev (id bigint NOT NULL, client int NOT NULL, payload text)";
-
-/// Rows acknowledged so far, shared by the clients of a load.
-#[derive(Default)]
-struct Load {
-    acked: Mutex<Vec<i64>>,
-    acked_rows: AtomicU64,
-    stop: AtomicBool,
-}
-
-/// Starts `clients` clients that send 25-row requests with unique ids until told to stop
-/// or until the daemon stops answering.
-fn start_load(
-    socket: &std::path::Path,
-    clients: i64,
-    load: &Arc<Load>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..clients)
-        .map(|n| {
-            let socket = socket.to_path_buf();
-            let load = Arc::clone(load);
-            tokio::spawn(async move {
-                let Ok(mut c) = pgspool::client::SpoolClient::connect(&socket).await else {
-                    return;
-                };
-                for request in 0.. {
-                    if load.stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let ids: Vec<i64> =
-                        (0..25).map(|i| n * 10_000_000 + request * 25 + i).collect();
-                    let body: String = ids
-                        .iter()
-                        .map(|id| {
-                            format!("{{\"id\":{id},\"client\":{n},\"payload\":\"row {id}\"}}\n")
-                        })
-                        .collect();
-                    match c.post_rows("ev", "application/x-ndjson", body).await {
-                        Ok(reply) if reply.status == 202 => {
-                            load.acked.lock().expect("lock").extend(&ids);
-                            load.acked_rows.fetch_add(25, Ordering::SeqCst);
-                        }
-                        Ok(reply) => panic!("write refused: {} {}", reply.status, reply.body),
-                        Err(_) => return, // the daemon is gone
-                    }
-                }
-            })
-        })
-        .collect()
-}
-
-async fn wait_acked(load: &Load, rows: u64) {
-    wait_until(&format!("{rows} rows are acknowledged"), || async {
-        load.acked_rows.load(Ordering::SeqCst) >= rows
-    })
-    .await;
-}
-
-/// Every acknowledged id is in `ev` once, and no id is there twice.
-async fn assert_exactly_once(pg: &Pg, acked: &[i64]) {
-    let found: i64 = pg
-        .client
-        .query_one(
-            "SELECT count(DISTINCT id) FROM ev WHERE id = ANY($1)",
-            &[&acked],
-        )
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(found, acked.len() as i64, "acknowledged rows missing");
-    let twice = pg
-        .count("SELECT count(*) FROM (SELECT id FROM ev GROUP BY id HAVING count(*) > 1) d")
-        .await;
-    assert_eq!(twice, 0, "rows loaded twice");
-}
-
-/// Sends a marker row and waits until PostgreSQL has it: the flusher commits in LSN order,
-/// so everything before the marker is committed too.
-async fn flush_through_marker(pg: &Pg, socket: &std::path::Path) {
-    let mut c = client(socket).await;
-    let reply = post_ndjson(&mut c, "ev", "{\"id\":-1,\"client\":-1}\n").await;
-    assert_eq!(reply.status, 202, "{}", reply.body);
-    wait_until("the marker row is committed", || async {
-        pg.count("SELECT count(*) FROM ev WHERE id = -1").await == 1
-    })
-    .await;
-}
+use crate::load::{
+    EVENTS, Load, Shape, assert_exactly_once, flush_through_marker, start_load, wait_acked,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_load_then_restart_delivers_every_acknowledged_row_once() {
@@ -112,13 +26,21 @@ async fn sigkill_mid_load_then_restart_delivers_every_acknowledged_row_once() {
     let mut daemon = DaemonProcess::spawn(dir.path(), &pg.url(), &args).await;
 
     let load = Arc::new(Load::default());
-    let clients = start_load(&daemon.socket, 8, &load);
+    let clients = start_load(
+        &daemon.socket,
+        8,
+        &load,
+        Shape::Fixed {
+            rows: 25,
+            payload: 0,
+        },
+    );
     wait_acked(&load, 5_000).await;
     daemon.kill();
     for c in clients {
         c.await.expect("client");
     }
-    let acked = load.acked.lock().expect("lock").clone();
+    let acked = load.acked_ids();
 
     let daemon = DaemonProcess::spawn(dir.path(), &pg.url(), &args).await;
     flush_through_marker(&pg, &daemon.socket).await;
@@ -134,7 +56,15 @@ async fn postgres_stopped_mid_load_then_started_gets_every_row_once() {
     let dir = short_tempdir();
     let daemon = start_daemon(config(dir.path(), &pg.url())).await;
     let load = Arc::new(Load::default());
-    let clients = start_load(daemon.socket(), 4, &load);
+    let clients = start_load(
+        daemon.socket(),
+        4,
+        &load,
+        Shape::Fixed {
+            rows: 25,
+            payload: 0,
+        },
+    );
 
     wait_acked(&load, 2_000).await;
     tokio::task::block_in_place(|| pg.stop(StopMode::Immediate));
@@ -148,7 +78,7 @@ async fn postgres_stopped_mid_load_then_started_gets_every_row_once() {
         c.await.expect("client");
     }
     flushed(&daemon).await;
-    let acked = load.acked.lock().expect("lock").clone();
+    let acked = load.acked_ids();
     assert_exactly_once(&pg, &acked).await;
     daemon.stop().await.expect("stop");
 }

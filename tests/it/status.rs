@@ -6,21 +6,8 @@ use pgspool::pgtemp::StopMode;
 
 use crate::harness::{
     DaemonProcess, Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon,
+    status_json,
 };
-
-fn status_json(wal: &std::path::Path) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
-        .args(["status", "--json", "--wal-dir"])
-        .arg(wal)
-        .output()
-        .expect("run status");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_the_backlog_then_nothing_pending_after_the_flush() {
