@@ -26,7 +26,7 @@ pub enum Command {
     /// Inspect a WAL directory (works whether the daemon runs or not).
     Status(StatusArgs),
     /// Move damaged WAL records aside so that the daemon can start again. Their rows are
-    /// not loaded: the damaged bytes go to <wal dir>/quarantine/ for inspection, and the
+    /// not loaded: the damaged bytes go to the quarantine/ directory of the WAL, and the
     /// flusher passes over their LSNs. Only with the daemon stopped; `pgspool status`
     /// lists the damage first.
     Quarantine(QuarantineArgs),

@@ -224,7 +224,7 @@ pub fn scan_segment(
 }
 
 /// Records `damage` found while flushing, so that the daemon refuses every later start
-/// until an operator has dealt with it (crash-atomically; see [`recorded`]).
+/// until an operator has dealt with it (crash-atomically; see [`recorded()`]).
 ///
 /// # Errors
 /// When the file cannot be written.
@@ -233,7 +233,7 @@ pub fn record(dir: &Path, damage: &Damage) -> io::Result<()> {
     fsutil::write_atomic(dir, DAMAGE_FILE, &json)
 }
 
-/// The damage recorded in `dir` by [`record`], if any.
+/// The damage recorded in `dir` by [`record()`], if any.
 ///
 /// # Errors
 /// When the file exists but cannot be read or parsed.
