@@ -44,16 +44,15 @@ pub fn render(dir: &Path, report: &QuarantineReport) -> String {
             q.saved_to.display()
         );
     }
-    if let Some(cleared) = &report.cleared
-        && !report
-            .moved
-            .iter()
-            .any(|q| q.damage.segment == cleared.segment)
-    {
+    if let Some(cleared) = &report.cleared {
         let _ = writeln!(
             out,
-            "the damage the daemon recorded ({cleared}) reads cleanly now (a failed read, not \
-             damaged bytes?); cleared the record"
+            "cleared the damage the daemon recorded while flushing ({cleared}){}",
+            if report.moved.is_empty() {
+                ": every record reads cleanly now (a failed read, not damaged bytes?)"
+            } else {
+                ""
+            }
         );
     }
     if report.moved.is_empty() && report.cleared.is_none() {
@@ -63,11 +62,7 @@ pub fn render(dir: &Path, report: &QuarantineReport) -> String {
             dir.display()
         );
     } else if !report.moved.is_empty() {
-        let rows: u64 = report
-            .moved
-            .iter()
-            .filter_map(|q| q.damage.last_lsn.map(|l| l.0 + 1 - q.damage.first_lsn.0))
-            .sum();
+        let rows: u64 = report.moved.iter().filter_map(|q| q.damage.rows()).sum();
         let _ = writeln!(
             out,
             "{rows} acknowledged rows will not be loaded; the daemon can start again"

@@ -21,9 +21,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tracing::warn;
+use uuid::Uuid;
 
 use super::record::{self, AppendRecord, Decoded, GroupStamp, HEADER_BYTES, Record};
-use super::segment::{self, SegmentCursor, SegmentFile, Step};
+use super::segment::{self, OpenSegmentError, SegmentCursor, SegmentFile, SegmentHeader, Step};
 use super::{QUARANTINE_DIR, WalError, read_spool_id, recovery};
 use crate::fsutil;
 use crate::lsn::Lsn;
@@ -113,6 +114,16 @@ pub struct Damage {
     pub reason: String,
 }
 
+impl Damage {
+    /// How many LSNs cannot be read; `None` when the damage runs to the end of the log. 0
+    /// for bytes after the last record of a segment whose successor starts at the next LSN.
+    #[must_use]
+    pub fn rows(&self) -> Option<u64> {
+        self.last_lsn
+            .map(|last| (last.0 + 1).saturating_sub(self.first_lsn.0))
+    }
+}
+
 impl fmt::Display for Damage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -122,13 +133,13 @@ impl fmt::Display for Damage {
             self.offset,
             self.end
         )?;
-        match self.last_lsn {
-            Some(last) => {
-                let rows = last.0 + 1 - self.first_lsn.0;
+        match (self.last_lsn, self.rows()) {
+            (_, Some(0)) => write!(f, "bytes after the last record, no LSNs")?,
+            (Some(last), Some(rows)) => {
                 let s = if rows == 1 { "" } else { "s" };
                 write!(f, "LSNs {} ..= {last} ({rows} row{s})", self.first_lsn)?;
             }
-            None => write!(f, "LSNs from {} to the end of the log", self.first_lsn)?,
+            _ => write!(f, "LSNs from {} to the end of the log", self.first_lsn)?,
         }
         write!(f, " cannot be read ({})", self.reason)
     }
@@ -265,9 +276,9 @@ pub struct Quarantined {
 pub struct QuarantineReport {
     /// Damaged ranges moved aside.
     pub moved: Vec<Quarantined>,
-    /// The damage the flusher had recorded, now cleared (it is among `moved` unless the
-    /// segment reads cleanly now).
-    pub cleared: Option<Damage>,
+    /// The damage the flusher had recorded, now cleared, as it was described (it is among
+    /// `moved` unless the segment reads cleanly now).
+    pub cleared: Option<String>,
     /// A torn write at the end of the log, left for the daemon to cut at its next start.
     pub torn_tail_bytes: u64,
 }
@@ -304,8 +315,16 @@ pub fn quarantine(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<Quarantin
     let mut read = 0;
     for (i, seg) in segments.iter().enumerate() {
         let next_segment = segments.get(i + 1).map(|s| s.first_lsn);
-        let (mut cursor, _) = SegmentCursor::open(seg.clone(), spool_id)
-            .map_err(|e| WalError::segment(&seg.path)(e))?;
+        let mut cursor = match (SegmentCursor::open(seg.clone(), spool_id), next_segment) {
+            (Ok((cursor, _)), _) => cursor,
+            (Err(OpenSegmentError::BadHeader(reason)), Some(next)) => {
+                report
+                    .moved
+                    .push(replace_segment(dir, seg, spool_id, next, reason)?);
+                continue;
+            }
+            (Err(e), _) => return Err(WalError::segment(&seg.path)(e)),
+        };
         let scan = scan_segment(&mut cursor, next_segment, &mut |_, at| progress(read + at))
             .map_err(WalError::io(format!("read {}", seg.path.display())))?;
         read += fs::metadata(&seg.path).map_or(0, |m| m.len());
@@ -314,16 +333,50 @@ pub fn quarantine(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<Quarantin
             report.moved.extend(move_aside(dir, seg, scan.damage)?);
         }
     }
-    report.cleared = recorded(dir)?;
-    if report.cleared.is_some() {
-        fs::remove_file(dir.join(DAMAGE_FILE))
+    // Every segment was read again, so the record has served its purpose (even unreadable).
+    let record = dir.join(DAMAGE_FILE);
+    if record.exists() {
+        report.cleared = Some(recorded(dir).ok().flatten().map_or_else(
+            || "an unreadable damage.json".to_string(),
+            |d| d.to_string(),
+        ));
+        fs::remove_file(&record)
             .and_then(|()| fsutil::sync_dir(dir))
-            .map_err(WalError::io(format!(
-                "remove {}",
-                dir.join(DAMAGE_FILE).display()
-            )))?;
+            .map_err(WalError::io(format!("remove {}", record.display())))?;
     }
     Ok(report)
+}
+
+/// Moves a whole segment whose header is damaged (so none of its records can be trusted to
+/// be this spool's, at these LSNs) to `quarantine/`, and puts in its place a segment of
+/// quarantined records up to `next`, the first LSN of the segment after it.
+fn replace_segment(
+    dir: &Path,
+    segment: &SegmentFile,
+    spool_id: Uuid,
+    next: Lsn,
+    reason: String,
+) -> Result<Quarantined, WalError> {
+    let path = &segment.path;
+    let len = fs::metadata(path)
+        .map_err(WalError::io(format!("read {}", path.display())))?
+        .len();
+    let damage = Damage {
+        segment: path.clone(),
+        offset: 0,
+        end: len,
+        first_lsn: segment.first_lsn,
+        last_lsn: Some(next.prev()),
+        reason: format!("bad segment header: {reason}"),
+    };
+    let moved = save(dir, segment, damage)?;
+    let mut bytes = SegmentHeader::new(segment.first_lsn, spool_id)
+        .encode()
+        .to_vec();
+    bytes.extend(quarantined_records(&moved));
+    fsutil::write_atomic(dir, &segment::file_name(segment.first_lsn), &bytes)
+        .map_err(WalError::io(format!("rewrite {}", path.display())))?;
+    Ok(moved)
 }
 
 /// Saves each damaged range of `segment` to `quarantine/`, then rewrites the segment with
@@ -334,41 +387,42 @@ fn move_aside(
     segment: &SegmentFile,
     damage: Vec<Damage>,
 ) -> Result<Vec<Quarantined>, WalError> {
+    let moved = damage
+        .into_iter()
+        .map(|d| save(dir, segment, d))
+        .collect::<Result<Vec<_>, _>>()?;
+    rewrite_segment(dir, segment, &moved)
+        .map_err(WalError::io(format!("rewrite {}", segment.path.display())))?;
+    Ok(moved)
+}
+
+/// Copies the bytes of `damage` in `segment` to a new file in `quarantine/`.
+fn save(dir: &Path, segment: &SegmentFile, damage: Damage) -> Result<Quarantined, WalError> {
     let path = &segment.path;
+    if damage.last_lsn.is_none() {
+        return Err(WalError::BadFile {
+            path: path.clone(),
+            reason: format!("{damage}: where the damage ends is unknown, so it cannot be moved"),
+        });
+    }
     let quarantine_dir = dir.join(QUARANTINE_DIR);
     fs::create_dir_all(&quarantine_dir)
         .map_err(WalError::io(format!("create {}", quarantine_dir.display())))?;
-    let mut moved = Vec::with_capacity(damage.len());
-    for d in damage {
-        let Some(last) = d.last_lsn else {
-            return Err(WalError::BadFile {
-                path: path.clone(),
-                reason: format!("{d}: where the damage ends is unknown, so it cannot be moved"),
-            });
-        };
-        let bytes = read_range(path, d.offset, d.end)
-            .map_err(WalError::io(format!("read {}", path.display())))?;
-        let name = format!(
-            "damaged-{}-{}-{}.bin",
-            segment.first_lsn.0,
-            d.offset,
-            fsutil::now_us()
-        );
-        fsutil::write_atomic(&quarantine_dir, &name, &bytes).map_err(WalError::io(format!(
-            "save damaged bytes to {}",
-            quarantine_dir.display()
-        )))?;
-        let saved_to = quarantine_dir.join(name);
-        warn!(damage = %d, saved_to = %saved_to.display(), "moved damaged records aside");
-        debug_assert!(last >= d.first_lsn);
-        moved.push(Quarantined {
-            damage: d,
-            saved_to,
-        });
-    }
-    rewrite_segment(dir, segment, &moved)
-        .map_err(WalError::io(format!("rewrite {}", path.display())))?;
-    Ok(moved)
+    let bytes = read_range(path, damage.offset, damage.end)
+        .map_err(WalError::io(format!("read {}", path.display())))?;
+    let name = format!(
+        "damaged-{}-{}-{}.bin",
+        segment.first_lsn.0,
+        damage.offset,
+        fsutil::now_us()
+    );
+    fsutil::write_atomic(&quarantine_dir, &name, &bytes).map_err(WalError::io(format!(
+        "save damaged bytes to {}",
+        quarantine_dir.display()
+    )))?;
+    let saved_to = quarantine_dir.join(name);
+    warn!(%damage, saved_to = %saved_to.display(), "moved damaged records aside");
+    Ok(Quarantined { damage, saved_to })
 }
 
 fn rewrite_segment(dir: &Path, segment: &SegmentFile, moved: &[Quarantined]) -> io::Result<()> {
@@ -409,7 +463,7 @@ fn quarantined_records(q: &Quarantined) -> Vec<u8> {
         q.saved_to.display(),
         q.damage.reason
     );
-    let last = q.damage.last_lsn.expect("checked by move_aside");
+    let last = q.damage.last_lsn.expect("checked by save");
     let time_us = fsutil::now_us();
     let mut out = Vec::new();
     let mut lsn = q.damage.first_lsn;

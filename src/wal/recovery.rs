@@ -59,10 +59,18 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
         bytes: AtomicU64::new(0),
         _lock: lock,
     };
-    for seg in &segments {
+    for (i, seg) in segments.iter().enumerate() {
         let file =
             File::open(&seg.path).map_err(WalError::io(format!("open {}", seg.path.display())))?;
-        segment::read_header(&file, seg, spool_id).map_err(WalError::segment(&seg.path))?;
+        segment::read_header(&file, seg, spool_id).map_err(|e| {
+            match WalError::segment(&seg.path)(e) {
+                WalError::BadFile { path, reason } => WalError::BadFile {
+                    reason: bad_header_advice(&reason, dir, i + 1 == segments.len()),
+                    path,
+                },
+                other => other,
+            }
+        })?;
     }
     let (tail, report) = match segments.last() {
         Some(last) => recover_tail(&wal, last.clone(), segments.len())?,
@@ -96,6 +104,24 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
     }
     wal.bytes.store(bytes, Ordering::Relaxed);
     Ok((wal, tail, report))
+}
+
+/// `reason` for a bad segment header, with the way forward: a segment before the last can
+/// be moved aside by `pgspool quarantine` (the next one says where its rows end).
+fn bad_header_advice(reason: &str, dir: &Path, last: bool) -> String {
+    if last {
+        format!(
+            "{reason}. It is the last segment, so where its rows end is unknown: restore the \
+             file from a copy (pgspool does not skip acknowledged rows by itself)"
+        )
+    } else {
+        format!(
+            "{reason}. Its rows were acknowledged, and pgspool does not skip them by itself: \
+             restore the file from a copy, or, to go on without them, run `pgspool quarantine \
+             --wal-dir {}`, which moves the segment aside to quarantine/",
+            dir.display()
+        )
+    }
 }
 
 /// Reads the spool id, or creates one for a new directory. A directory with segments but

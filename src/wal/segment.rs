@@ -90,7 +90,19 @@ pub struct SegmentHeader {
 }
 
 impl SegmentHeader {
-    fn encode(&self) -> [u8; SEGMENT_HEADER_BYTES as usize] {
+    /// The header of a segment of `spool_id` starting at `first_lsn`, created now.
+    #[must_use]
+    pub fn new(first_lsn: Lsn, spool_id: Uuid) -> SegmentHeader {
+        SegmentHeader {
+            first_lsn,
+            spool_id,
+            created_us: fsutil::now_us(),
+        }
+    }
+
+    /// The header's 64 bytes.
+    #[must_use]
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_BYTES as usize] {
         let mut b = [0u8; SEGMENT_HEADER_BYTES as usize];
         b[0..8].copy_from_slice(MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -185,12 +197,8 @@ pub fn create(
     spool_id: Uuid,
 ) -> Result<(File, SegmentFile), AtomicWriteError> {
     let name = file_name(first_lsn);
-    let header = SegmentHeader {
-        first_lsn,
-        spool_id,
-        created_us: fsutil::now_us(),
-    };
     let path = dir.join(&name);
+    let header = SegmentHeader::new(first_lsn, spool_id);
     fsutil::write_atomic_steps(dir, &name, &header.encode())?;
     let file = OpenOptions::new()
         .read(true)

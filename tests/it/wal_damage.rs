@@ -208,6 +208,54 @@ async fn damage_the_flusher_finds_in_an_older_segment_stops_the_daemon_and_every
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_with_a_damaged_header_is_refused_until_quarantined_whole() {
+    let mut pg = Pg::start().await;
+    let dir = short_tempdir();
+    let wal = dir.path().join("wal");
+    let segments = one_row_per_segment(dir.path(), &mut pg, 4).await;
+    let mut bytes = std::fs::read(&segments[1]).expect("read");
+    bytes[20] ^= 0x01; // the first LSN in the header
+    std::fs::write(&segments[1], &bytes).expect("write");
+    pg.restart().await;
+
+    let err = start_error(dir.path(), &pg).await;
+    assert!(
+        err.contains(&segments[1].display().to_string())
+            && err.contains("checksum mismatch")
+            && err.contains("pgspool quarantine --wal-dir"),
+        "{err}"
+    );
+    assert_eq!(status(&wal).0, Some(2));
+    let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
+        .args(["quarantine", "--wal-dir"])
+        .arg(&wal)
+        .output()
+        .expect("run quarantine");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("LSNs 2 ..= 2 (1 row)"), "{report}");
+    let (code, s) = status(&wal);
+    assert_eq!(
+        (code, &s["quarantined_rows"]),
+        (Some(0), &1.into()),
+        "{s:#}"
+    );
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    flushed(&daemon).await;
+    daemon.stop().await.expect("stop");
+    assert_eq!(pg.count("SELECT count(*) FROM ev WHERE id <> 1").await, 3);
+    assert_eq!(
+        pg.count("SELECT count(*) FROM ev").await,
+        3,
+        "id 1 is not loaded"
+    );
+}
+
 /// Writes `n` rows of 40 kB into a WAL in `dir` with 64 KiB segments while PostgreSQL is
 /// down (left stopped), so each row has a segment of its own; returns the segments.
 async fn one_row_per_segment(
