@@ -124,19 +124,23 @@ pub async fn post_ndjson(client: &mut SpoolClient, table: &str, body: &str) -> R
         .expect("request")
 }
 
-/// `pgspool status --json` of the WAL directory `wal`; panics unless it exits 0 (intact).
-pub fn status_json(wal: &Path) -> serde_json::Value {
+/// `pgspool status --json` of the WAL directory `wal`: its exit code and its JSON (null
+/// if it printed none).
+pub fn status(wal: &Path) -> (Option<i32>, serde_json::Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
         .args(["status", "--json", "--wal-dir"])
         .arg(wal)
         .output()
         .expect("run status");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code(), json)
+}
+
+/// `pgspool status --json` of the WAL directory `wal`; panics unless it exits 0 (intact).
+pub fn status_json(wal: &Path) -> serde_json::Value {
+    let (code, json) = status(wal);
+    assert_eq!(code, Some(0), "{json:#}");
+    json
 }
 
 /// Polls `check` until it returns true; panics with `what` after [`DEADLINE`].

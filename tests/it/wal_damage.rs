@@ -7,7 +7,7 @@ use pgspool::app::Daemon;
 use pgspool::pgtemp::StopMode;
 
 use crate::harness::{
-    DEADLINE, Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon,
+    DEADLINE, Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon, status,
 };
 
 /// Writes three requests of two rows into a WAL in `dir` while PostgreSQL is down, so the
@@ -38,14 +38,19 @@ async fn load_and_stop(dir: &std::path::Path, pg: &Pg, body: &str) {
     daemon.stop().await.expect("stop");
 }
 
-fn status(wal: &std::path::Path) -> (Option<i32>, serde_json::Value) {
+/// Runs `pgspool quarantine` on `wal`; panics unless it succeeds; returns its report.
+fn quarantine(wal: &std::path::Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
-        .args(["status", "--json", "--wal-dir"])
+        .args(["quarantine", "--wal-dir"])
         .arg(wal)
         .output()
-        .expect("run status");
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.code(), json)
+        .expect("run quarantine");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 async fn start_error(dir: &std::path::Path, pg: &Pg) -> String {
@@ -92,17 +97,7 @@ async fn a_flipped_bit_with_valid_records_after_it_is_refused_until_quarantined(
     assert!(!wal.join("quarantine").exists());
 
     // The operator's explicit choice: move the damaged record aside, then start.
-    let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
-        .args(["quarantine", "--wal-dir"])
-        .arg(&wal)
-        .output()
-        .expect("run quarantine");
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{report} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = quarantine(&wal);
     assert!(
         report.contains("moved aside") && report.contains("2 acknowledged rows will not be loaded"),
         "{report}"
@@ -187,16 +182,7 @@ async fn damage_the_flusher_finds_in_an_older_segment_stops_the_daemon_and_every
         "{s:#}"
     );
 
-    let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
-        .args(["quarantine", "--wal-dir"])
-        .arg(&wal)
-        .output()
-        .expect("run quarantine");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    quarantine(&wal);
     let daemon = start_daemon(config(dir.path(), &pg.url())).await;
     flushed(&daemon).await;
     daemon.stop().await.expect("stop");
@@ -227,17 +213,7 @@ async fn a_segment_with_a_damaged_header_is_refused_until_quarantined_whole() {
         "{err}"
     );
     assert_eq!(status(&wal).0, Some(2));
-    let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
-        .args(["quarantine", "--wal-dir"])
-        .arg(&wal)
-        .output()
-        .expect("run quarantine");
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = quarantine(&wal);
     assert!(report.contains("LSNs 2 ..= 2 (1 row)"), "{report}");
     let (code, s) = status(&wal);
     assert_eq!(

@@ -10,7 +10,7 @@ use pgspool::config::Config;
 use pgspool::pgtemp::StopMode;
 
 use crate::harness::{
-    DEADLINE, Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon,
+    DEADLINE, Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon, status_json,
 };
 
 /// Sends rows of about 20 kB with ids from `next` on until one is refused; returns the
@@ -58,15 +58,6 @@ async fn refused(c: &mut SpoolClient, reason: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&series))
         .map_or(0, |v| v.parse().expect("a count"))
-}
-
-fn status(wal: &Path) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
-        .args(["status", "--json", "--wal-dir"])
-        .arg(wal)
-        .output()
-        .expect("run status");
-    serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
 /// Small segments and requests, so that a small WAL holds several segments.
@@ -139,7 +130,7 @@ async fn a_full_disk_refuses_writes_with_507_keeps_flushing_and_recovers() {
     assert_eq!(refused(&mut c, "disk_full").await, 2);
     assert_eq!(c.get("/healthz").await.expect("healthz").status, 200);
     // No partial record stays behind.
-    let s = status(&wal);
+    let s = status_json(&wal);
     assert_eq!(
         (&s["intact"], &s["torn_tail_bytes"]),
         (&true.into(), &0.into()),
@@ -183,7 +174,7 @@ async fn max_bytes_refuses_with_503_and_retry_after_and_evicts_nothing() {
         "{}",
         refusal.body
     );
-    let s = status(&dir.path().join("wal"));
+    let s = status_json(&dir.path().join("wal"));
     let held = s["bytes"].as_u64().expect("bytes");
     assert!(held <= 512 << 10, "the WAL holds {held} bytes");
     assert_eq!(s["pending_rows"], acked.len(), "nothing was evicted: {s:#}");
