@@ -25,10 +25,14 @@ pub enum Command {
     Run(RunArgs),
     /// Inspect a WAL directory (works whether the daemon runs or not).
     Status(StatusArgs),
-    /// Move damaged WAL records aside so that the daemon can start again. Their rows are
-    /// not loaded: the damaged bytes go to the quarantine/ directory of the WAL, and the
-    /// flusher passes over their LSNs. Only with the daemon stopped; `pgspool status`
-    /// lists the damage first.
+    /// Move damaged WAL records aside so that the daemon can start again, without their rows.
+    ///
+    /// The operator's explicit choice when the daemon refuses to start on damaged
+    /// acknowledged records: the damaged bytes are copied to the quarantine/ directory of
+    /// the WAL, the segment is rewritten with a record that stands for their LSNs, and the
+    /// flusher passes over them (their rows are not loaded). Runs only while the daemon is
+    /// stopped; `pgspool status` lists the damage first. The alternative is to restore the
+    /// directory from a copy.
     Quarantine(QuarantineArgs),
     /// Load the bundled nycflights13 data through a throwaway daemon and PostgreSQL, and
     /// check that every row arrived exactly once.
