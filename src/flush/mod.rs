@@ -161,7 +161,7 @@ impl Flusher {
         };
         let mut reader = self.open_reader(watermark).await?;
         self.checked();
-        let watermark = watermark.lsn;
+        let mut watermark = watermark.lsn;
         if let Ok(Some(local)) = crate::wal::read_checkpoint(self.wal.path())
             && watermark < local
         {
@@ -185,11 +185,13 @@ impl Flusher {
             }
             let (rows, bytes, last) = (batch.rows(), batch.bytes(), batch.last_lsn());
             let started = std::time::Instant::now();
+            let spool_id = self.wal.spool_id();
             if let Err(e) =
-                transaction::commit(&mut client, self.wal.spool_id(), batch, &self.schemas).await
+                transaction::commit(&mut client, spool_id, watermark, batch, &self.schemas).await
             {
                 return retry(&e);
             }
+            watermark = last;
             debug!(rows, bytes, watermark = %last, elapsed = ?started.elapsed(), "batch committed");
             *delay = self.postgres.retry_initial;
             self.committed.send_replace(last);

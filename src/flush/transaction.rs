@@ -6,7 +6,7 @@
 //! COPY "schema"."table" ("c1", "c2") FROM STDIN;    -- one per (table, column set)
 //! INSERT INTO pgspool.watermarks ... ON CONFLICT (spool_id) DO UPDATE
 //!     SET lsn = <batch's last LSN>, record_crc = <CRC of the batch's last record>
-//!     WHERE watermarks.lsn < <batch's last LSN>;
+//!     WHERE watermarks.lsn = <the watermark this session read or last committed>;
 //! COMMIT;
 //! ```
 //! The rows and the watermark commit together or not at all, so after any crash the
@@ -107,27 +107,32 @@ pub enum FlushFailure {
         /// Rows COPY reported.
         loaded: u64,
     },
-    /// The watermark in PostgreSQL is already at or past this batch's end: another process
-    /// flushed this spool's rows.
+    /// The watermark in PostgreSQL is no longer the one this session read or committed:
+    /// another process flushed this spool's rows meanwhile.
     #[error(
-        "the watermark of spool {spool_id} in PostgreSQL is already at or past LSN {lsn}: \
-         another pgspool is flushing the same spool (a copied WAL directory?)"
+        "the watermark of spool {spool_id} in PostgreSQL moved away from LSN {expected} while \
+         this batch was sent: another pgspool is flushing the same spool (a copied WAL \
+         directory?); the batch is rolled back"
     )]
     WatermarkMoved {
         /// The spool.
         spool_id: Uuid,
-        /// The batch's last LSN.
-        lsn: Lsn,
+        /// The watermark this session expected.
+        expected: Lsn,
     },
 }
 
-/// Sends `batch` and its watermark in one transaction and commits it.
+/// Sends `batch` and its watermark in one transaction and commits it. The watermark moves
+/// from `expected` (what this session read or last committed) or not at all: a
+/// compare-and-swap, so two flushers of one spool (copies of one WAL directory) never both
+/// load the same rows.
 ///
 /// # Errors
 /// See [`FlushFailure`]; nothing of the batch is committed then.
 pub async fn commit(
     client: &mut Client,
     spool_id: Uuid,
+    expected: Lsn,
     batch: Batch,
     schemas: &SchemaCache,
 ) -> Result<(), FlushFailure> {
@@ -151,15 +156,17 @@ pub async fn commit(
              VALUES ($1, $2, $3, now())
              ON CONFLICT (spool_id) DO UPDATE
              SET lsn = EXCLUDED.lsn, record_crc = EXCLUDED.record_crc, updated_at = now()
-             WHERE w.lsn < EXCLUDED.lsn",
-            &[&spool_id, &last.0.cast_signed(), &record_crc],
+             WHERE w.lsn = $4",
+            &[
+                &spool_id,
+                &last.0.cast_signed(),
+                &record_crc,
+                &expected.0.cast_signed(),
+            ],
         )
         .await?;
     if updated != 1 {
-        return Err(FlushFailure::WatermarkMoved {
-            spool_id,
-            lsn: last,
-        });
+        return Err(FlushFailure::WatermarkMoved { spool_id, expected });
     }
     tx.commit().await?;
     Ok(())
