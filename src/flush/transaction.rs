@@ -40,8 +40,16 @@ pub async fn bootstrap(client: &Client) -> Result<(), tokio_postgres::Error> {
                  record_crc bigint,
                  updated_at timestamptz NOT NULL DEFAULT now()
              );
-             -- Tables made by builds from before the record fingerprint.
-             ALTER TABLE pgspool.watermarks ADD COLUMN IF NOT EXISTS record_crc bigint;",
+             -- Tables made by builds from before the record fingerprint. Checked first:
+             -- ALTER TABLE takes an exclusive lock, which would queue every flusher behind
+             -- any spool's transaction in flight.
+             DO $$ BEGIN
+                 IF NOT EXISTS (SELECT FROM pg_attribute
+                                WHERE attrelid = 'pgspool.watermarks'::regclass
+                                  AND attname = 'record_crc' AND NOT attisdropped) THEN
+                     ALTER TABLE pgspool.watermarks ADD COLUMN record_crc bigint;
+                 END IF;
+             END $$;",
         )
         .await
 }

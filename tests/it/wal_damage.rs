@@ -352,6 +352,67 @@ async fn a_wal_older_than_the_database_stops_the_daemon_instead_of_reusing_lsns(
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_flushing_copies_of_one_wal_load_each_row_once() {
+    let mut pg = Pg::start().await;
+    pg.exec("CREATE TABLE ev (id int)").await;
+    tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
+    let (dir, twin) = (short_tempdir(), short_tempdir());
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let spool_id = daemon.spool_id();
+    let mut c = client(daemon.socket()).await;
+    for request in 0..10 {
+        let body: String = (request * 20..request * 20 + 20)
+            .map(|id| format!("{{\"id\":{id}}}\n"))
+            .collect();
+        assert_eq!(post_ndjson(&mut c, "ev", &body).await.status, 202);
+    }
+    daemon.stop().await.expect("stop");
+    copy_dir(&dir.path().join("wal"), &twin.path().join("wal"));
+    pg.restart().await;
+
+    // Hold the watermark row, so that both flushers send their first batch (40 and 60
+    // rows: whole records of 20) and then wait for it; released, both try to commit.
+    pgspool::flush::transaction::bootstrap(&pg.client)
+        .await
+        .expect("bootstrap");
+    pg.client
+        .execute(
+            "INSERT INTO pgspool.watermarks (spool_id, lsn) VALUES ($1, 0)",
+            &[&spool_id],
+        )
+        .await
+        .expect("insert the watermark");
+    let mut holder = crate::harness::connect(&pg.url()).await;
+    let hold = holder.transaction().await.expect("begin");
+    hold.execute(
+        "SELECT 1 FROM pgspool.watermarks WHERE spool_id = $1 FOR UPDATE",
+        &[&spool_id],
+    )
+    .await
+    .expect("lock the watermark");
+    let mut first = config(dir.path(), &pg.url());
+    first.batch.max_rows = 30;
+    let mut second = config(twin.path(), &pg.url());
+    second.batch.max_rows = 50;
+    let (first, second) = tokio::join!(start_daemon(first), start_daemon(second));
+    crate::harness::wait_until("both flushers wait for the watermark row", || async {
+        let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'";
+        pg.count(waiting).await == 2
+    })
+    .await;
+    hold.rollback().await.expect("release");
+    tokio::join!(flushed(&first), flushed(&second));
+    first.stop().await.expect("stop");
+    second.stop().await.expect("stop");
+    assert_eq!(pg.count("SELECT count(DISTINCT id) FROM ev").await, 200);
+    assert_eq!(
+        pg.count("SELECT count(*) FROM ev").await,
+        200,
+        "no row twice"
+    );
+}
+
 fn assert_mismatch(err: &str) {
     assert!(err.contains("does not match the database"), "{err}");
     assert!(err.contains("not the one PostgreSQL committed"), "{err}");
