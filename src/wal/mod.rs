@@ -3,7 +3,8 @@
 //! # Directory
 //! ```text
 //! <wal dir>/
-//!   LOCK                         flock'd by the daemon; holds its pid
+//!   LOCK                         the daemon's pid (the lock itself is a flock on the
+//!                                directory, so deleting this file releases nothing)
 //!   spool_id                     this spool's UUID, created once
 //!   checkpoint                   last watermark the flusher saw committed (advisory)
 //!   schema-cache.json            table columns (owned by crate::schema)
@@ -240,7 +241,9 @@ impl WalDir {
             let len = fs::metadata(&pair[0].path).map_or(0, |m| m.len());
             fs::remove_file(&pair[0].path)
                 .map_err(WalError::io(format!("delete {}", pair[0].path.display())))?;
-            self.bytes.fetch_sub(len, Ordering::Relaxed);
+            let _ = self.bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(len))
+            });
             removed += 1;
         }
         if removed > 0 {

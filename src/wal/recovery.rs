@@ -16,7 +16,7 @@
 //! anything is cut.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -163,23 +163,18 @@ pub(crate) fn missing_spool_id(dir: &Path, segment: &SegmentFile) -> WalError {
     }
 }
 
+/// Takes the exclusive lock on `dir` and writes this process's pid to `LOCK`. The lock is
+/// on the directory itself, not on `LOCK`, so deleting that file (it looks like a stale
+/// pid file) does not let a second daemon in.
 pub(super) fn lock_dir(dir: &Path) -> Result<File, WalError> {
+    let handle = File::open(dir).map_err(WalError::io(format!("open {}", dir.display())))?;
     let path = dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(WalError::io(format!("open {}", path.display())))?;
-    match file.try_lock() {
+    match handle.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = match holder.trim() {
-                "" => "pid unknown".to_string(),
-                pid => format!("pid {pid}"),
+            let holder = match fs::read_to_string(&path) {
+                Ok(pid) if !pid.trim().is_empty() => format!("pid {}", pid.trim()),
+                _ => "pid unknown".to_string(),
             };
             return Err(WalError::Locked {
                 dir: dir.to_path_buf(),
@@ -187,13 +182,12 @@ pub(super) fn lock_dir(dir: &Path) -> Result<File, WalError> {
             });
         }
         Err(fs::TryLockError::Error(e)) => {
-            return Err(WalError::io(format!("lock {}", path.display()))(e));
+            return Err(WalError::io(format!("lock {}", dir.display()))(e));
         }
     }
-    file.set_len(0)
-        .and_then(|()| writeln!(&file, "{}", std::process::id()))
+    fs::write(&path, format!("{}\n", std::process::id()))
         .map_err(WalError::io(format!("write {}", path.display())))?;
-    Ok(file)
+    Ok(handle)
 }
 
 fn remove_temporary_files(dir: &Path) -> Result<(), WalError> {

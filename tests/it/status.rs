@@ -78,20 +78,29 @@ async fn a_second_daemon_on_the_same_wal_is_refused_and_names_the_first() {
     let pg = Pg::start().await;
     let dir = short_tempdir();
     let first = DaemonProcess::spawn(dir.path(), &pg.url(), &[]).await;
-    let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
-        .args(["run", "--socket"])
-        .arg(dir.path().join("other.sock"))
-        .arg("--wal-dir")
-        .arg(dir.path().join("wal"))
-        .args(["--database-url", &pg.url()])
-        .output()
-        .expect("run");
+    let second = || {
+        Command::new(env!("CARGO_BIN_EXE_pgspool"))
+            .args(["run", "--socket"])
+            .arg(dir.path().join("other.sock"))
+            .arg("--wal-dir")
+            .arg(dir.path().join("wal"))
+            .args(["--database-url", &pg.url()])
+            .output()
+            .expect("run")
+    };
+    let out = second();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!("pid {}", first.child.id())),
         "{stderr}"
     );
+    // LOCK looks like a stale pid file; deleting it must not let a second daemon in.
+    std::fs::remove_file(dir.path().join("wal/LOCK")).expect("delete LOCK");
+    let out = second();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use by another pgspool"), "{stderr}");
 }
 
 #[test]
