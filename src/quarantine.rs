@@ -37,12 +37,15 @@ pub fn render(dir: &Path, report: &QuarantineReport) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     for q in &report.moved {
-        let _ = writeln!(
-            out,
-            "moved aside: {}; the bytes are in {}",
-            q.damage,
-            q.saved_to.display()
-        );
+        let _ = match &q.saved_to {
+            Some(saved_to) => writeln!(
+                out,
+                "moved aside: {}; the bytes are in {}",
+                q.damage,
+                saved_to.display()
+            ),
+            None => writeln!(out, "passed over: {}", q.damage),
+        };
     }
     if let Some(cleared) = &report.cleared {
         let _ = writeln!(

@@ -267,8 +267,8 @@ pub fn recorded(dir: &Path) -> Result<Option<Damage>, WalError> {
 pub struct Quarantined {
     /// The damage.
     pub damage: Damage,
-    /// The file that now holds its bytes.
-    pub saved_to: PathBuf,
+    /// The file that now holds its bytes (`None` for LSNs no segment held).
+    pub saved_to: Option<PathBuf>,
 }
 
 /// What `pgspool quarantine` found and did.
@@ -329,8 +329,19 @@ pub fn quarantine(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<Quarantin
             .map_err(WalError::io(format!("read {}", seg.path.display())))?;
         read += fs::metadata(&seg.path).map_or(0, |m| m.len());
         report.torn_tail_bytes += scan.torn_tail.map_or(0, |(_, bytes)| bytes);
+        // Where this segment's LSNs end, damaged ones included.
+        let end = scan
+            .damage
+            .iter()
+            .filter_map(|d| d.last_lsn.map(Lsn::next))
+            .fold(cursor.next_lsn(), Lsn::max);
         if !scan.damage.is_empty() {
             report.moved.extend(move_aside(dir, seg, scan.damage)?);
+        }
+        if let Some(next) = next_segment
+            && end < next
+        {
+            report.moved.push(fill_gap(dir, spool_id, end, next)?);
         }
     }
     // Every segment was read again, so the record has served its purpose (even unreadable).
@@ -379,6 +390,31 @@ fn replace_segment(
     Ok(moved)
 }
 
+/// Creates the segment that stands for LSNs `from .. next` which no segment holds (a
+/// segment file was deleted, or one ends early): quarantined records only.
+fn fill_gap(dir: &Path, spool_id: Uuid, from: Lsn, next: Lsn) -> Result<Quarantined, WalError> {
+    let name = segment::file_name(from);
+    let gap = Quarantined {
+        damage: Damage {
+            segment: dir.join(&name),
+            offset: segment::SEGMENT_HEADER_BYTES,
+            end: segment::SEGMENT_HEADER_BYTES,
+            first_lsn: from,
+            last_lsn: Some(next.prev()),
+            reason: "no segment holds them: a segment file is missing, or one ends early".into(),
+        },
+        saved_to: None,
+    };
+    let mut bytes = SegmentHeader::new(from, spool_id).encode().to_vec();
+    bytes.extend(quarantined_records(&gap));
+    fsutil::write_atomic(dir, &name, &bytes).map_err(WalError::io(format!(
+        "create {}",
+        dir.join(&name).display()
+    )))?;
+    warn!(damage = %gap.damage, "filled a gap in the log with quarantined records");
+    Ok(gap)
+}
+
 /// Saves each damaged range of `segment` to `quarantine/`, then rewrites the segment with
 /// a quarantined record in place of each (temporary file, fdatasync, rename, directory
 /// fsync): a crash leaves either the old segment or the new one.
@@ -422,7 +458,10 @@ fn save(dir: &Path, segment: &SegmentFile, damage: Damage) -> Result<Quarantined
     )))?;
     let saved_to = quarantine_dir.join(name);
     warn!(%damage, saved_to = %saved_to.display(), "moved damaged records aside");
-    Ok(Quarantined { damage, saved_to })
+    Ok(Quarantined {
+        damage,
+        saved_to: Some(saved_to),
+    })
 }
 
 fn rewrite_segment(dir: &Path, segment: &SegmentFile, moved: &[Quarantined]) -> io::Result<()> {
@@ -458,11 +497,14 @@ fn rewrite_segment(dir: &Path, segment: &SegmentFile, moved: &[Quarantined]) -> 
 
 /// The quarantined records that stand for `q`'s LSNs (one per 2^32 - 1 rows).
 fn quarantined_records(q: &Quarantined) -> Vec<u8> {
-    let note = format!(
-        "moved aside by pgspool quarantine to {} ({})",
-        q.saved_to.display(),
-        q.damage.reason
-    );
+    let note = match &q.saved_to {
+        Some(saved_to) => format!(
+            "moved aside by pgspool quarantine to {} ({})",
+            saved_to.display(),
+            q.damage.reason
+        ),
+        None => format!("passed over by pgspool quarantine ({})", q.damage.reason),
+    };
     let last = q.damage.last_lsn.expect("checked by save");
     let time_us = fsutil::now_us();
     let mut out = Vec::new();

@@ -241,9 +241,11 @@ impl WalDir {
             let len = fs::metadata(&pair[0].path).map_or(0, |m| m.len());
             fs::remove_file(&pair[0].path)
                 .map_err(WalError::io(format!("delete {}", pair[0].path.display())))?;
-            let _ = self.bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some(b.saturating_sub(len))
-            });
+            let _ = self
+                .bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                    Some(b.saturating_sub(len))
+                });
             removed += 1;
         }
         if removed > 0 {

@@ -114,9 +114,14 @@ impl WalReader {
                         return Err(WalError::Missing {
                             lsn: next,
                             reason: format!(
-                                "segment {} ends before it and there is no segment {}",
+                                "segment {} ends before it and there is no segment {}. \
+                                 These rows were acknowledged, and pgspool does not skip \
+                                 them by itself: restore the segment from a copy, or, to go \
+                                 on without them, stop pgspool and run `pgspool quarantine \
+                                 --wal-dir {}`",
                                 self.cursor.segment().path.display(),
-                                segment.path.display()
+                                segment.path.display(),
+                                self.dir.path().display()
                             ),
                         });
                     }

@@ -232,6 +232,46 @@ async fn a_segment_with_a_damaged_header_is_refused_until_quarantined_whole() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_segment_stops_the_flusher_until_quarantine_passes_over_its_lsns() {
+    let mut pg = Pg::start().await;
+    let dir = short_tempdir();
+    let wal = dir.path().join("wal");
+    let segments = one_row_per_segment(dir.path(), &mut pg, 4).await;
+    std::fs::remove_file(&segments[1]).expect("remove a middle segment");
+    pg.restart().await;
+
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let stopped = tokio::time::timeout(DEADLINE, daemon.wait())
+        .await
+        .expect("the daemon stops by itself");
+    let err = format!("{:#}", stopped.expect_err("a fatal error"));
+    assert!(
+        err.contains("does not hold LSN 2") && err.contains("pgspool quarantine --wal-dir"),
+        "{err}"
+    );
+    let report = quarantine(&wal);
+    assert!(
+        report.contains("passed over") && report.contains("LSNs 2 ..= 2 (1 row)"),
+        "{report}"
+    );
+    let (code, s) = status(&wal);
+    assert_eq!(
+        (code, &s["quarantined_rows"]),
+        (Some(0), &1.into()),
+        "{s:#}"
+    );
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    flushed(&daemon).await;
+    daemon.stop().await.expect("stop");
+    assert_eq!(pg.count("SELECT count(*) FROM ev WHERE id <> 1").await, 3);
+    assert_eq!(
+        pg.count("SELECT count(*) FROM ev").await,
+        3,
+        "id 1 is not loaded"
+    );
+}
+
 /// Writes `n` rows of 40 kB into a WAL in `dir` with 64 KiB segments while PostgreSQL is
 /// down (left stopped), so each row has a segment of its own; returns the segments.
 async fn one_row_per_segment(
