@@ -326,8 +326,8 @@ pub struct CutTail {
     pub offset: u64,
     /// Bytes cut off.
     pub bytes: u64,
-    /// The copy of those bytes.
-    pub saved_to: PathBuf,
+    /// The copy of those bytes (`None` if it could not be written, e.g. on a full disk).
+    pub saved_to: Option<PathBuf>,
 }
 
 /// An open WAL: the locked directory, the writer thread, and the durable LSN it publishes.

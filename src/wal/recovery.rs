@@ -292,18 +292,19 @@ fn cut_torn_tail(
     tail: &[u8],
     reason: &Invalid,
 ) -> Result<CutTail, WalError> {
+    // The copy is for inspection only: the bytes were never acknowledged. Failing to keep
+    // it (the disk that filled up is the usual reason) must not keep the daemon down.
     let quarantine = dir.path().join(QUARANTINE_DIR);
-    fs::create_dir_all(&quarantine)
-        .map_err(WalError::io(format!("create {}", quarantine.display())))?;
     let name = format!(
         "torn-{}-{offset}-{}.bin",
         segment.first_lsn.0,
         fsutil::now_us()
     );
-    fsutil::write_atomic(&quarantine, &name, tail).map_err(WalError::io(format!(
-        "save the torn tail to {}",
-        quarantine.display()
-    )))?;
+    let saved = fs::create_dir_all(&quarantine)
+        .and_then(|()| fsutil::write_atomic(&quarantine, &name, tail));
+    if let Err(e) = &saved {
+        warn!(error = %e, dir = %quarantine.display(), "could not keep a copy of the torn write");
+    }
     file.set_len(offset)
         .and_then(|()| file.sync_all())
         .map_err(WalError::io(format!(
@@ -313,15 +314,16 @@ fn cut_torn_tail(
     let cut = CutTail {
         offset,
         bytes: tail.len() as u64,
-        saved_to: quarantine.join(name),
+        saved_to: saved.ok().map(|()| quarantine.join(name)),
     };
     warn!(
         segment = %segment.path.display(),
         offset,
         bytes_dropped = cut.bytes,
-        saved_to = %cut.saved_to.display(),
+        saved_to = %cut.saved_to.as_ref().map_or_else(|| "-".into(), |p| p.display().to_string()),
         %reason,
-        "cut a torn write at the end of the WAL (a request that was never acknowledged)"
+        "cut a torn write at the end of the WAL: a group commit whose fdatasync never \
+         completed, so never acknowledged (damage to the last group written looks the same)"
     );
     Ok(cut)
 }

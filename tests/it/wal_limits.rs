@@ -138,6 +138,27 @@ async fn a_full_disk_refuses_writes_with_507_keeps_flushing_and_recovers() {
     );
     assert_eq!(s["pending_rows"], acked.len(), "{s:#}");
 
+    // A crash tears the last write while the disk is full (its last bytes overwritten in
+    // place: there is no room to write more): the daemon still starts, without room for a
+    // copy of the torn bytes. That request was never acknowledged, then.
+    daemon.stop().await.expect("stop");
+    let mut segments = pgspool::wal::segment::list(&wal).expect("list");
+    let size = |path: &Path| std::fs::metadata(path).expect("stat").len();
+    // A new segment holding no record yet (the one after the failed write) goes first.
+    while segments.last().is_some_and(|s| size(&s.path) == 64) {
+        std::fs::remove_file(segments.pop().expect("segment").path).expect("remove");
+    }
+    let last = segments.pop().expect("a segment with records").path;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .expect("open");
+    let len = size(&last);
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0xAA; 8], len - 8).expect("tear");
+    acked.pop();
+    let daemon = start_daemon(small(dir.path(), &pg)).await;
+    let mut c = client(daemon.socket()).await;
+
     // PostgreSQL comes back: the flusher loads the backlog and deletes its segments, and
     // writes are accepted again.
     pg.restart().await;
