@@ -8,7 +8,8 @@
 //!
 //! Errors are `{"error": "..."}`: 400 malformed body, not UTF-8, a row that is not an
 //! object, a duplicate key, a bad table name; 403 one of pgspool's own tables; 404 no such
-//! table; 405 wrong method; 413 body over `[ingest] max_body_bytes`; 415 other content
+//! table; 405 wrong method; 413 body over `[ingest] max_body_bytes`, or rows that take more
+//! than a WAL record (64 MiB) once encoded; 415 other content
 //! types; 422 unknown or `GENERATED ALWAYS` column, a NUL character, a value no column of
 //! that type can take, a view or other relation that is not a table; 500 a failed
 //! fdatasync (pgspool stops); 503 with `Retry-After` not accepting writes (stopping), the
@@ -30,6 +31,7 @@ use crate::metrics::{Metrics, RefusalReason};
 use crate::rows::{self, BodyFormat, Groups, RowError};
 use crate::schema::{Catalog, Found, OWN_SCHEMA, SchemaCache, TableSchema};
 use crate::table::TableName;
+use crate::wal::record::MAX_PAYLOAD_BYTES;
 use crate::wal::{AppendError, AppendRecord, Appender, WalDir};
 
 /// Shared state of the request handlers.
@@ -211,6 +213,20 @@ impl Ingest {
         let rows = rows::parse(body, format)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
         let groups = self.encode(&table, columns, &rows).await?;
+        if let Some((_, payload)) = groups
+            .iter()
+            .find(|(_, payload)| payload.len() > MAX_PAYLOAD_BYTES as usize)
+        {
+            return Err(Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the rows of this request take {} bytes once encoded for COPY (numbers in \
+                     exponent notation are written out in full), more than one WAL record \
+                     holds ({MAX_PAYLOAD_BYTES} bytes); send them in smaller requests",
+                    payload.len()
+                ),
+            ));
+        }
         let records: Vec<AppendRecord> = groups
             .into_iter()
             .map(|(rows, payload)| AppendRecord::new(rows, payload))

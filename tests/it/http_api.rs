@@ -225,3 +225,27 @@ async fn concurrent_requests_share_group_commits_and_all_land() {
         commits.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_expand_past_a_wal_record_get_413_not_a_crash() {
+    let pg = Pg::start().await;
+    pg.exec("CREATE TABLE big (a numeric[])").await;
+    let dir = short_tempdir();
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let mut c = client(daemon.socket()).await;
+    // 5 kB of JSON; each number is written out as 131,072 digits: 79 MB of COPY text.
+    let values = vec!["1e131071"; 600].join(",");
+    let reply = post_ndjson(&mut c, "big", &format!("{{\"a\":[{values}]}}\n")).await;
+    assert_eq!(reply.status, 413, "{}", reply.body);
+    assert!(
+        reply.body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("smaller requests"),
+        "{}",
+        reply.body
+    );
+    let reply = post_ndjson(&mut c, "big", "{\"a\":[1e3]}\n").await;
+    assert_eq!(reply.status, 202, "the daemon still serves: {}", reply.body);
+    daemon.stop().await.expect("stop");
+}
