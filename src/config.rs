@@ -240,9 +240,9 @@ impl Config {
                 crate::pg::describe(&e)
             ));
         }
-        if self.wal.segment_bytes < 64 << 10 {
+        if !(64 << 10..=1 << 30).contains(&self.wal.segment_bytes) {
             return invalid(format!(
-                "[wal] segment_bytes = {} is below the minimum of 65536",
+                "[wal] segment_bytes = {} must be between 65536 and 1073741824 (1 GiB)",
                 self.wal.segment_bytes
             ));
         }
@@ -275,6 +275,19 @@ impl Config {
             return invalid(
                 "[postgres] retry_initial must be above zero and at most retry_max".into(),
             );
+        }
+        const HOUR: Duration = Duration::from_secs(3600);
+        for (key, value, most) in [
+            ("[batch] max_wait", self.batch.max_wait, HOUR),
+            ("[postgres] connect_timeout", self.postgres.connect_timeout, HOUR),
+            ("[postgres] retry_max", self.postgres.retry_max, HOUR),
+            ("[shutdown] drain_timeout", self.shutdown.drain_timeout, 24 * HOUR),
+        ] {
+            if value > most {
+                return invalid(format!(
+                    "{key} = {value:?} is above the most it may be, {most:?}"
+                ));
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return invalid(format!(
@@ -320,5 +333,30 @@ mod tests {
         c.validate().expect("valid");
         c.batch.max_rows = 0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn sizes_and_durations_that_would_overflow_are_refused() {
+        let valid = || {
+            let mut c = Config::default();
+            c.postgres.url = Some("host=/tmp".into());
+            c
+        };
+        let refused = |c: Config, what: &str| {
+            let e = c.validate().expect_err(what).to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        let mut c = valid();
+        c.wal.segment_bytes = u64::MAX / 2;
+        refused(c, "[wal] segment_bytes");
+        let mut c = valid();
+        c.wal.max_bytes = 100 << 20;
+        refused(c, "[wal] max_bytes");
+        let mut c = valid();
+        c.shutdown.drain_timeout = Duration::from_secs(u64::MAX / 4);
+        refused(c, "[shutdown] drain_timeout");
+        let mut c = valid();
+        c.batch.max_wait = Duration::from_secs(1 << 40);
+        refused(c, "[batch] max_wait");
     }
 }

@@ -3,7 +3,7 @@
 //! Each session connects, creates pgspool's own tables if missing, reads this spool's
 //! watermark back from PostgreSQL, opens a WAL reader just past it, and then repeatedly
 //! fills a [`Batch`] and commits it with [`transaction::commit`]. After each commit the
-//! local checkpoint is written and segments at or below the watermark are deleted.
+//! local checkpoint is written, then segments at or below the watermark are deleted.
 //!
 //! Any failure ends the session: the flusher waits (capped exponential backoff with
 //! jitter) and starts a new one, which reads the watermark again, so a batch whose COMMIT
@@ -291,15 +291,17 @@ impl Flusher {
         *self.durable.borrow() > read_up_to
     }
 
-    /// Deletes the segments the watermark covers (first: it frees space), then records the
-    /// watermark locally. Failures are logged: PostgreSQL's watermark is what counts, and
-    /// the next commit tries again.
+    /// Records the watermark locally, then deletes the segments it covers. In that order,
+    /// `pgspool status` never sees segments gone that the checkpoint still counts as
+    /// pending; each step runs even if the other failed (a full disk fails the checkpoint,
+    /// and deletion is what frees it). Failures are logged: PostgreSQL's watermark is what
+    /// counts, and the next commit tries again.
     async fn after_commit(&self, watermark: Lsn) {
         let dir = Arc::clone(&self.wal);
-        let (removed, checkpointed) = tokio::task::spawn_blocking(move || {
+        let (checkpointed, removed) = tokio::task::spawn_blocking(move || {
             (
-                dir.remove_segments_through(watermark),
                 dir.write_checkpoint(watermark),
+                dir.remove_segments_through(watermark),
             )
         })
         .await

@@ -89,8 +89,10 @@ impl Ingest {
         }
     }
 
-    /// Refuses a write of `bytes` more bytes (0 before the body is read) with 503 when the
-    /// WAL would hold more than `[wal] max_bytes`, and counts the refusal.
+    /// Refuses a write of `bytes` more bytes with 503 when the WAL would hold more than
+    /// `[wal] max_bytes`, and counts the refusal. Checked after the body is read, so that
+    /// clients see the answer rather than a connection closed under their upload; requests
+    /// appended at the same moment may take the WAL past the limit by their own size.
     fn check_backlog(&self, bytes: u64) -> Result<(), Refusal> {
         let held = self.wal.bytes();
         if held + bytes <= self.max_wal_bytes {
@@ -199,7 +201,6 @@ impl Ingest {
         // Before the body is read, so a request for a table that does not exist costs no
         // memory.
         let columns = self.columns(&table).await?;
-        self.check_backlog(0)?;
         let body = self.read_body(request).await?;
         let body = std::str::from_utf8(&body).map_err(|e| {
             Refusal::new(
