@@ -279,9 +279,17 @@ impl Config {
         const HOUR: Duration = Duration::from_secs(3600);
         for (key, value, most) in [
             ("[batch] max_wait", self.batch.max_wait, HOUR),
-            ("[postgres] connect_timeout", self.postgres.connect_timeout, HOUR),
+            (
+                "[postgres] connect_timeout",
+                self.postgres.connect_timeout,
+                HOUR,
+            ),
             ("[postgres] retry_max", self.postgres.retry_max, HOUR),
-            ("[shutdown] drain_timeout", self.shutdown.drain_timeout, 24 * HOUR),
+            (
+                "[shutdown] drain_timeout",
+                self.shutdown.drain_timeout,
+                24 * HOUR,
+            ),
         ] {
             if value > most {
                 return invalid(format!(

@@ -101,7 +101,13 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
             },
         });
     };
-    let flushed = wal::read_checkpoint(dir)?.unwrap_or(Lsn::ZERO);
+    let checkpoint = wal::read_checkpoint(dir);
+    let flushed = checkpoint
+        .as_ref()
+        .ok()
+        .copied()
+        .flatten()
+        .unwrap_or(Lsn::ZERO);
     let mut status = WalStatus {
         wal_dir: dir.to_path_buf(),
         spool_id,
@@ -120,6 +126,12 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
         problems: Vec::new(),
         tables: BTreeMap::new(),
     };
+    if let Err(e) = checkpoint {
+        // Advisory (the daemon replaces it after its next commit): noted, not damage.
+        status
+            .problems
+            .push(format!("{e}; counting every row as pending"));
+    }
     let now_us = fsutil::now_us();
     if let Some(first) = segments.first()
         && first.first_lsn > flushed.next()
@@ -180,8 +192,10 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
             status.damage(damage.to_string());
         }
     }
-    if let Some(damage) = wal::damage::recorded(dir)? {
-        status.damage(format!("the daemon found while flushing: {damage}"));
+    match wal::damage::recorded(dir) {
+        Ok(Some(damage)) => status.damage(format!("the daemon found while flushing: {damage}")),
+        Ok(None) => {}
+        Err(e) => status.damage(e.to_string()),
     }
     if flushed > status.last_lsn {
         status.damage(format!(

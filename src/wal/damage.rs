@@ -255,7 +255,12 @@ pub fn recorded(dir: &Path) -> Result<Option<Damage>, WalError> {
             .map(Some)
             .map_err(|e| WalError::BadFile {
                 path,
-                reason: format!("not a damage record: {e}"),
+                reason: format!(
+                    "not a damage record ({e}); the flusher found damage and recorded it \
+                     here. Run `pgspool quarantine --wal-dir {}`: it reads every segment \
+                     again and removes this file",
+                    dir.display()
+                ),
             }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(WalError::io(format!("read {}", path.display()))(e)),

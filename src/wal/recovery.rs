@@ -272,7 +272,12 @@ fn recover_tail(
 /// Refuses a log whose next LSN is at or below the checkpoint's watermark: rows
 /// PostgreSQL committed are missing from its end, and new rows would reuse their LSNs.
 fn check_against_checkpoint(dir: &WalDir, next_lsn: Lsn) -> Result<(), WalError> {
-    match read_checkpoint(dir.path())? {
+    // Advisory: an unreadable checkpoint is replaced after the next commit.
+    let checkpoint = read_checkpoint(dir.path()).unwrap_or_else(|e| {
+        warn!(error = %e, "ignoring an unreadable checkpoint");
+        None
+    });
+    match checkpoint {
         Some(flushed) if flushed >= next_lsn => Err(WalError::EndsBeforeCheckpoint {
             dir: dir.path().to_path_buf(),
             last: next_lsn.prev(),

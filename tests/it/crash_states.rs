@@ -140,4 +140,22 @@ async fn every_state_between_two_steps_of_rotation_or_deletion_starts() {
         std::fs::write(dir.join(name), b"half-writ").expect("tmp");
     }
     assert_starts(&dir, 1, "metadata").await;
+
+    // An unreadable checkpoint is advisory: ignored. An unreadable damage record is not:
+    // the start is refused until `pgspool quarantine` has read every segment again.
+    let dir = copy_of(&pristine, root.path(), "garbage-metadata");
+    std::fs::write(dir.join("checkpoint"), b"\x00garbage").expect("checkpoint");
+    assert_starts(&dir, 1, "garbage checkpoint").await;
+    let dir = copy_of(&pristine, root.path(), "garbage-damage-record");
+    std::fs::write(dir.join("damage.json"), b"{\"segm").expect("damage record");
+    let err = Wal::open(&options(&dir)).expect_err("refused").to_string();
+    assert!(err.contains("pgspool quarantine --wal-dir"), "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgspool"))
+        .args(["quarantine", "--wal-dir"])
+        .arg(&dir)
+        .output()
+        .expect("run quarantine");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("an unreadable damage.json"), "{report}");
+    assert_starts(&dir, 1, "damage record cleared").await;
 }
