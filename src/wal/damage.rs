@@ -249,22 +249,14 @@ pub fn record(dir: &Path, damage: &Damage) -> io::Result<()> {
 /// # Errors
 /// When the file exists but cannot be read or parsed.
 pub fn recorded(dir: &Path) -> Result<Option<Damage>, WalError> {
-    let path = dir.join(DAMAGE_FILE);
-    match fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| WalError::BadFile {
-                path,
-                reason: format!(
-                    "not a damage record ({e}); the flusher found damage and recorded it \
-                     here. Run `pgspool quarantine --wal-dir {}`: it reads every segment \
-                     again and removes this file",
-                    dir.display()
-                ),
-            }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(WalError::io(format!("read {}", path.display()))(e)),
-    }
+    super::read_json(&dir.join(DAMAGE_FILE), |e| {
+        format!(
+            "not a damage record ({e}); the flusher found damage and recorded it here. Run \
+             `pgspool quarantine --wal-dir {}`: it reads every segment again and removes this \
+             file",
+            dir.display()
+        )
+    })
 }
 
 /// A damaged range `pgspool quarantine` moved aside.
@@ -316,10 +308,14 @@ pub fn quarantine(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<Quarantin
             });
         }
     };
+    // After a clean stop the log must reach where it ended then: a bad record at its end
+    // is damage, not a torn write, and missing LSNs at its end are passed over too.
+    let clean_stop = super::read_clean_stop(dir).ok().flatten();
     let mut report = QuarantineReport::default();
     let mut read = 0;
     for (i, seg) in segments.iter().enumerate() {
         let next_segment = segments.get(i + 1).map(|s| s.first_lsn);
+        let log_end = next_segment.or(clean_stop);
         let mut cursor = match (SegmentCursor::open(seg.clone(), spool_id), next_segment) {
             (Ok((cursor, _)), _) => cursor,
             (Err(OpenSegmentError::BadHeader(reason)), Some(next)) => {
@@ -330,10 +326,26 @@ pub fn quarantine(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<Quarantin
             }
             (Err(e), _) => return Err(WalError::segment(&seg.path)(e)),
         };
-        let scan = scan_segment(&mut cursor, next_segment, &mut |_, at| progress(read + at))
+        let mut scan = scan_segment(&mut cursor, next_segment, &mut |_, at| progress(read + at))
             .map_err(WalError::io(format!("read {}", seg.path.display())))?;
-        read += fs::metadata(&seg.path).map_or(0, |m| m.len());
-        report.torn_tail_bytes += scan.torn_tail.map_or(0, |(_, bytes)| bytes);
+        let len = fs::metadata(&seg.path).map_or(0, |m| m.len());
+        read += len;
+        match (scan.torn_tail, clean_stop) {
+            (Some((offset, _)), Some(stop)) => scan.damage.push(Damage {
+                segment: seg.path.clone(),
+                offset,
+                end: len,
+                first_lsn: cursor.next_lsn(),
+                last_lsn: Some(stop.prev()),
+                reason: format!(
+                    "no valid record at the end of the log, which reached LSN {} when pgspool \
+                     last stopped cleanly",
+                    stop.prev()
+                ),
+            }),
+            (Some((_, bytes)), None) => report.torn_tail_bytes += bytes,
+            (None, _) => {}
+        }
         // Where this segment's LSNs end, damaged ones included.
         let end = scan
             .damage
@@ -343,7 +355,7 @@ pub fn quarantine(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<Quarantin
         if !scan.damage.is_empty() {
             report.moved.extend(move_aside(dir, seg, scan.damage)?);
         }
-        if let Some(next) = next_segment
+        if let Some(next) = log_end
             && end < next
         {
             report.moved.push(fill_gap(dir, spool_id, end, next)?);

@@ -7,6 +7,8 @@
 //!                                directory, so deleting this file releases nothing)
 //!   spool_id                     this spool's UUID, created once
 //!   checkpoint                   last watermark the flusher saw committed (advisory)
+//!   clean-stop                   where the log ended at the last clean stop (removed at
+//!                                start): a log found shorter is damage, not a torn write
 //!   schema-cache.json            table columns (owned by crate::schema)
 //!   00000000000000000001.wal     segments, named by their first LSN
 //!   00000000000000052001.wal
@@ -77,6 +79,7 @@ pub use writer::{AppendError, Appender};
 
 const SPOOL_ID_FILE: &str = "spool_id";
 const CHECKPOINT_FILE: &str = "checkpoint";
+pub(crate) const CLEAN_STOP_FILE: &str = "clean-stop";
 /// Directory (inside the WAL directory) for bytes cut from the log.
 pub const QUARANTINE_DIR: &str = "quarantine";
 
@@ -125,6 +128,22 @@ pub enum WalError {
     Corrupt {
         /// Where, which LSNs, and why.
         damage: Damage,
+    },
+    /// The log ends before where it ended when the daemon last stopped cleanly.
+    #[error(
+        "the WAL in {dir} ends at LSN {last}, but it ended at LSN {stopped_at} when pgspool \
+         last stopped cleanly: acknowledged records at its end are missing or damaged (a \
+         segment deleted or cut, bad sectors). pgspool never skips them by itself: restore the \
+         directory from a copy, or, to go on without those rows, run `pgspool quarantine \
+         --wal-dir {dir}`"
+    )]
+    EndsBeforeCleanStop {
+        /// The WAL directory.
+        dir: PathBuf,
+        /// The last LSN the log holds.
+        last: Lsn,
+        /// The last LSN it held at the clean stop.
+        stopped_at: Lsn,
     },
     /// The log ends before rows its checkpoint says PostgreSQL committed.
     #[error(
@@ -255,6 +274,19 @@ impl WalDir {
         Ok(removed)
     }
 
+    /// Records that the log ends just before `next_lsn` as the daemon stops cleanly: the
+    /// next start refuses a log that ends earlier (see [`read_clean_stop`]).
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write_clean_stop(&self, next_lsn: Lsn) -> Result<(), WalError> {
+        let body = serde_json::to_vec(&CleanStop { next_lsn }).expect("serializes");
+        fsutil::write_atomic(&self.path, CLEAN_STOP_FILE, &body).map_err(WalError::io(format!(
+            "write the clean-stop record in {}",
+            self.path.display()
+        )))
+    }
+
     /// Records `flushed` as the last watermark known committed, for `pgspool status` while
     /// the daemon is down. Advisory: PostgreSQL's watermark decides where replay starts.
     ///
@@ -277,13 +309,40 @@ pub fn read_checkpoint(dir: &Path) -> Result<Option<Lsn>, WalError> {
     struct Checkpoint {
         flushed_lsn: Lsn,
     }
-    let path = dir.join(CHECKPOINT_FILE);
-    match fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice::<Checkpoint>(&bytes)
-            .map(|c| Some(c.flushed_lsn))
+    let checkpoint = read_json::<Checkpoint>(&dir.join(CHECKPOINT_FILE), |e| {
+        format!("not a checkpoint: {e}")
+    })?;
+    Ok(checkpoint.map(|c| c.flushed_lsn))
+}
+
+/// The LSN the next row would have got when the daemon last stopped cleanly (the writer
+/// records it as it stops; recovery removes it): `None` after a crash.
+///
+/// # Errors
+/// When the file exists but cannot be read or parsed.
+pub fn read_clean_stop(dir: &Path) -> Result<Option<Lsn>, WalError> {
+    let stop = read_json::<CleanStop>(&dir.join(CLEAN_STOP_FILE), |e| {
+        format!("not a clean-stop record: {e}")
+    })?;
+    Ok(stop.map(|s| s.next_lsn))
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CleanStop {
+    next_lsn: Lsn,
+}
+
+/// Reads the JSON file at `path`; `None` if there is none. `bad` words a parse error.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    bad: impl FnOnce(serde_json::Error) -> String,
+) -> Result<Option<T>, WalError> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
             .map_err(|e| WalError::BadFile {
-                path,
-                reason: format!("not a checkpoint: {e}"),
+                path: path.to_path_buf(),
+                reason: bad(e),
             }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(WalError::io(format!("read {}", path.display()))(e)),

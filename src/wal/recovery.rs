@@ -50,6 +50,10 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
     if let Some(damage) = damage::recorded(dir)? {
         return Err(WalError::Corrupt { damage });
     }
+    let clean_stop = super::read_clean_stop(dir).unwrap_or_else(|e| {
+        warn!(error = %e, "ignoring an unreadable clean-stop record");
+        None
+    });
     let segments = segment::list(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
     let spool_id = spool_id(dir, segments.first())?;
     remove_temporary_files(dir)?;
@@ -59,6 +63,7 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
         bytes: AtomicU64::new(0),
         _lock: lock,
     };
+    let ends = LogEnd { clean_stop };
     for (i, seg) in segments.iter().enumerate() {
         let file =
             File::open(&seg.path).map_err(WalError::io(format!("open {}", seg.path.display())))?;
@@ -73,9 +78,9 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
         })?;
     }
     let (tail, report) = match segments.last() {
-        Some(last) => recover_tail(&wal, last.clone(), segments.len())?,
+        Some(last) => recover_tail(&wal, last.clone(), segments.len(), &ends)?,
         None => {
-            check_against_checkpoint(&wal, Lsn::FIRST)?;
+            ends.check(&wal, Lsn::FIRST)?;
             let created = segment::create(dir, Lsn::FIRST, spool_id).map_err(io::Error::from);
             let (file, segment) = created.map_err(WalError::io(format!(
                 "create the first segment in {}",
@@ -103,6 +108,13 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
             .len();
     }
     wal.bytes.store(bytes, Ordering::Relaxed);
+    // From here on the log grows again; a crash must not be judged by the old stop.
+    if clean_stop.is_some() {
+        let path = dir.join(super::CLEAN_STOP_FILE);
+        fs::remove_file(&path)
+            .and_then(|()| fsutil::sync_dir(dir))
+            .map_err(WalError::io(format!("remove {}", path.display())))?;
+    }
     Ok((wal, tail, report))
 }
 
@@ -213,6 +225,7 @@ fn recover_tail(
     dir: &WalDir,
     last: SegmentFile,
     segments: usize,
+    ends: &LogEnd,
 ) -> Result<(Tail, RecoveryReport), WalError> {
     let path = last.path.clone();
     let file = OpenOptions::new()
@@ -251,7 +264,7 @@ fn recover_tail(
             Some((offset, reason, tail))
         }
     };
-    check_against_checkpoint(dir, next_lsn)?;
+    ends.check(dir, next_lsn)?;
     let cut = torn
         .map(|(offset, reason, tail)| cut_torn_tail(dir, &last, &file, offset, &tail, &reason))
         .transpose()?;
@@ -269,21 +282,40 @@ fn recover_tail(
     Ok((tail, report))
 }
 
-/// Refuses a log whose next LSN is at or below the checkpoint's watermark: rows
-/// PostgreSQL committed are missing from its end, and new rows would reuse their LSNs.
-fn check_against_checkpoint(dir: &WalDir, next_lsn: Lsn) -> Result<(), WalError> {
-    // Advisory: an unreadable checkpoint is replaced after the next commit.
-    let checkpoint = read_checkpoint(dir.path()).unwrap_or_else(|e| {
-        warn!(error = %e, "ignoring an unreadable checkpoint");
-        None
-    });
-    match checkpoint {
-        Some(flushed) if flushed >= next_lsn => Err(WalError::EndsBeforeCheckpoint {
-            dir: dir.path().to_path_buf(),
-            last: next_lsn.prev(),
-            flushed,
-        }),
-        _ => Ok(()),
+/// What the log's end is checked against once recovery found it.
+struct LogEnd {
+    /// Where the log ended when the daemon last stopped cleanly.
+    clean_stop: Option<Lsn>,
+}
+
+impl LogEnd {
+    /// Refuses a log whose next LSN is below where it was at the last clean stop (records
+    /// at its end are missing or damaged: after a clean stop there is no torn write), or at
+    /// or below the checkpoint's watermark (rows PostgreSQL committed are missing from its
+    /// end, and new rows would reuse their LSNs).
+    fn check(&self, dir: &WalDir, next_lsn: Lsn) -> Result<(), WalError> {
+        if let Some(stopped) = self.clean_stop
+            && next_lsn < stopped
+        {
+            return Err(WalError::EndsBeforeCleanStop {
+                dir: dir.path().to_path_buf(),
+                last: next_lsn.prev(),
+                stopped_at: stopped.prev(),
+            });
+        }
+        // Advisory: an unreadable checkpoint is replaced after the next commit.
+        let checkpoint = read_checkpoint(dir.path()).unwrap_or_else(|e| {
+            warn!(error = %e, "ignoring an unreadable checkpoint");
+            None
+        });
+        match checkpoint {
+            Some(flushed) if flushed >= next_lsn => Err(WalError::EndsBeforeCheckpoint {
+                dir: dir.path().to_path_buf(),
+                last: next_lsn.prev(),
+                flushed,
+            }),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -142,6 +142,12 @@ impl Writer {
         let mut carried: Option<AppendRequest> = None;
         loop {
             let Some(first) = carried.take().or_else(|| rx.blocking_recv()) else {
+                // Every appender is gone: a clean stop. Recorded so that the next start
+                // knows the log may not end earlier (best effort: without it, the next
+                // start trusts the log as after a crash).
+                if let Err(e) = self.dir.write_clean_stop(self.next_lsn) {
+                    error!(error = %e, "could not record the clean stop");
+                }
                 return Ok(());
             };
             if self.len > SEGMENT_HEADER_BYTES

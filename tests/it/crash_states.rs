@@ -29,6 +29,8 @@ async fn write_wal(dir: &Path) -> Vec<SegmentFile> {
         wal.appender().append(vec![record]).await.expect("append");
     }
     wal.close().await.expect("close");
+    // The states below are those a crash leaves: no clean-stop record.
+    std::fs::remove_file(dir.join("clean-stop")).expect("a clean stop was recorded");
     let segments = segment::list(dir).expect("list");
     assert_eq!(segments.len(), RECORDS as usize);
     segments
@@ -98,6 +100,7 @@ async fn every_state_between_two_steps_of_rotation_or_deletion_starts() {
             .await
             .expect("append");
         wal.close().await.expect("close");
+        std::fs::remove_file(dir.join("clean-stop")).expect("a clean stop was recorded");
     }
     let rotated = segment::list(&dir).expect("list").pop().expect("segment");
     // Back to the instant after the rename: the new segment holds its header only.

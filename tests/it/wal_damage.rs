@@ -315,6 +315,15 @@ async fn a_log_that_ends_before_its_checkpoint_is_refused() {
 
     let (code, s) = status(&dir.path().join("wal"));
     assert_eq!(code, Some(2), "{s:#}");
+    // The daemon had stopped cleanly, so the log must reach where it ended then.
+    let err = start_error(dir.path(), &pg).await;
+    assert!(
+        err.contains("ends at LSN 0, but it ended at LSN 2 when pgspool last stopped cleanly")
+            && err.contains("pgspool quarantine --wal-dir"),
+        "{err}"
+    );
+    // After a crash (no clean-stop record) the checkpoint still tells.
+    std::fs::remove_file(dir.path().join("wal/clean-stop")).expect("remove");
     let err = start_error(dir.path(), &pg).await;
     assert!(
         err.contains("ends at LSN 0") && err.contains("up to LSN 2"),

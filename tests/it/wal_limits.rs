@@ -142,6 +142,7 @@ async fn a_full_disk_refuses_writes_with_507_keeps_flushing_and_recovers() {
     // place: there is no room to write more): the daemon still starts, without room for a
     // copy of the torn bytes. That request was never acknowledged, then.
     daemon.stop().await.expect("stop");
+    std::fs::remove_file(wal.join("clean-stop")).expect("as after a crash");
     let mut segments = pgspool::wal::segment::list(&wal).expect("list");
     let size = |path: &Path| std::fs::metadata(path).expect("stat").len();
     // A new segment holding no record yet (the one after the failed write) goes first.
