@@ -38,19 +38,27 @@ async fn load_and_stop(dir: &std::path::Path, pg: &Pg, body: &str) {
     daemon.stop().await.expect("stop");
 }
 
-/// Runs `pgspool quarantine` on `wal`; panics unless it succeeds; returns its report.
+/// Runs `pgspool quarantine` on `wal`; panics unless it succeeds; returns its report. A
+/// lock still held is waited for: a child process another test forks in this process
+/// holds a copy of a daemon's lock until it execs.
 fn quarantine(wal: &std::path::Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
-        .args(["quarantine", "--wal-dir"])
-        .arg(wal)
-        .output()
-        .expect("run quarantine");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
+            .args(["quarantine", "--wal-dir"])
+            .arg(wal)
+            .output()
+            .expect("run quarantine");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            stderr.contains("in use by another pgspool") && std::time::Instant::now() < deadline,
+            "{stderr}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 async fn start_error(dir: &std::path::Path, pg: &Pg) -> String {
@@ -269,6 +277,48 @@ async fn a_missing_segment_stops_the_flusher_until_quarantine_passes_over_its_ls
         pg.count("SELECT count(*) FROM ev").await,
         3,
         "id 1 is not loaded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_shorter_than_at_its_clean_stop_is_refused_until_quarantined() {
+    let mut pg = Pg::start().await;
+    let dir = short_tempdir();
+    let wal = dir.path().join("wal");
+    let segments = one_row_per_segment(dir.path(), &mut pg, 4).await;
+    // Without the last segment the log would look whole, ending at LSN 3.
+    std::fs::remove_file(&segments[3]).expect("remove the last segment");
+    pg.restart().await;
+    let err = start_error(dir.path(), &pg).await;
+    assert!(
+        err.contains("ends at LSN 3, but it ended at LSN 4 when pgspool last stopped cleanly"),
+        "{err}"
+    );
+    let report = quarantine(&wal);
+    assert!(
+        report.contains("passed over") && report.contains("LSNs 4 ..= 4 (1 row)"),
+        "{report}"
+    );
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    flushed(&daemon).await;
+    let mut c = client(daemon.socket()).await;
+    let reply = post_ndjson(&mut c, "ev", "{\"id\":9}\n").await;
+    assert_eq!(
+        reply.body["first_lsn"], 5,
+        "LSN 4 is never given again: {}",
+        reply.body
+    );
+    flushed(&daemon).await;
+    daemon.stop().await.expect("stop");
+    assert_eq!(
+        pg.count("SELECT count(*) FROM ev WHERE id IN (0, 1, 2, 9)")
+            .await,
+        4
+    );
+    assert_eq!(
+        pg.count("SELECT count(*) FROM ev").await,
+        4,
+        "id 3 is not loaded"
     );
 }
 
