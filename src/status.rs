@@ -301,6 +301,8 @@ pub fn render(s: &WalStatus) -> String {
     use std::fmt::Write;
     let verdict = if !s.intact {
         "DAMAGED: acknowledged data is damaged or missing (see problems below)"
+    } else if s.torn_tail_bytes > 0 {
+        "ok: every complete record verified; a torn write ends the log (cut at the next start)"
     } else if s.pending_rows == 0 {
         "ok: every record verified, nothing pending"
     } else {
