@@ -190,16 +190,7 @@ async fn damage_the_flusher_finds_in_an_older_segment_stops_the_daemon_and_every
         "{s:#}"
     );
 
-    quarantine(&wal);
-    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
-    flushed(&daemon).await;
-    daemon.stop().await.expect("stop");
-    assert_eq!(pg.count("SELECT count(*) FROM ev WHERE id <> 1").await, 3);
-    assert_eq!(
-        pg.count("SELECT count(*) FROM ev").await,
-        3,
-        "id 1 is not loaded"
-    );
+    quarantine_and_load(&dir, &pg, 2, "moved aside").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,30 +212,13 @@ async fn a_segment_with_a_damaged_header_is_refused_until_quarantined_whole() {
         "{err}"
     );
     assert_eq!(status(&wal).0, Some(2));
-    let report = quarantine(&wal);
-    assert!(report.contains("LSNs 2 ..= 2 (1 row)"), "{report}");
-    let (code, s) = status(&wal);
-    assert_eq!(
-        (code, &s["quarantined_rows"]),
-        (Some(0), &1.into()),
-        "{s:#}"
-    );
-    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
-    flushed(&daemon).await;
-    daemon.stop().await.expect("stop");
-    assert_eq!(pg.count("SELECT count(*) FROM ev WHERE id <> 1").await, 3);
-    assert_eq!(
-        pg.count("SELECT count(*) FROM ev").await,
-        3,
-        "id 1 is not loaded"
-    );
+    quarantine_and_load(&dir, &pg, 2, "moved aside").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_segment_stops_the_flusher_until_quarantine_passes_over_its_lsns() {
     let mut pg = Pg::start().await;
     let dir = short_tempdir();
-    let wal = dir.path().join("wal");
     let segments = one_row_per_segment(dir.path(), &mut pg, 4).await;
     std::fs::remove_file(&segments[1]).expect("remove a middle segment");
     pg.restart().await;
@@ -258,9 +232,45 @@ async fn a_missing_segment_stops_the_flusher_until_quarantine_passes_over_its_ls
         err.contains("does not hold LSN 2") && err.contains("pgspool quarantine --wal-dir"),
         "{err}"
     );
+    quarantine_and_load(&dir, &pg, 2, "passed over").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_shorter_than_at_its_clean_stop_is_refused_until_quarantined() {
+    let mut pg = Pg::start().await;
+    let dir = short_tempdir();
+    let segments = one_row_per_segment(dir.path(), &mut pg, 4).await;
+    // Without the last segment the log would look whole, ending at LSN 3.
+    std::fs::remove_file(&segments[3]).expect("remove the last segment");
+    pg.restart().await;
+    let err = start_error(dir.path(), &pg).await;
+    assert!(
+        err.contains("ends at LSN 3, but it ended at LSN 4 when pgspool last stopped cleanly"),
+        "{err}"
+    );
+    quarantine_and_load(&dir, &pg, 4, "passed over").await;
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let mut c = client(daemon.socket()).await;
+    let reply = post_ndjson(&mut c, "ev", "{\"id\":9}\n").await;
+    assert_eq!(
+        reply.body["first_lsn"], 5,
+        "LSN 4 is never given again: {}",
+        reply.body
+    );
+    flushed(&daemon).await;
+    daemon.stop().await.expect("stop");
+    assert_eq!(pg.count("SELECT count(*) FROM ev WHERE id = 9").await, 1);
+}
+
+/// For a WAL written by [`one_row_per_segment`] (4 rows) whose row at LSN `lsn` is damaged
+/// or missing: runs `pgspool quarantine` (which reports it as `what`), checks that status
+/// counts it, then starts a daemon and checks that every other row, and only those, is
+/// loaded.
+async fn quarantine_and_load(dir: &tempfile::TempDir, pg: &Pg, lsn: u64, what: &str) {
+    let wal = dir.path().join("wal");
     let report = quarantine(&wal);
     assert!(
-        report.contains("passed over") && report.contains("LSNs 2 ..= 2 (1 row)"),
+        report.contains(what) && report.contains(&format!("LSNs {lsn} ..= {lsn} (1 row)")),
         "{report}"
     );
     let (code, s) = status(&wal);
@@ -272,53 +282,16 @@ async fn a_missing_segment_stops_the_flusher_until_quarantine_passes_over_its_ls
     let daemon = start_daemon(config(dir.path(), &pg.url())).await;
     flushed(&daemon).await;
     daemon.stop().await.expect("stop");
-    assert_eq!(pg.count("SELECT count(*) FROM ev WHERE id <> 1").await, 3);
+    let id = lsn - 1;
+    assert_eq!(
+        pg.count(&format!("SELECT count(*) FROM ev WHERE id <> {id}"))
+            .await,
+        3
+    );
     assert_eq!(
         pg.count("SELECT count(*) FROM ev").await,
         3,
-        "id 1 is not loaded"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_log_shorter_than_at_its_clean_stop_is_refused_until_quarantined() {
-    let mut pg = Pg::start().await;
-    let dir = short_tempdir();
-    let wal = dir.path().join("wal");
-    let segments = one_row_per_segment(dir.path(), &mut pg, 4).await;
-    // Without the last segment the log would look whole, ending at LSN 3.
-    std::fs::remove_file(&segments[3]).expect("remove the last segment");
-    pg.restart().await;
-    let err = start_error(dir.path(), &pg).await;
-    assert!(
-        err.contains("ends at LSN 3, but it ended at LSN 4 when pgspool last stopped cleanly"),
-        "{err}"
-    );
-    let report = quarantine(&wal);
-    assert!(
-        report.contains("passed over") && report.contains("LSNs 4 ..= 4 (1 row)"),
-        "{report}"
-    );
-    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
-    flushed(&daemon).await;
-    let mut c = client(daemon.socket()).await;
-    let reply = post_ndjson(&mut c, "ev", "{\"id\":9}\n").await;
-    assert_eq!(
-        reply.body["first_lsn"], 5,
-        "LSN 4 is never given again: {}",
-        reply.body
-    );
-    flushed(&daemon).await;
-    daemon.stop().await.expect("stop");
-    assert_eq!(
-        pg.count("SELECT count(*) FROM ev WHERE id IN (0, 1, 2, 9)")
-            .await,
-        4
-    );
-    assert_eq!(
-        pg.count("SELECT count(*) FROM ev").await,
-        4,
-        "id 3 is not loaded"
+        "id {id} is not loaded"
     );
 }
 
