@@ -12,6 +12,7 @@ use pgspool::pgtemp::StopMode;
 use crate::harness::{
     DEADLINE, Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon, status_json,
 };
+use crate::load::assert_exactly_once;
 
 /// Sends rows of about 20 kB with ids from `next` on until one is refused; returns the
 /// ids acknowledged and the refusal.
@@ -68,15 +69,6 @@ fn small(dir: &Path, pg: &Pg) -> Config {
     cfg
 }
 
-async fn all_loaded_once(pg: &Pg, acked: &[i64]) {
-    for id in acked {
-        let n = pg
-            .count(&format!("SELECT count(*) FROM ev WHERE id = {id}"))
-            .await;
-        assert_eq!(n, 1, "acknowledged id {id} is in PostgreSQL {n} times");
-    }
-}
-
 /// Unmounts the tmpfs when the test ends, however it ends.
 struct Mount(std::path::PathBuf);
 
@@ -106,7 +98,7 @@ impl Drop for Mount {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_writes_with_507_keeps_flushing_and_recovers() {
     let mut pg = Pg::start().await;
-    pg.exec("CREATE TABLE ev (id int, pad text)").await;
+    pg.exec("CREATE TABLE ev (id bigint, pad text)").await;
     tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
     let dir = short_tempdir();
     let wal = dir.path().join("wal");
@@ -165,7 +157,7 @@ async fn a_full_disk_refuses_writes_with_507_keeps_flushing_and_recovers() {
     pg.restart().await;
     acked.push(accepted_again(&mut c, &mut next).await);
     flushed(&daemon).await;
-    all_loaded_once(&pg, &acked).await;
+    assert_exactly_once(&pg, &acked).await;
     assert_eq!(
         pg.count("SELECT count(*) FROM ev").await,
         acked.len() as i64
@@ -176,7 +168,7 @@ async fn a_full_disk_refuses_writes_with_507_keeps_flushing_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_bytes_refuses_with_503_and_retry_after_and_evicts_nothing() {
     let mut pg = Pg::start().await;
-    pg.exec("CREATE TABLE ev (id int, pad text)").await;
+    pg.exec("CREATE TABLE ev (id bigint, pad text)").await;
     tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
     let dir = short_tempdir();
     let mut cfg = small(dir.path(), &pg);
@@ -207,7 +199,7 @@ async fn max_bytes_refuses_with_503_and_retry_after_and_evicts_nothing() {
     pg.restart().await;
     acked.push(accepted_again(&mut c, &mut next).await);
     flushed(&daemon).await;
-    all_loaded_once(&pg, &acked).await;
+    assert_exactly_once(&pg, &acked).await;
     assert_eq!(
         pg.count("SELECT count(*) FROM ev").await,
         acked.len() as i64
