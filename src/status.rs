@@ -92,13 +92,10 @@ pub struct WalStatus {
 /// in [`WalStatus::problems`], not as an error.
 pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, WalError> {
     let segments = segment::list(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
-    let Some(spool_id) = wal::read_spool_id(dir)? else {
-        return Err(match segments.first() {
-            Some(first) => wal::missing_spool_id(dir, first),
-            None => WalError::BadFile {
-                path: dir.to_path_buf(),
-                reason: "not a pgspool WAL directory (no spool_id file)".into(),
-            },
+    let Some(spool_id) = wal::existing_spool_id(dir, segments.first())? else {
+        return Err(WalError::BadFile {
+            path: dir.to_path_buf(),
+            reason: "not a pgspool WAL directory (no spool_id file)".into(),
         });
     };
     let checkpoint = wal::read_checkpoint(dir);

@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use super::record::{self, AppendRecord, Decoded, GroupStamp, HEADER_BYTES, Record};
 use super::segment::{self, OpenSegmentError, SegmentCursor, SegmentFile, SegmentHeader, Step};
-use super::{QUARANTINE_DIR, WalError, read_spool_id, recovery};
+use super::{QUARANTINE_DIR, WalError, recovery};
 use crate::fsutil;
 use crate::lsn::Lsn;
 
@@ -298,15 +298,11 @@ pub fn quarantine(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<Quarantin
     }
     let _lock = recovery::lock_dir(dir)?;
     let segments = segment::list(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
-    let spool_id = match (read_spool_id(dir)?, segments.first()) {
-        (Some(id), _) => id,
-        (None, Some(first)) => return Err(super::missing_spool_id(dir, first)),
-        (None, None) => {
-            return Err(WalError::BadFile {
-                path: dir.to_path_buf(),
-                reason: "not a pgspool WAL directory (no spool_id file)".into(),
-            });
-        }
+    let Some(spool_id) = super::existing_spool_id(dir, segments.first())? else {
+        return Err(WalError::BadFile {
+            path: dir.to_path_buf(),
+            reason: "not a pgspool WAL directory (no spool_id file)".into(),
+        });
     };
     // After a clean stop the log must reach where it ended then: a bad record at its end
     // is damage, not a torn write, and missing LSNs at its end are passed over too.

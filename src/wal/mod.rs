@@ -73,7 +73,7 @@ use crate::lsn::Lsn;
 pub use damage::{Damage, TailDamage, classify_tail, read_tail};
 pub use reader::WalReader;
 pub use record::{AppendRecord, Invalid, Record, RecordKind};
-pub(crate) use recovery::missing_spool_id;
+pub(crate) use recovery::existing_spool_id;
 use segment::{OpenSegmentError, SegmentFile};
 pub use writer::{AppendError, Appender};
 
@@ -355,8 +355,8 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
 /// When the file exists but cannot be read or does not hold a UUID.
 pub fn read_spool_id(dir: &Path) -> Result<Option<Uuid>, WalError> {
     let path = dir.join(SPOOL_ID_FILE);
-    match fs::read_to_string(&path) {
-        Ok(text) => Uuid::parse_str(text.trim())
+    match fs::read(&path) {
+        Ok(bytes) => Uuid::try_parse_ascii(bytes.trim_ascii())
             .map(Some)
             .map_err(|e| WalError::BadFile {
                 path,

@@ -139,11 +139,8 @@ fn bad_header_advice(reason: &str, dir: &Path, last: bool) -> String {
 /// Reads the spool id, or creates one for a new directory. A directory with segments but
 /// no spool id is refused: a new id would disown the segments.
 fn spool_id(dir: &Path, first: Option<&SegmentFile>) -> Result<Uuid, WalError> {
-    if let Some(id) = read_spool_id(dir)? {
+    if let Some(id) = existing_spool_id(dir, first)? {
         return Ok(id);
-    }
-    if let Some(segment) = first {
-        return Err(missing_spool_id(dir, segment));
     }
     let id = Uuid::new_v4();
     fsutil::write_atomic(dir, SPOOL_ID_FILE, format!("{id}\n").as_bytes()).map_err(
@@ -153,18 +150,34 @@ fn spool_id(dir: &Path, first: Option<&SegmentFile>) -> Result<Uuid, WalError> {
     Ok(id)
 }
 
-/// The error for a directory that holds segments (the first is `segment`) but no spool id
-/// file: it names the id to restore, read from the segment's header.
-pub(crate) fn missing_spool_id(dir: &Path, segment: &SegmentFile) -> WalError {
+/// The spool id of `dir` (whose oldest segment is `first`, if any); `None` for a directory
+/// with neither a `spool_id` file nor segments: a new spool.
+///
+/// # Errors
+/// When the file is missing or unreadable although segments exist: the error names the id
+/// to restore, read from the oldest segment's header (a new id would disown the segments).
+/// A file that is not a spool id in a directory without segments, and I/O errors.
+pub(crate) fn existing_spool_id(
+    dir: &Path,
+    first: Option<&SegmentFile>,
+) -> Result<Option<Uuid>, WalError> {
+    let problem = match (read_spool_id(dir), first) {
+        (Ok(id), None) => return Ok(id),
+        (Ok(Some(id)), Some(_)) => return Ok(Some(id)),
+        (Ok(None), Some(_)) => "is missing".to_string(),
+        (Err(WalError::BadFile { reason, .. }), Some(_)) => reason,
+        (Err(e), _) => return Err(e),
+    };
+    let segment = first.expect("only with segments");
     let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
     let owner = File::open(&segment.path)
         .and_then(|file| file.read_exact_at(&mut header, 0))
         .ok()
         .map(|()| Uuid::from_bytes(header[24..40].try_into().expect("16 bytes")));
     let file = dir.join(SPOOL_ID_FILE);
-    WalError::BadFile {
+    Err(WalError::BadFile {
         reason: format!(
-            "is missing, but the directory holds segments{}; restore the file rather than \
+            "{problem}, but the directory holds segments{}; restore the file rather than \
              let pgspool start a new spool beside them",
             owner.map_or_else(String::new, |id| format!(
                 " of spool {id} (echo {id} > {})",
@@ -172,7 +185,7 @@ pub(crate) fn missing_spool_id(dir: &Path, segment: &SegmentFile) -> WalError {
             ))
         ),
         path: file,
-    }
+    })
 }
 
 /// Takes the exclusive lock on `dir` and writes this process's pid to `LOCK`. The lock is

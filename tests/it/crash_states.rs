@@ -162,3 +162,27 @@ async fn every_state_between_two_steps_of_rotation_or_deletion_starts() {
     assert!(report.contains("an unreadable damage.json"), "{report}");
     assert_starts(&dir, 1, "damage record cleared").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_or_garbled_spool_id_is_refused_and_the_id_to_restore_named() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let pristine = root.path().join("pristine");
+    write_wal(&pristine).await;
+    let id = std::fs::read_to_string(pristine.join("spool_id")).expect("spool id");
+    let dir = copy_of(&pristine, root.path(), "spool-id");
+    let restore = format!("of spool {} (echo {} >", id.trim(), id.trim());
+    std::fs::remove_file(dir.join("spool_id")).expect("remove");
+    let err = Wal::open(&options(&dir)).expect_err("refused").to_string();
+    assert!(
+        err.contains("is missing") && err.contains(&restore),
+        "{err}"
+    );
+    std::fs::write(dir.join("spool_id"), b"\xff garbage").expect("garble");
+    let err = Wal::open(&options(&dir)).expect_err("refused").to_string();
+    assert!(
+        err.contains("not a spool id") && err.contains(&restore),
+        "{err}"
+    );
+    std::fs::write(dir.join("spool_id"), &id).expect("restore");
+    assert_starts(&dir, 1, "restored spool id").await;
+}
