@@ -162,7 +162,11 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
             Err(segment::OpenSegmentError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
                 continue;
             }
-            Err(e) => {
+            // Not damage: the file cannot be read at all (permissions, I/O).
+            Err(segment::OpenSegmentError::Io(e)) => {
+                return Err(WalError::io(format!("read {}", path.display()))(e));
+            }
+            Err(e @ segment::OpenSegmentError::BadHeader(_)) => {
                 status.damage(format!("{}: {e}", path.display()));
                 continue;
             }
