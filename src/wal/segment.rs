@@ -62,12 +62,26 @@ pub struct SegmentFile {
 /// Lists the segments of `dir` in log order.
 ///
 /// # Errors
-/// When the directory cannot be read.
+/// When the directory cannot be read, or something named like a segment is not a regular
+/// file.
 pub fn list(dir: &Path) -> io::Result<Vec<SegmentFile>> {
     let mut segments = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         if let Some(first_lsn) = entry.file_name().to_str().and_then(parse_file_name) {
+            // Opening a FIFO or device would block or worse: refuse it by name. A segment
+            // deleted meanwhile (by the flusher) is simply gone.
+            match fs::metadata(entry.path()) {
+                Ok(meta) if meta.is_file() => {}
+                Ok(_) => {
+                    return Err(io::Error::other(format!(
+                        "{} is named like a segment but is not a regular file; move it away",
+                        entry.path().display()
+                    )));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
             segments.push(SegmentFile {
                 first_lsn,
                 path: entry.path(),
