@@ -472,6 +472,14 @@ mod tests {
     }
 
     #[test]
+    fn something_named_like_a_segment_that_is_not_a_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::create_dir(dir.path().join(file_name(Lsn(5)))).expect("mkdir");
+        let err = list(dir.path()).expect_err("refused");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+
+    #[test]
     fn header_checks_spool_and_name() {
         let dir = tempfile::tempdir().expect("tempdir");
         let spool = Uuid::new_v4();
