@@ -215,7 +215,7 @@ pub fn scan_segment(
                 )? {
                     None => {
                         let len = fs::metadata(&segment.path)?.len();
-                        scan.torn_tail = Some((offset, len - offset));
+                        scan.torn_tail = Some((offset, len.saturating_sub(offset)));
                         return Ok(scan);
                     }
                     Some(damage) => {
