@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::damage;
-use super::record::{Invalid, Record};
+use super::record::{Invalid, Record, RecordKind};
 use super::segment::{self, SegmentCursor, SegmentFile, Step};
 use super::{WalDir, WalError};
 use crate::lsn::Lsn;
@@ -14,8 +14,8 @@ use crate::lsn::Lsn;
 pub struct WalReader {
     dir: Arc<WalDir>,
     cursor: SegmentCursor,
-    /// CRC of the record that ends just before the starting LSN, if the WAL holds it.
-    crc_before: Option<u32>,
+    /// CRC and kind of the last record before the starting LSN, if the WAL holds it.
+    before: Option<(u32, RecordKind)>,
 }
 
 impl WalReader {
@@ -26,7 +26,8 @@ impl WalReader {
     ///
     /// # Errors
     /// [`WalError::Missing`] when no segment holds `from` (its segment was deleted or never
-    /// written), [`WalError::InsideRecord`] when `from` falls inside a record,
+    /// written), [`WalError::InsideRecord`] when `from` falls inside a record (other than a
+    /// quarantined one, after which the reader is positioned),
     /// [`WalError::Corrupt`] for damage before it.
     pub fn open(dir: Arc<WalDir>, from: Lsn) -> Result<WalReader, WalError> {
         let path = dir.path();
@@ -45,15 +46,19 @@ impl WalReader {
         let mut reader = WalReader {
             cursor: open_cursor(&dir, start)?,
             dir,
-            crc_before: None,
+            before: None,
         };
         // Skip the records before `from`; they are all durable.
         let before = from.prev();
         while reader.step(before)?.is_some() {
-            reader.crc_before = Some(reader.cursor.record().crc);
+            let record = reader.cursor.record();
+            reader.before = Some((record.crc, record.kind));
         }
         let at = reader.cursor.next_lsn();
-        if at > from {
+        // LSNs an operator quarantined are passed over wherever they start: the reader
+        // goes on after them.
+        let quarantined = matches!(reader.before, Some((_, RecordKind::Quarantined)));
+        if at > from && !quarantined {
             return Err(WalError::InsideRecord {
                 lsn: from,
                 record_end: at.prev(),
@@ -70,10 +75,14 @@ impl WalReader {
 
     /// The CRC of the record that ends just before the LSN the reader was opened at, if the
     /// WAL still holds that record: compared with the one PostgreSQL committed, it tells
-    /// whether this WAL and the database agree on what that LSN is.
+    /// whether this WAL and the database agree on what that LSN is. `None` also when that
+    /// record was quarantined (its bytes were replaced on an operator's word).
     #[must_use]
     pub fn crc_before(&self) -> Option<u32> {
-        self.crc_before
+        match self.before {
+            Some((crc, RecordKind::Rows)) => Some(crc),
+            _ => None,
+        }
     }
 
     /// LSN of the next record to be read.

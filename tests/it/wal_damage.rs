@@ -262,6 +262,57 @@ async fn a_log_shorter_than_at_its_clean_stop_is_refused_until_quarantined() {
     assert_eq!(pg.count("SELECT count(*) FROM ev WHERE id = 9").await, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantining_the_record_at_the_watermark_lets_the_rows_after_it_load() {
+    let mut pg = Pg::start().await;
+    pg.exec("CREATE TABLE ev (id int)").await;
+    let dir = short_tempdir();
+    let wal = dir.path().join("wal");
+    load_and_stop(dir.path(), &pg, "{\"id\":0}\n{\"id\":1}\n").await;
+    load_and_stop(dir.path(), &pg, "{\"id\":2}\n{\"id\":3}\n").await;
+    // PostgreSQL's watermark is LSN 4, the end of the second record; then rows 5 and 6
+    // are acknowledged while it is down.
+    tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let spool_id = daemon.spool_id();
+    let mut c = client(daemon.socket()).await;
+    let reply = post_ndjson(&mut c, "ev", "{\"id\":4}\n{\"id\":5}\n").await;
+    assert_eq!(reply.status, 202);
+    daemon.stop().await.expect("stop");
+    // Damage the record at the watermark (LSNs 3 and 4), already loaded.
+    let segment = pgspool::wal::segment::list(&wal)
+        .expect("list")
+        .pop()
+        .expect("a segment");
+    let (mut cursor, _) =
+        pgspool::wal::segment::SegmentCursor::open(segment.clone(), spool_id).expect("open");
+    let mut starts = Vec::new();
+    loop {
+        let at = cursor.offset();
+        match cursor.step(pgspool::lsn::Lsn(u64::MAX)).expect("step") {
+            pgspool::wal::segment::Step::Record(lsns) => starts.push((lsns.first.0, at)),
+            _ => break,
+        }
+    }
+    let (_, at) = starts
+        .iter()
+        .find(|(lsn, _)| *lsn == 3)
+        .expect("the record of LSN 3");
+    let mut bytes = std::fs::read(&segment.path).expect("read");
+    bytes[*at as usize + 45] ^= 0x08;
+    std::fs::write(&segment.path, &bytes).expect("write");
+
+    pg.restart().await;
+    let err = start_error(dir.path(), &pg).await;
+    assert!(err.contains("LSNs 3 ..= 4 (2 rows)"), "{err}");
+    quarantine(&wal);
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    flushed(&daemon).await;
+    daemon.stop().await.expect("stop");
+    assert_eq!(pg.count("SELECT count(DISTINCT id) FROM ev").await, 6);
+    assert_eq!(pg.count("SELECT count(*) FROM ev").await, 6, "no row twice");
+}
+
 /// For a WAL written by [`one_row_per_segment`] (4 rows) whose row at LSN `lsn` is damaged
 /// or missing: runs `pgspool quarantine` (which reports it as `what`), checks that status
 /// counts it, then starts a daemon and checks that every other row, and only those, is
