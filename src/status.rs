@@ -193,6 +193,16 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
             status.damage(damage.to_string());
         }
     }
+    if let Ok(Some(stop)) = wal::read_clean_stop(dir)
+        && status.last_lsn < stop.prev()
+    {
+        status.damage(format!(
+            "the log ends at LSN {}, but it ended at LSN {} when pgspool last stopped cleanly: \
+             records at its end are missing or damaged",
+            status.last_lsn,
+            stop.prev()
+        ));
+    }
     match wal::damage::recorded(dir) {
         Ok(Some(damage)) => status.damage(format!("the daemon found while flushing: {damage}")),
         Ok(None) => {}

@@ -47,8 +47,9 @@ pub enum FatalError {
          WAL directory does not match the database (restored from an older copy, copied from \
          another host, or records lost from its end). Rows acknowledged since would be skipped \
          or loaded under the wrong LSNs, so pgspool stops; they stay in the WAL. Move the \
-         directory aside to start a new spool, and send again what it holds past LSN \
-         {watermark}"
+         directory aside to start a new spool, and send again the rows it acknowledged that \
+         PostgreSQL lacks: they start where this WAL and the database part ways, at or \
+         before LSN {watermark}, not after it"
     )]
     WalMismatch {
         /// The spool.

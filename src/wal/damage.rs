@@ -308,6 +308,19 @@ pub fn quarantine(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<Quarantin
     // is damage, not a torn write, and missing LSNs at its end are passed over too.
     let clean_stop = super::read_clean_stop(dir).ok().flatten();
     let mut report = QuarantineReport::default();
+    // LSNs pending before the oldest segment (the first segments deleted by hand): from
+    // the local checkpoint on, or from LSN 1 for a spool that never flushed.
+    let pending_from = super::read_checkpoint(dir)
+        .ok()
+        .flatten()
+        .map_or(Lsn::FIRST, Lsn::next);
+    if let Some(first) = segments.first()
+        && first.first_lsn > pending_from
+    {
+        report
+            .moved
+            .push(fill_gap(dir, spool_id, pending_from, first.first_lsn)?);
+    }
     let mut read = 0;
     for (i, seg) in segments.iter().enumerate() {
         let next_segment = segments.get(i + 1).map(|s| s.first_lsn);

@@ -242,6 +242,12 @@ async fn a_log_shorter_than_at_its_clean_stop_is_refused_until_quarantined() {
     let segments = one_row_per_segment(dir.path(), &mut pg, 4).await;
     // Without the last segment the log would look whole, ending at LSN 3.
     std::fs::remove_file(&segments[3]).expect("remove the last segment");
+    let (code, s) = status(&dir.path().join("wal"));
+    assert_eq!(code, Some(2), "{s:#}");
+    assert!(
+        s["problems"].to_string().contains("last stopped cleanly"),
+        "{s:#}"
+    );
     pg.restart().await;
     let err = start_error(dir.path(), &pg).await;
     assert!(
@@ -433,6 +439,27 @@ async fn status_names_pending_lsns_that_no_segment_holds() {
         problem.contains("LSNs 1 .. 2 are pending but in no segment"),
         "{s:#}"
     );
+    // quarantine passes over LSNs before the oldest segment too.
+    let report = quarantine(&wal);
+    assert!(
+        report.contains("passed over: ") && report.contains("LSNs 1 ..= 2 (2 rows)"),
+        "{report}"
+    );
+    let (code, s) = status(&wal);
+    assert_eq!(
+        (code, &s["quarantined_rows"]),
+        (Some(0), &2.into()),
+        "{s:#}"
+    );
+    pg.restart().await;
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    flushed(&daemon).await;
+    daemon.stop().await.expect("stop");
+    assert_eq!(
+        pg.count("SELECT count(*) FROM ev WHERE id IN (2, 3)").await,
+        2
+    );
+    assert_eq!(pg.count("SELECT count(*) FROM ev").await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
