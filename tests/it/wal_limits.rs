@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use pgspool::app::Daemon;
 use pgspool::client::SpoolClient;
 use pgspool::config::Config;
 use pgspool::pgtemp::StopMode;
@@ -48,6 +49,19 @@ async fn accepted_again(c: &mut SpoolClient, next: &mut i64) -> i64 {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// Once PostgreSQL is back: a write is accepted again, the backlog drains, and every
+/// acknowledged row (`acked` and that one) is loaded once, and no other; stops the daemon.
+async fn drained(pg: &Pg, daemon: Daemon, c: &mut SpoolClient, mut next: i64, mut acked: Vec<i64>) {
+    acked.push(accepted_again(c, &mut next).await);
+    flushed(&daemon).await;
+    assert_exactly_once(pg, &acked).await;
+    assert_eq!(
+        pg.count("SELECT count(*) FROM ev").await,
+        acked.len() as i64
+    );
+    daemon.stop().await.expect("stop");
 }
 
 /// The value of the `pgspool_writes_refused_total` series for `reason`.
@@ -155,14 +169,7 @@ async fn a_full_disk_refuses_writes_with_507_keeps_flushing_and_recovers() {
     // PostgreSQL comes back: the flusher loads the backlog and deletes its segments, and
     // writes are accepted again.
     pg.restart().await;
-    acked.push(accepted_again(&mut c, &mut next).await);
-    flushed(&daemon).await;
-    assert_exactly_once(&pg, &acked).await;
-    assert_eq!(
-        pg.count("SELECT count(*) FROM ev").await,
-        acked.len() as i64
-    );
-    daemon.stop().await.expect("stop");
+    drained(&pg, daemon, &mut c, next, acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +184,7 @@ async fn max_bytes_refuses_with_503_and_retry_after_and_evicts_nothing() {
     let mut c = client(daemon.socket()).await;
 
     let mut next = 0;
-    let (mut acked, refusal) = fill(&mut c, &mut next).await;
+    let (acked, refusal) = fill(&mut c, &mut next).await;
     assert_eq!(refusal.status, 503, "{}", refusal.body);
     assert_eq!(refusal.headers["retry-after"], "1");
     assert!(
@@ -197,12 +204,5 @@ async fn max_bytes_refuses_with_503_and_retry_after_and_evicts_nothing() {
     assert_eq!(refused(&mut c, "backlog_full").await, 2);
 
     pg.restart().await;
-    acked.push(accepted_again(&mut c, &mut next).await);
-    flushed(&daemon).await;
-    assert_exactly_once(&pg, &acked).await;
-    assert_eq!(
-        pg.count("SELECT count(*) FROM ev").await,
-        acked.len() as i64
-    );
-    daemon.stop().await.expect("stop");
+    drained(&pg, daemon, &mut c, next, acked).await;
 }
