@@ -407,12 +407,7 @@ fn replace_segment(
         reason: format!("bad segment header: {reason}"),
     };
     let moved = save(dir, segment, damage)?;
-    let mut bytes = SegmentHeader::new(segment.first_lsn, spool_id)
-        .encode()
-        .to_vec();
-    bytes.extend(quarantined_records(&moved));
-    fsutil::write_atomic(dir, &segment::file_name(segment.first_lsn), &bytes)
-        .map_err(WalError::io(format!("rewrite {}", path.display())))?;
+    write_quarantined_segment(dir, spool_id, segment.first_lsn, &moved)?;
     Ok(moved)
 }
 
@@ -431,14 +426,24 @@ fn fill_gap(dir: &Path, spool_id: Uuid, from: Lsn, next: Lsn) -> Result<Quaranti
         },
         saved_to: None,
     };
-    let mut bytes = SegmentHeader::new(from, spool_id).encode().to_vec();
-    bytes.extend(quarantined_records(&gap));
-    fsutil::write_atomic(dir, &name, &bytes).map_err(WalError::io(format!(
-        "create {}",
-        dir.join(&name).display()
-    )))?;
+    write_quarantined_segment(dir, spool_id, from, &gap)?;
     warn!(damage = %gap.damage, "filled a gap in the log with quarantined records");
     Ok(gap)
+}
+
+/// Writes (crash-atomically, replacing any file of that name) the segment starting at
+/// `first_lsn` that holds only the quarantined records standing for `q`.
+fn write_quarantined_segment(
+    dir: &Path,
+    spool_id: Uuid,
+    first_lsn: Lsn,
+    q: &Quarantined,
+) -> Result<(), WalError> {
+    let name = segment::file_name(first_lsn);
+    let mut bytes = SegmentHeader::new(first_lsn, spool_id).encode().to_vec();
+    bytes.extend(quarantined_records(q));
+    fsutil::write_atomic(dir, &name, &bytes)
+        .map_err(WalError::io(format!("write {}", dir.join(&name).display())))
 }
 
 /// Saves each damaged range of `segment` to `quarantine/`, then rewrites the segment with

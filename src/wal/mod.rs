@@ -10,9 +10,12 @@
 //!   clean-stop                   where the log ended at the last clean stop (removed at
 //!                                start): a log found shorter is damage, not a torn write
 //!   schema-cache.json            table columns (owned by crate::schema)
+//!   damage.json                  damage the flusher found: every start refuses until
+//!                                `pgspool quarantine` (see [`damage`])
 //!   00000000000000000001.wal     segments, named by their first LSN
 //!   00000000000000052001.wal
-//!   quarantine/                  bytes cut from a torn tail, kept for inspection
+//!   quarantine/                  bytes cut from a torn tail or moved aside by
+//!                                `pgspool quarantine`, kept for inspection
 //! ```
 //! Segment and record formats are described in [`segment`] and [`record`].
 //!
@@ -40,17 +43,20 @@
 //! the queue, and replay after a restart is the ordinary read path.
 //!
 //! # Recovery (at open)
-//! See [`recovery`]: lock the directory; read or create the spool id; check every segment
-//! header; fsync and scan the last segment. A bad record at its end with nothing valid
-//! after it is a torn write of a request that was never acknowledged: copied to
-//! `quarantine/`, cut off, the cut synced. A bad record with a valid one after it, or a log
-//! that ends before its checkpoint, is damage to acknowledged data: the WAL refuses to
-//! open. Start-up reads segment headers and the last segment only, whatever the backlog.
+//! See [`recovery`]: lock the directory; read or create the spool id; refuse if damage was
+//! recorded; check every segment header; fsync and scan the last segment. A bad record at
+//! its end with nothing written by a later group commit after it is a torn write of a
+//! request that was never acknowledged: copied to `quarantine/`, cut off, the cut synced.
+//! A bad record followed by a later group's record, or a log that ends before its
+//! checkpoint or before where it ended at the last clean stop, is damage to acknowledged
+//! data: the WAL refuses to open. Start-up reads segment headers and the last segment
+//! only, whatever the backlog.
 //!
 //! # Deleting
 //! A segment is deleted once every row in it is at or below the watermark committed in
-//! PostgreSQL, i.e. when the next segment's first LSN is at most watermark + 1. The last
-//! segment is never deleted, so the next LSN survives even when everything is flushed.
+//! PostgreSQL, i.e. when the next segment's first LSN is at most watermark + 1, after the
+//! checkpoint was written. The last segment is never deleted, so the next LSN survives
+//! even when everything is flushed.
 
 pub mod damage;
 pub mod reader;

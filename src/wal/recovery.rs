@@ -4,15 +4,17 @@
 //! lies from there to the end of the file is one of two things:
 //!
 //! - a **torn write**: the group being written when the process or machine died. It was
-//!   never fdatasync'd, so never acknowledged, and nothing valid follows it. It is copied
-//!   to `quarantine/`, cut off, and the cut synced.
-//! - **damage to acknowledged data**: a valid record follows the bad one (a flipped bit, a
-//!   bad sector). Cutting there would silently drop acknowledged rows and give their LSNs
-//!   to new ones, so the daemon refuses to start and says where the damage is.
+//!   never fdatasync'd, so never acknowledged, and no record of a later group follows it.
+//!   It is copied to `quarantine/` (if there is room), cut off, and the cut synced.
+//! - **damage to acknowledged data**: a record of a later group follows the bad one (a
+//!   flipped bit, a bad sector; see [`damage::classify_tail`]). Cutting there would
+//!   silently drop acknowledged rows and give their LSNs to new ones, so the daemon refuses
+//!   to start and says where the damage is and what to do.
 //!
-//! Nor may the log end before the rows its checkpoint says PostgreSQL committed: that means
-//! records were lost from its end (an old copy of the directory, a disk that dropped
-//! writes), and new rows would reuse LSNs PostgreSQL already holds. Both checks run before
+//! Nor may the log end before where it ended at the last clean stop (a clean stop leaves no
+//! torn write), nor before the rows its checkpoint says PostgreSQL committed: either means
+//! records were lost from its end (an old copy of the directory, a segment deleted, a disk
+//! that dropped writes), and new rows would reuse their LSNs. These checks run before
 //! anything is cut.
 
 use std::fs::{self, File, OpenOptions};
