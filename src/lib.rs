@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod acks;
 pub mod app;
 pub mod cli;
 pub mod client;
