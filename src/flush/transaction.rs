@@ -156,6 +156,17 @@ pub async fn commit(
                 copy_rows(&tx, &group.table, &columns, group.data, group.rows).await?;
             }
             RowFormat::Json => copy_json_rows(&tx, group, schemas).await?,
+            // Interim, until dead letters land (the lead's flusher writes these rows to
+            // pgspool.dead_letters): refused rows are logged and passed over.
+            RowFormat::Refused => {
+                for row in rowgroup::refused_rows(&group.data) {
+                    let (text, reason) = row.map_err(|e| FlushFailure::Rows {
+                        table: group.table.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    tracing::warn!(table = %group.table, row = text, reason, "passing over a row pgspool refused at ingest (?invalid=dead_letter)");
+                }
+            }
         }
     }
     let updated = tx
