@@ -325,3 +325,33 @@ fn clone_io(e: &io::Error) -> io::Error {
         None => io::Error::new(e.kind(), e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Wal, WalOptions};
+    use super::*;
+
+    #[tokio::test]
+    async fn append_nowait_takes_the_next_lsns_and_becomes_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = Wal::open(&WalOptions {
+            dir: dir.path().join("wal"),
+            segment_bytes: 1 << 20,
+        })
+        .expect("open");
+        let appender = wal.appender();
+        let first = appender
+            .append_nowait(vec![AppendRecord::new(2, b"ab".to_vec())])
+            .await
+            .expect("append");
+        assert_eq!(first, LsnRange::starting_at(Lsn(1), 2));
+        let second = appender
+            .append(vec![AppendRecord::new(1, b"c".to_vec())])
+            .await
+            .expect("append");
+        assert_eq!(second, LsnRange::starting_at(Lsn(3), 1));
+        assert_eq!(*wal.durable().borrow(), Lsn(3));
+        drop(appender);
+        wal.close().await.expect("close");
+    }
+}
