@@ -276,7 +276,6 @@ impl Flusher {
                 );
             }
             log_dead_letters(&settled);
-            self.committed.send_replace(last);
             self.settled(watermark, &settled.dead_letters).await;
         }
     }
@@ -386,9 +385,11 @@ impl Flusher {
         Ok(Ok(()))
     }
 
-    /// Tells waiting requests what is settled, and records the local checkpoint at the
-    /// lowest LSN below which every row is settled (the watermark, or the oldest hold).
+    /// Publishes the watermark, tells waiting requests what is settled, and records the
+    /// local checkpoint at the lowest LSN below which every row is settled (the watermark,
+    /// or the oldest hold).
     async fn settled(&self, watermark: Lsn, dead_letters: &[DeadLetter]) {
+        self.committed.send_replace(watermark);
         let acks: Vec<DeadLetterAck> = dead_letters
             .iter()
             .map(|d| DeadLetterAck {
