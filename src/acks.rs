@@ -16,11 +16,9 @@
 //!   of its range that the commits dead-lettered;
 //! - [`Outcome::Stopped`] when the daemon stops first ([`Acks::close`]).
 //!
-//! **Two signals.** Until the flusher calls [`Acks::settled`], the committed watermark it
-//! publishes on its watch channel drives the answers ([`Acks::follow`]); such commits
-//! report no dead letters and no held tables. From the first call of `settled` on, only
-//! `settled` does: the watch then changes nothing, whichever of the two arrives first, so
-//! an answer never goes out before the dead letters of its commit are known.
+//! Only `settled` answers requests, not the committed watermark the flusher also
+//! publishes on its watch channel: a commit's dead letters and holds come with its
+//! watermark, so no answer goes out before they are known.
 //!
 //! **Late registrations.** The writer publishes the durable LSN before the append returns,
 //! so the flusher may commit a request's rows before it registers. Registration therefore
@@ -36,7 +34,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 use crate::lsn::{Lsn, LsnRange};
 
@@ -101,8 +99,6 @@ struct State {
     history: VecDeque<DeadLetterAck>,
     waiters: HashMap<u64, Waiter>,
     next_id: u64,
-    /// The flusher reports through [`Acks::settled`]: the watch is ignored.
-    reports: bool,
     /// The daemon is stopping: every request is answered [`Outcome::Stopped`].
     closed: bool,
 }
@@ -171,11 +167,9 @@ impl Acks {
 
     /// Records a commit: the watermark is now `watermark`, `dead_letters` are the rows the
     /// commit dead-lettered (sorted by LSN), `held` every table held after it. Answers the
-    /// requests this ends. From the first call on, the watch channel followed by
-    /// [`Acks::follow`] is ignored.
+    /// requests this ends.
     pub fn settled(&self, watermark: Lsn, dead_letters: &[DeadLetterAck], held: &[HeldTable]) {
         let mut state = self.state();
-        state.reports = true;
         state.watermark = watermark;
         state.held = held.to_vec();
         for dead in dead_letters {
@@ -190,25 +184,6 @@ impl Acks {
             state.history.push_back(dead.clone());
         }
         state.answer();
-    }
-
-    /// Answers requests from the watermark the flusher publishes, until the flusher
-    /// reports through [`Acks::settled`] (see the module docs). Returns when the watch's
-    /// sender is gone.
-    pub async fn follow(self: Arc<Self>, mut committed: watch::Receiver<Lsn>) {
-        loop {
-            let watermark = *committed.borrow_and_update();
-            {
-                let mut state = self.state();
-                if !state.reports {
-                    state.watermark = watermark;
-                    state.answer();
-                }
-            }
-            if committed.changed().await.is_err() {
-                return;
-            }
-        }
     }
 
     /// Registers a request whose rows of `table` (as its WAL records name it) took `lsns`
@@ -364,37 +339,6 @@ mod tests {
                 dead_letters: vec![]
             })
         );
-    }
-
-    #[tokio::test]
-    async fn the_watch_drives_answers_until_the_flusher_reports() {
-        let acks = Arc::new(Acks::new());
-        let (tx, rx) = watch::channel(Lsn(0));
-        let follower = tokio::spawn(Arc::clone(&acks).follow(rx));
-        let mut a = acks.wait("public.t".into(), range(1, 2));
-        tx.send_replace(Lsn(2));
-        assert_eq!(
-            a.outcome().await,
-            Outcome::Committed {
-                dead_letters: vec![]
-            }
-        );
-        acks.settled(Lsn(2), &[], &[]);
-        let mut b = acks.wait("public.t".into(), range(3, 3));
-        tx.send_replace(Lsn(3));
-        // Give the follower its turn: it must not answer once the flusher reports.
-        tokio::task::yield_now().await;
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        assert_eq!(now(&mut b), None);
-        acks.settled(Lsn(3), &[dead(3)], &[]);
-        assert_eq!(
-            b.outcome().await,
-            Outcome::Committed {
-                dead_letters: vec![dead(3)]
-            }
-        );
-        drop(tx);
-        follower.await.expect("follower");
     }
 
     #[test]

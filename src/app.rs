@@ -72,10 +72,8 @@ impl Daemon {
         let schemas = Arc::new(SchemaCache::load(&config.wal.dir));
         let shutdown = CancellationToken::new();
         let (committed_tx, committed) = watch::channel(Lsn::ZERO);
-        // Requests with ?ack=committed. The flusher reports its commits with
-        // `Acks::settled`; until it does, the watermark it publishes drives the answers.
+        // Requests with ?ack=committed, answered as the flusher reports its commits.
         let acks = Arc::new(Acks::new());
-        tokio::spawn(Arc::clone(&acks).follow(committed.clone()));
         let (checked_tx, checked) = oneshot::channel();
         let flusher = Flusher {
             pg: pg.clone(),
@@ -86,6 +84,8 @@ impl Daemon {
             limits: config.batch.clone(),
             schemas: Arc::clone(&schemas),
             checked: Some(checked_tx),
+            acks: Arc::clone(&acks),
+            state: crate::flush::FlushState::default(),
         };
         let durable = wal.durable();
         let stop_flusher = CancellationToken::new();

@@ -13,6 +13,7 @@ mod http_api;
 mod load;
 mod pgtemp;
 mod recovery;
+mod row_isolation;
 mod status;
 mod torn_writes;
 mod torture;
