@@ -409,7 +409,16 @@ pub fn encode_parsed(
             Ok(row) => row.raw,
             Err(unparsed) => unparsed.raw,
         };
-        builder.push_refused_row(text, &why.to_string());
+        if text.contains('\0') {
+            // PostgreSQL's text cannot hold the raw character (its \u0000 escape is kept
+            // as sent, six characters, like every other escape).
+            builder.push_refused_row(
+                &text.replace('\0', "\\u0000"),
+                &format!("{why} (its raw NUL characters are written \\u0000 here)"),
+            );
+        } else {
+            builder.push_refused_row(text, &why.to_string());
+        }
         if builder.len() >= TARGET_GROUP_BYTES {
             groups.push(builder.take());
         }
@@ -851,5 +860,24 @@ mod tests {
             ]
         );
         assert!(encode_parsed(&later, None, &parsed, Invalid::Reject).is_err());
+    }
+
+    #[test]
+    fn a_raw_nul_in_a_refused_row_is_written_as_its_escape() {
+        let table = schema().table().clone();
+        let parsed =
+            parse_each("{\"id\":1}\n{\"note\":\"a\0b\"}\n", BodyFormat::Ndjson).expect("parse");
+        let encoded =
+            encode_parsed(&table, Some(&schema()), &parsed, Invalid::DeadLetter).expect("encode");
+        assert_eq!(encoded.refused.len(), 1);
+        let (_, payload) = encoded.groups.last().expect("a refused group");
+        let g = RowGroup::decode(payload).expect("decode");
+        let stored: Vec<(&str, &str)> = g.refused_rows().collect::<Result<_, _>>().expect("rows");
+        assert_eq!(stored[0].0, "{\"note\":\"a\\u0000b\"}");
+        assert!(
+            stored[0]
+                .1
+                .ends_with("(its raw NUL characters are written \\u0000 here)")
+        );
     }
 }
