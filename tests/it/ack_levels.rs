@@ -186,28 +186,28 @@ async fn dead_letter_keeps_the_valid_rows_and_lists_the_refused_ones() {
     );
     assert_eq!(pg.count("SELECT count(*) FROM t").await, 2);
 
-    // DEAD LETTERS (the lead's flusher): once pgspool.dead_letters exists, the refused rows
-    // are there, with their text as sent and pgspool's reason, and the answer says so.
-    let dead_letters = pg
-        .count("SELECT count(*) FROM pg_class WHERE oid = to_regclass('pgspool.dead_letters')")
-        .await;
-    if dead_letters == 1 {
-        assert_eq!(reply.body["committed"], 2, "{}", reply.body);
-        let listed = reply.body["dead_lettered"]
-            .as_array()
-            .expect("dead_lettered");
-        assert_eq!(listed.len(), 4, "{}", reply.body);
-        assert!(
-            listed.iter().all(|d| d["sqlstate"].is_null()),
-            "{}",
-            reply.body
-        );
-        assert_eq!(
-            pg.count("SELECT count(*) FROM pgspool.dead_letters WHERE sqlstate IS NULL")
-                .await,
-            4
-        );
-    }
+    // The refused rows are dead letters, with their text as sent and pgspool's reason, and
+    // the answer says so.
+    assert_eq!(reply.body["committed"], 2, "{}", reply.body);
+    let listed = reply.body["dead_lettered"]
+        .as_array()
+        .expect("dead_lettered");
+    assert_eq!(listed.len(), 4, "{}", reply.body);
+    assert!(
+        listed.iter().all(|d| d["sqlstate"].is_null()),
+        "{}",
+        reply.body
+    );
+    assert_eq!(
+        pg.count(
+            r#"SELECT count(*) FROM pgspool.dead_letters
+               WHERE sqlstate IS NULL AND table_name = 'public.t' AND message LIKE 'line _: %'
+                 AND row IN ('{"id":2,"nope":1}', '[1,2,3]', '{"id":',
+                             '{"id":5,"doc":"\u0000"}')"#
+        )
+        .await,
+        4
+    );
     daemon.stop().await.expect("stop");
 }
 
@@ -306,4 +306,50 @@ async fn a_waiter_whose_client_leaves_is_removed_and_the_rest_get_503_at_stop() 
         "{answer}"
     );
     daemon.wait().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_lists_postgresql_dead_letters_and_answers_202_for_a_held_table() {
+    let pg = Pg::start().await;
+    pg.exec(
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (2);
+         CREATE TABLE a (id int);",
+    )
+    .await;
+    let dir = short_tempdir();
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let mut c = client(daemon.socket()).await;
+    let body = "{\"id\":1}\n{\"id\":2}\n{\"id\":3}\n";
+    let reply = post(&mut c, "t", "ack=committed", body).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body["committed"], 2, "{}", reply.body);
+    let listed = reply.body["dead_lettered"]
+        .as_array()
+        .expect("dead_lettered");
+    assert_eq!(listed.len(), 1, "{}", reply.body);
+    assert_eq!(listed[0]["lsn"], 2);
+    assert_eq!(listed[0]["sqlstate"], "23505");
+    assert_eq!(pg.count("SELECT count(*) FROM t").await, 3);
+
+    // `a`'s columns are cached, then it goes away: its rows are held.
+    let reply = post(&mut c, "a", "ack=committed", "{\"id\":1}\n").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    pg.exec("ALTER TABLE a RENAME TO a_away").await;
+    let reply = post(&mut c, "a", "ack=committed", "{\"id\":2}\n").await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    assert_eq!(reply.body["committed"], false, "{}", reply.body);
+    assert_eq!(reply.body["held"]["table"], "public.a", "{}", reply.body);
+    let error = reply.body["held"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("42P01"), "{}", reply.body);
+    let message = reply.body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("durable in the WAL"), "{}", reply.body);
+    // Other tables are answered meanwhile, and `a`'s rows land once it is back.
+    let reply = post(&mut c, "t", "ack=committed", "{\"id\":4}\n").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    pg.exec("ALTER TABLE a_away RENAME TO a").await;
+    wait_until("a's held rows land", || async {
+        pg.count("SELECT count(*) FROM a").await == 2
+    })
+    .await;
+    daemon.stop().await.expect("stop");
 }
