@@ -10,8 +10,8 @@
 //! start, with the watermark it read and the tables held). A waiting request is answered:
 //!
 //! - [`Outcome::Held`] at once when its table is held by a schema or permission error
-//!   with rows at or before the request's last LSN still to load (the rows stay in the WAL
-//!   and are loaded once the table is fixed);
+//!   from an LSN before the request's last (its rows stay in the WAL and are loaded once
+//!   the table is fixed);
 //! - otherwise [`Outcome::Committed`] once the watermark covers its last LSN, with the rows
 //!   of its range that the commits dead-lettered;
 //! - [`Outcome::Stopped`] when the daemon stops first ([`Acks::close`]).
