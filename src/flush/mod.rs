@@ -15,6 +15,7 @@
 pub mod batch;
 pub mod classify;
 pub mod load;
+pub mod report;
 pub mod transaction;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,7 @@ use crate::wal::{WalDir, WalError, WalReader};
 pub use batch::Batch;
 use batch::FillError;
 use load::{DeadLetter, Refusal};
+use report::{FlushReport, TableError};
 use tokio_postgres::Client;
 use transaction::{Advance, FlushFailure, Hold, Settled, Watermark};
 
@@ -110,6 +112,8 @@ pub struct FlushState {
     shrink: u32,
     /// Commits since the last halving.
     successes: u32,
+    /// What `pgspool status` shows of the flusher.
+    report: FlushReport,
 }
 
 /// A held table, as the flusher tracks it.
@@ -157,6 +161,7 @@ impl Flusher {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Retry(why) => {
                     self.checked();
+                    self.report(|r| r.postgres_error = Some(why.clone())).await;
                     let wait = jitter(delay);
                     warn!(error = %why, retry_in = ?wait, "flush failed; the rows stay in the WAL");
                     delay = (delay * 2).min(self.postgres.retry_max);
@@ -198,9 +203,10 @@ impl Flusher {
         let state = async {
             let watermark = transaction::read_watermark(&client, spool_id).await?;
             let holds = transaction::read_holds(&client, spool_id).await?;
-            Ok::<_, tokio_postgres::Error>((watermark, holds))
+            let dead_letters = transaction::count_dead_letters(&client, spool_id).await?;
+            Ok::<_, tokio_postgres::Error>((watermark, holds, dead_letters))
         };
-        let (watermark, holds) = match state.await {
+        let (watermark, holds, dead_letters) = match state.await {
             Ok(state) => state,
             Err(e) => {
                 return retry(&format!(
@@ -224,6 +230,26 @@ impl Flusher {
             );
         }
         self.load_holds(holds);
+        let held: Vec<(String, Lsn)> = self
+            .state
+            .held
+            .iter()
+            .map(|(t, h)| (t.clone(), h.lsn))
+            .collect();
+        self.report(|r| {
+            r.postgres_error = None;
+            for table in r.tables.values_mut() {
+                table.dead_letters = 0;
+                table.held_after_lsn = None;
+            }
+            for (table, count) in dead_letters {
+                r.table(&table).dead_letters = count;
+            }
+            for (table, lsn) in held {
+                r.table(&table).held_after_lsn = Some(lsn);
+            }
+        })
+        .await;
         self.settled(watermark, &[]).await;
         let backlog_rows = self.durable.borrow().0 - watermark.0;
         info!(watermark = %watermark, backlog_rows, held_tables = self.state.held.len(), "connected to PostgreSQL; flushing from the watermark");
@@ -275,8 +301,47 @@ impl Flusher {
                     HeldState::new(hold.lsn, hold.refusal.clone(), self.postgres.retry_initial),
                 );
             }
-            log_dead_letters(&settled);
+            self.report_settled(&settled).await;
             self.settled(watermark, &settled.dead_letters).await;
+        }
+    }
+
+    /// Logs what a commit dead-lettered or held, and reports it.
+    async fn report_settled(&mut self, settled: &Settled) {
+        log_dead_letters(settled);
+        if settled.dead_letters.is_empty() && settled.held.is_empty() {
+            return;
+        }
+        self.report(|r| {
+            for d in &settled.dead_letters {
+                let table = r.table(&d.table);
+                table.dead_letters += 1;
+                table.last_error = Some(TableError::new(&d.refusal, d.lsn));
+            }
+            for hold in &settled.held {
+                let table = r.table(&hold.table);
+                table.held_after_lsn = Some(hold.lsn);
+                table.last_error = Some(TableError::new(&hold.refusal, hold.lsn));
+            }
+        })
+        .await;
+    }
+
+    /// Changes the report with `change` and writes it if that changed anything. A report
+    /// that cannot be written is logged: it is not state (see [`report`]).
+    async fn report(&mut self, change: impl FnOnce(&mut FlushReport)) {
+        let before = self.state.report.clone();
+        change(&mut self.state.report);
+        if self.state.report == before {
+            return;
+        }
+        let mut report = self.state.report.clone();
+        let dir = Arc::clone(&self.wal);
+        let written = tokio::task::spawn_blocking(move || report.write(dir.path()))
+            .await
+            .expect("writing the report does not panic");
+        if let Err(e) = written {
+            warn!(error = %e, "could not write the flush report for pgspool status");
         }
     }
 
@@ -347,10 +412,11 @@ impl Flusher {
                 let spool_id = self.wal.spool_id();
                 match transaction::commit(client, spool_id, batch, &advance, &self.schemas).await {
                     Ok(settled) => {
-                        log_dead_letters(&settled);
+                        self.report_settled(&settled).await;
                         if release {
                             info!(table = %table, "the held table takes rows again; its rows are loaded");
                             self.state.held.remove(&table);
+                            self.report(|r| r.table(&table).held_after_lsn = None).await;
                             self.settled(watermark, &settled.dead_letters).await;
                             break;
                         }

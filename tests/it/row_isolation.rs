@@ -4,12 +4,13 @@
 use std::time::Duration;
 
 use crate::harness::{
-    Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon, wait_until,
+    Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon, status_json, wait_until,
 };
 
 /// Fault: 45 of 200 rows in one batch duplicate keys already in the table (23505), spread
 /// so that isolating them needs more than one transaction's 32 savepoints. Load: one
-/// request per row, then one flush. Every row is in `t` or in dead letters, once.
+/// request of 200 rows, flushed as one batch. Every row is in `t` or in dead letters,
+/// once, and `pgspool status` reports the dead letters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rows_go_to_dead_letters_and_the_rest_commits() {
     let pg = Pg::start().await;
@@ -84,6 +85,12 @@ async fn a_table_that_refuses_every_row_is_held_and_the_others_flow() {
         1
     );
     assert_eq!(pg.count("SELECT count(*) FROM a_away").await, 10);
+    let wal = dir.path().join("wal");
+    wait_until("status reports a as held", || async {
+        let report = status_json(&wal)["flusher"]["tables"]["public.a"].clone();
+        report["held_after_lsn"].is_u64() && report["last_error"]["sqlstate"] == "42P01"
+    })
+    .await;
     pg.exec("ALTER TABLE a_away RENAME TO a").await;
     wait_until("a's held rows land", || async {
         pg.count("SELECT count(*) FROM a").await == 30
@@ -94,6 +101,10 @@ async fn a_table_that_refuses_every_row_is_held_and_the_others_flow() {
     })
     .await;
     assert_eq!(pg.count("SELECT count(DISTINCT id) FROM a").await, 30);
+    wait_until("status reports a as flowing", || async {
+        status_json(&wal)["flusher"]["tables"]["public.a"]["held_after_lsn"].is_null()
+    })
+    .await;
     assert_eq!(
         pg.count("SELECT count(*) FROM pgspool.dead_letters").await,
         0
