@@ -389,8 +389,8 @@ pub fn render(s: &WalStatus) -> String {
             .clamp(5, 40);
         let _ = writeln!(
             out,
-            "\n  {:<width$} {:>12} {:>14} {:>12}  {}",
-            "table", "pending rows", "pending bytes", "dead letters", "state"
+            "\n  {:<width$} {:>12} {:>14} {:>12}  state",
+            "table", "pending rows", "pending bytes", "dead letters"
         );
         for name in &names {
             let backlog = s.tables.get(*name).cloned().unwrap_or_default();
