@@ -135,6 +135,10 @@ struct HeldState {
 /// again.
 const COMMITS_BEFORE_GROWING: u32 = 8;
 
+/// Attempts of one batch above which the next batches are made smaller (see
+/// [`load`]).
+const ATTEMPTS_BEFORE_SHRINKING: u32 = 2;
+
 /// How often a table that stays held is logged as a warning.
 const HELD_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -285,7 +289,13 @@ impl Flusher {
             watermark = last;
             debug!(rows, bytes, watermark = %last, attempts = settled.attempts, elapsed = ?started.elapsed(), "batch committed");
             *delay = self.postgres.retry_initial;
-            self.note_success();
+            if settled.attempts > ATTEMPTS_BEFORE_SHRINKING {
+                // Refused rows without a line number are found by bisection, a few per
+                // transaction: smaller batches find them in fewer attempts.
+                self.shrink("isolating refused rows took several attempts");
+            } else {
+                self.note_success();
+            }
             for hold in &settled.held {
                 warn!(
                     table = %hold.table,
@@ -498,13 +508,19 @@ impl Flusher {
     fn note_failure(&mut self, e: &FlushFailure) {
         if let FlushFailure::Postgres(e) = e
             && classify::Class::is_timeout(e)
-            && self.limits().max_rows > 1
         {
+            self.shrink("a batch took longer than PostgreSQL's statement_timeout");
+        }
+    }
+
+    /// Halves the batch limits (down to one row) for the next batches, because `why`.
+    fn shrink(&mut self, why: &str) {
+        self.state.successes = 0;
+        if self.limits().max_rows > 1 {
             self.state.shrink += 1;
-            self.state.successes = 0;
             warn!(
                 max_rows = self.limits().max_rows,
-                "a batch took longer than PostgreSQL's statement_timeout; sending smaller batches"
+                "{why}; sending smaller batches"
             );
         }
     }

@@ -111,3 +111,52 @@ async fn a_table_that_refuses_every_row_is_held_and_the_others_flow() {
     );
     daemon.stop().await.expect("stop");
 }
+
+/// Fault: 30 of 300 rows in one batch break a foreign key, which PostgreSQL checks after
+/// the COPY's last row, with no line number: the flusher finds them by bisection under
+/// savepoints. Every row is in `child` or in dead letters, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_refused_without_a_line_number_are_found_by_bisection() {
+    let pg = Pg::start().await;
+    pg.exec(
+        "CREATE TABLE parent (id int PRIMARY KEY);
+         INSERT INTO parent SELECT g FROM generate_series(0, 299) g WHERE g % 10 <> 7;
+         CREATE TABLE child (id int PRIMARY KEY, parent int REFERENCES parent);",
+    )
+    .await;
+    let dir = short_tempdir();
+    let mut cfg = config(dir.path(), &pg.url());
+    cfg.batch.max_wait = Duration::from_secs(1);
+    let daemon = start_daemon(cfg).await;
+    let mut c = client(daemon.socket()).await;
+    let body: String = (0..300)
+        .map(|id| format!("{{\"id\":{id},\"parent\":{id}}}\n"))
+        .collect();
+    assert_eq!(post_ndjson(&mut c, "child", &body).await.status, 202);
+    flushed(&daemon).await;
+    assert_eq!(pg.count("SELECT count(*) FROM child").await, 270);
+    assert_eq!(
+        pg.count("SELECT count(*) FROM child WHERE id % 10 = 7")
+            .await,
+        0
+    );
+    assert_eq!(
+        pg.count(
+            "SELECT count(DISTINCT (row::jsonb->>'id')::int) FROM pgspool.dead_letters
+             WHERE sqlstate = '23503' AND (row::jsonb->>'id')::int % 10 = 7"
+        )
+        .await,
+        30
+    );
+    assert_eq!(
+        pg.count("SELECT count(*) FROM pgspool.dead_letters").await,
+        30
+    );
+    assert_eq!(
+        pg.count("SELECT count(*) FROM pgspool.dead_letters WHERE context LIKE '%line%'")
+            .await,
+        0,
+        "the premise: PostgreSQL names no line for these"
+    );
+    daemon.stop().await.expect("stop");
+}
