@@ -283,7 +283,10 @@ impl Flusher {
                     Ok(settled) => settled,
                     Err(e) => {
                         self.note_failure(&e);
-                        return retry(&e);
+                        return retry(&format!(
+                            "batch of LSNs {}..{last} ({rows} rows): {e}",
+                            watermark.next()
+                        ));
                     }
                 };
             watermark = last;
@@ -379,13 +382,13 @@ impl Flusher {
     /// `watermark`; a table whose rows all load is released.
     ///
     /// # Errors
-    /// A [`FatalError`] when the WAL cannot be read there; the inner error when
-    /// PostgreSQL failed otherwise than by refusing the table's rows again.
+    /// A [`FatalError`] when the WAL cannot be read there; the inner error (why, for the
+    /// log) when PostgreSQL failed otherwise than by refusing the table's rows again.
     async fn catch_up(
         &mut self,
         client: &mut Client,
         watermark: Lsn,
-    ) -> Result<Result<(), FlushFailure>, FatalError> {
+    ) -> Result<Result<(), String>, FatalError> {
         let now = Instant::now();
         let due: Vec<String> = self
             .state
@@ -453,7 +456,9 @@ impl Flusher {
                     }
                     Err(e) => {
                         self.note_failure(&e);
-                        return Ok(Err(e));
+                        return Ok(Err(format!(
+                            "rows of held table {table} after LSN {expected}: {e}"
+                        )));
                     }
                 }
             }
