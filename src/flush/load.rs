@@ -295,10 +295,17 @@ async fn load_isolating(
 ) -> Result<(), Stop> {
     let rows = unit.row_index();
     let live = learned.live(&rows);
-    let mut pending: Vec<Range<usize>> = Vec::with_capacity(16);
-    pending.push(0..live.len());
-    while let Some(part) = pending.pop() {
+    // Parts of `live` still to load, last first. In bisection, a failed part's first half
+    // is loaded before its second; when the first half loads, the second is known to fail
+    // and is split without being sent whole.
+    let mut pending: Vec<(Range<usize>, Part)> = Vec::with_capacity(16);
+    pending.push((0..live.len(), Part::Unknown));
+    while let Some((part, kind)) = pending.pop() {
         if part.is_empty() {
+            continue;
+        }
+        if kind == Part::Fails && part.len() > 1 {
+            bisect(&mut pending, part);
             continue;
         }
         if *savepoints == MAX_SAVEPOINTS {
@@ -313,6 +320,11 @@ async fn load_isolating(
                 tx.batch_execute("RELEASE SAVEPOINT pgspool_rows")
                     .await
                     .map_err(Stop::Failed)?;
+                if kind == Part::FirstHalf
+                    && let Some((_, next)) = pending.last_mut()
+                {
+                    *next = Part::Fails;
+                }
                 continue;
             }
             Err(e) => e,
@@ -334,17 +346,33 @@ async fn load_isolating(
             if let Err(e) = send(tx, unit, Some(before)).await {
                 return Err(learn(unit, u, before, e, learned));
             }
-            pending.push(bad + 1..part.end);
+            pending.push((bad + 1..part.end, Part::Unknown));
         } else if part.len() == 1 {
             let (lsn, range) = live[part.start].clone();
             learned.refuse(unit, lsn, range, &error);
         } else {
-            let mid = part.start + part.len() / 2;
-            pending.push(mid..part.end);
-            pending.push(part.start..mid);
+            bisect(&mut pending, part);
         }
     }
     Ok(())
+}
+
+/// What is known of a part of a suspect unit before it is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// Nothing.
+    Unknown,
+    /// The first half of a part that failed without a line number.
+    FirstHalf,
+    /// The second half of a failed part whose first half loaded: it holds the refused row.
+    Fails,
+}
+
+/// Queues the halves of a failing `part`, first half on top.
+fn bisect(pending: &mut Vec<(Range<usize>, Part)>, part: Range<usize>) {
+    let mid = part.start + part.len() / 2;
+    pending.push((mid..part.end, Part::Unknown));
+    pending.push((part.start..mid, Part::FirstHalf));
 }
 
 /// Whether `unit`'s table takes rows now: it exists, has the unit's columns, and lets

@@ -15,6 +15,7 @@
 pub mod batch;
 pub mod classify;
 pub mod load;
+pub mod report;
 pub mod transaction;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,7 @@ use crate::wal::{WalDir, WalError, WalReader};
 pub use batch::Batch;
 use batch::FillError;
 use load::{DeadLetter, Refusal};
+use report::{FlushReport, TableError};
 use tokio_postgres::Client;
 use transaction::{Advance, FlushFailure, Hold, Settled, Watermark};
 
@@ -110,6 +112,8 @@ pub struct FlushState {
     shrink: u32,
     /// Commits since the last halving.
     successes: u32,
+    /// What `pgspool status` shows of the flusher.
+    report: FlushReport,
 }
 
 /// A held table, as the flusher tracks it.
@@ -130,6 +134,10 @@ struct HeldState {
 /// Successful commits after which a batch limit halved by a statement timeout is doubled
 /// again.
 const COMMITS_BEFORE_GROWING: u32 = 8;
+
+/// Attempts of one batch above which the next batches are made smaller (see
+/// [`load`]).
+const ATTEMPTS_BEFORE_SHRINKING: u32 = 2;
 
 /// How often a table that stays held is logged as a warning.
 const HELD_WARNING_INTERVAL: Duration = Duration::from_secs(60);
@@ -157,6 +165,7 @@ impl Flusher {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Retry(why) => {
                     self.checked();
+                    self.report(|r| r.postgres_error = Some(why.clone())).await;
                     let wait = jitter(delay);
                     warn!(error = %why, retry_in = ?wait, "flush failed; the rows stay in the WAL");
                     delay = (delay * 2).min(self.postgres.retry_max);
@@ -198,9 +207,10 @@ impl Flusher {
         let state = async {
             let watermark = transaction::read_watermark(&client, spool_id).await?;
             let holds = transaction::read_holds(&client, spool_id).await?;
-            Ok::<_, tokio_postgres::Error>((watermark, holds))
+            let dead_letters = transaction::count_dead_letters(&client, spool_id).await?;
+            Ok::<_, tokio_postgres::Error>((watermark, holds, dead_letters))
         };
-        let (watermark, holds) = match state.await {
+        let (watermark, holds, dead_letters) = match state.await {
             Ok(state) => state,
             Err(e) => {
                 return retry(&format!(
@@ -224,6 +234,26 @@ impl Flusher {
             );
         }
         self.load_holds(holds);
+        let held: Vec<(String, Lsn)> = self
+            .state
+            .held
+            .iter()
+            .map(|(t, h)| (t.clone(), h.lsn))
+            .collect();
+        self.report(|r| {
+            r.postgres_error = None;
+            for table in r.tables.values_mut() {
+                table.dead_letters = 0;
+                table.held_after_lsn = None;
+            }
+            for (table, count) in dead_letters {
+                r.table(&table).dead_letters = count;
+            }
+            for (table, lsn) in held {
+                r.table(&table).held_after_lsn = Some(lsn);
+            }
+        })
+        .await;
         self.settled(watermark, &[]).await;
         let backlog_rows = self.durable.borrow().0 - watermark.0;
         info!(watermark = %watermark, backlog_rows, held_tables = self.state.held.len(), "connected to PostgreSQL; flushing from the watermark");
@@ -253,13 +283,22 @@ impl Flusher {
                     Ok(settled) => settled,
                     Err(e) => {
                         self.note_failure(&e);
-                        return retry(&e);
+                        return retry(&format!(
+                            "batch of LSNs {}..{last} ({rows} rows): {e}",
+                            watermark.next()
+                        ));
                     }
                 };
             watermark = last;
             debug!(rows, bytes, watermark = %last, attempts = settled.attempts, elapsed = ?started.elapsed(), "batch committed");
             *delay = self.postgres.retry_initial;
-            self.note_success();
+            if settled.attempts > ATTEMPTS_BEFORE_SHRINKING {
+                // Refused rows without a line number are found by bisection, a few per
+                // transaction: smaller batches find them in fewer attempts.
+                self.shrink("isolating refused rows took several attempts");
+            } else {
+                self.note_success();
+            }
             for hold in &settled.held {
                 warn!(
                     table = %hold.table,
@@ -275,8 +314,47 @@ impl Flusher {
                     HeldState::new(hold.lsn, hold.refusal.clone(), self.postgres.retry_initial),
                 );
             }
-            log_dead_letters(&settled);
+            self.report_settled(&settled).await;
             self.settled(watermark, &settled.dead_letters).await;
+        }
+    }
+
+    /// Logs what a commit dead-lettered or held, and reports it.
+    async fn report_settled(&mut self, settled: &Settled) {
+        log_dead_letters(settled);
+        if settled.dead_letters.is_empty() && settled.held.is_empty() {
+            return;
+        }
+        self.report(|r| {
+            for d in &settled.dead_letters {
+                let table = r.table(&d.table);
+                table.dead_letters += 1;
+                table.last_error = Some(TableError::new(&d.refusal, d.lsn));
+            }
+            for hold in &settled.held {
+                let table = r.table(&hold.table);
+                table.held_after_lsn = Some(hold.lsn);
+                table.last_error = Some(TableError::new(&hold.refusal, hold.lsn));
+            }
+        })
+        .await;
+    }
+
+    /// Changes the report with `change` and writes it if that changed anything. A report
+    /// that cannot be written is logged: it is not state (see [`report`]).
+    async fn report(&mut self, change: impl FnOnce(&mut FlushReport)) {
+        let before = self.state.report.clone();
+        change(&mut self.state.report);
+        if self.state.report == before {
+            return;
+        }
+        let mut report = self.state.report.clone();
+        let dir = Arc::clone(&self.wal);
+        let written = tokio::task::spawn_blocking(move || report.write(dir.path()))
+            .await
+            .expect("writing the report does not panic");
+        if let Err(e) = written {
+            warn!(error = %e, "could not write the flush report for pgspool status");
         }
     }
 
@@ -304,13 +382,13 @@ impl Flusher {
     /// `watermark`; a table whose rows all load is released.
     ///
     /// # Errors
-    /// A [`FatalError`] when the WAL cannot be read there; the inner error when
-    /// PostgreSQL failed otherwise than by refusing the table's rows again.
+    /// A [`FatalError`] when the WAL cannot be read there; the inner error (why, for the
+    /// log) when PostgreSQL failed otherwise than by refusing the table's rows again.
     async fn catch_up(
         &mut self,
         client: &mut Client,
         watermark: Lsn,
-    ) -> Result<Result<(), FlushFailure>, FatalError> {
+    ) -> Result<Result<(), String>, FatalError> {
         let now = Instant::now();
         let due: Vec<String> = self
             .state
@@ -347,10 +425,11 @@ impl Flusher {
                 let spool_id = self.wal.spool_id();
                 match transaction::commit(client, spool_id, batch, &advance, &self.schemas).await {
                     Ok(settled) => {
-                        log_dead_letters(&settled);
+                        self.report_settled(&settled).await;
                         if release {
                             info!(table = %table, "the held table takes rows again; its rows are loaded");
                             self.state.held.remove(&table);
+                            self.report(|r| r.table(&table).held_after_lsn = None).await;
                             self.settled(watermark, &settled.dead_letters).await;
                             break;
                         }
@@ -377,7 +456,9 @@ impl Flusher {
                     }
                     Err(e) => {
                         self.note_failure(&e);
-                        return Ok(Err(e));
+                        return Ok(Err(format!(
+                            "rows of held table {table} after LSN {expected}: {e}"
+                        )));
                     }
                 }
             }
@@ -432,13 +513,19 @@ impl Flusher {
     fn note_failure(&mut self, e: &FlushFailure) {
         if let FlushFailure::Postgres(e) = e
             && classify::Class::is_timeout(e)
-            && self.limits().max_rows > 1
         {
+            self.shrink("a batch took longer than PostgreSQL's statement_timeout");
+        }
+    }
+
+    /// Halves the batch limits (down to one row) for the next batches, because `why`.
+    fn shrink(&mut self, why: &str) {
+        self.state.successes = 0;
+        if self.limits().max_rows > 1 {
             self.state.shrink += 1;
-            self.state.successes = 0;
             warn!(
                 max_rows = self.limits().max_rows,
-                "a batch took longer than PostgreSQL's statement_timeout; sending smaller batches"
+                "{why}; sending smaller batches"
             );
         }
     }

@@ -166,6 +166,27 @@ pub async fn read_holds(
         .collect())
 }
 
+/// How many rows of `spool_id` each table has in `pgspool.dead_letters`.
+///
+/// # Errors
+/// When the query fails.
+pub async fn count_dead_letters(
+    client: &Client,
+    spool_id: Uuid,
+) -> Result<Vec<(String, u64)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT table_name, count(*) FROM pgspool.dead_letters
+             WHERE spool_id = $1 GROUP BY table_name",
+            &[&spool_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, i64>(1).cast_unsigned()))
+        .collect())
+}
+
 /// What a commit settled besides moving its watermark or hold.
 #[derive(Debug, Default)]
 pub struct Settled {

@@ -4,12 +4,13 @@
 use std::time::Duration;
 
 use crate::harness::{
-    Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon, wait_until,
+    Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon, status_json, wait_until,
 };
 
 /// Fault: 45 of 200 rows in one batch duplicate keys already in the table (23505), spread
 /// so that isolating them needs more than one transaction's 32 savepoints. Load: one
-/// request per row, then one flush. Every row is in `t` or in dead letters, once.
+/// request of 200 rows, flushed as one batch. Every row is in `t` or in dead letters,
+/// once, and `pgspool status` reports the dead letters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rows_go_to_dead_letters_and_the_rest_commits() {
     let pg = Pg::start().await;
@@ -84,6 +85,12 @@ async fn a_table_that_refuses_every_row_is_held_and_the_others_flow() {
         1
     );
     assert_eq!(pg.count("SELECT count(*) FROM a_away").await, 10);
+    let wal = dir.path().join("wal");
+    wait_until("status reports a as held", || async {
+        let report = status_json(&wal)["flusher"]["tables"]["public.a"].clone();
+        report["held_after_lsn"].is_u64() && report["last_error"]["sqlstate"] == "42P01"
+    })
+    .await;
     pg.exec("ALTER TABLE a_away RENAME TO a").await;
     wait_until("a's held rows land", || async {
         pg.count("SELECT count(*) FROM a").await == 30
@@ -94,9 +101,62 @@ async fn a_table_that_refuses_every_row_is_held_and_the_others_flow() {
     })
     .await;
     assert_eq!(pg.count("SELECT count(DISTINCT id) FROM a").await, 30);
+    wait_until("status reports a as flowing", || async {
+        status_json(&wal)["flusher"]["tables"]["public.a"]["held_after_lsn"].is_null()
+    })
+    .await;
     assert_eq!(
         pg.count("SELECT count(*) FROM pgspool.dead_letters").await,
         0
+    );
+    daemon.stop().await.expect("stop");
+}
+
+/// Fault: 30 of 300 rows in one batch break a foreign key, which PostgreSQL checks after
+/// the COPY's last row, with no line number: the flusher finds them by bisection under
+/// savepoints. Every row is in `child` or in dead letters, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_refused_without_a_line_number_are_found_by_bisection() {
+    let pg = Pg::start().await;
+    pg.exec(
+        "CREATE TABLE parent (id int PRIMARY KEY);
+         INSERT INTO parent SELECT g FROM generate_series(0, 299) g WHERE g % 10 <> 7;
+         CREATE TABLE child (id int PRIMARY KEY, parent int REFERENCES parent);",
+    )
+    .await;
+    let dir = short_tempdir();
+    let mut cfg = config(dir.path(), &pg.url());
+    cfg.batch.max_wait = Duration::from_secs(1);
+    let daemon = start_daemon(cfg).await;
+    let mut c = client(daemon.socket()).await;
+    let body: String = (0..300)
+        .map(|id| format!("{{\"id\":{id},\"parent\":{id}}}\n"))
+        .collect();
+    assert_eq!(post_ndjson(&mut c, "child", &body).await.status, 202);
+    flushed(&daemon).await;
+    assert_eq!(pg.count("SELECT count(*) FROM child").await, 270);
+    assert_eq!(
+        pg.count("SELECT count(*) FROM child WHERE id % 10 = 7")
+            .await,
+        0
+    );
+    assert_eq!(
+        pg.count(
+            "SELECT count(DISTINCT (row::jsonb->>'id')::int) FROM pgspool.dead_letters
+             WHERE sqlstate = '23503' AND (row::jsonb->>'id')::int % 10 = 7"
+        )
+        .await,
+        30
+    );
+    assert_eq!(
+        pg.count("SELECT count(*) FROM pgspool.dead_letters").await,
+        30
+    );
+    assert_eq!(
+        pg.count("SELECT count(*) FROM pgspool.dead_letters WHERE context LIKE '%line%'")
+            .await,
+        0,
+        "the premise: PostgreSQL names no line for these"
     );
     daemon.stop().await.expect("stop");
 }
