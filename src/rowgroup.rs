@@ -88,9 +88,7 @@ impl RowGroupBuilder {
 
     /// Appends one JSON object, as the client sent it.
     pub fn push_json_row(&mut self, object: &str) {
-        let len = u32::try_from(object.len()).expect("rows are bounded by the body limit");
-        self.buf.extend_from_slice(&len.to_le_bytes());
-        self.buf.extend_from_slice(object.as_bytes());
+        put_json_row(&mut self.buf, object);
         self.rows += 1;
     }
 
@@ -117,6 +115,14 @@ impl RowGroupBuilder {
         let rows = std::mem::take(&mut self.rows);
         (rows, std::mem::replace(&mut self.buf, header))
     }
+}
+
+/// Appends one JSON object to `body`, in a JSON group's body format (what [`json_rows`]
+/// reads back).
+pub fn put_json_row(body: &mut Vec<u8>, object: &str) {
+    let len = u32::try_from(object.len()).expect("rows are bounded by the body limit");
+    body.extend_from_slice(&len.to_le_bytes());
+    body.extend_from_slice(object.as_bytes());
 }
 
 fn put_str(buf: &mut Vec<u8>, s: &str) {
