@@ -727,11 +727,16 @@ fn render_retry(report: &RetryReport, dry_run: bool) -> String {
     if !report.first_refused.is_empty() {
         let _ = writeln!(
             out,
-            "{refused}{}: (they stay in pgspool.dead_letters with the new error)",
+            "{refused}{}{}:",
             if report.refused_again > SHOWN as u64 {
                 format!(", the first {SHOWN}")
             } else {
                 String::new()
+            },
+            if dry_run {
+                ""
+            } else {
+                " (they stay in pgspool.dead_letters with the new error)"
             }
         );
         for f in &report.first_refused {
@@ -832,6 +837,59 @@ mod tests {
             text.lines().next(),
             Some("1 dead letter of table t in pgspool.dead_letters")
         );
+    }
+
+    #[test]
+    fn retry_tells_counts_first_refusals_and_tables_still_refusing() {
+        let refusal = |m: &str| Refusal {
+            sqlstate: Some("23514".to_string()),
+            message: m.to_string(),
+            detail: Some("Failing row\ncontains (9)".to_string()),
+            context: None,
+        };
+        let report = RetryReport {
+            landed: 3,
+            refused_again: 7,
+            first_refused: (1..=SHOWN as i64)
+                .map(|id| Failure {
+                    id,
+                    lsn: id + 100,
+                    table: "public.t".to_string(),
+                    refusal: refusal("violates check constraint \"c\""),
+                })
+                .collect(),
+            refusing: BTreeMap::from([(
+                "gone".to_string(),
+                (refusal("relation \"gone\" does not exist"), 1),
+            )]),
+        };
+        let text = render_retry(&report, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "10 dead letters retried: 3 landed, 7 refused again"
+        );
+        assert_eq!(
+            lines[1],
+            "refused again, the first 5 (they stay in pgspool.dead_letters with the new error):"
+        );
+        assert_eq!(
+            lines[2],
+            "  id 1 (public.t LSN 101): violates check constraint \"c\" (SQLSTATE 23514); \
+             Failing row contains (9)"
+        );
+        assert_eq!(lines.len(), 2 + SHOWN + 2);
+        assert_eq!(
+            lines[SHOWN + 3],
+            "  gone (1 dead letter): relation \"gone\" does not exist (SQLSTATE 23514); \
+             Failing row contains (9)"
+        );
+        let rehearsal = render_retry(&report, true);
+        assert!(rehearsal.starts_with(
+            "dry run: every transaction was rolled back, nothing changed\n\
+             10 dead letters would be retried: 3 would land, 7 would be refused again\n\
+             would be refused again, the first 5:\n"
+        ));
     }
 
     #[test]
