@@ -305,7 +305,7 @@ pub async fn commit(
             Ok(()) => {}
             Err(Stop::Again) => continue,
             Err(Stop::Table { unit, error }) => {
-                let table = units[unit].table.to_string();
+                let table = units[unit].key.clone();
                 hold(advance, &mut newly_held, table, Refusal::from_error(&error))?;
                 continue;
             }
