@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use uuid::Uuid;
 
 use crate::config::{Config, ConfigError};
 
@@ -34,6 +35,15 @@ pub enum Command {
     /// stopped; `pgspool status` lists the damage first. The alternative is to restore the
     /// directory from a copy.
     Quarantine(QuarantineArgs),
+    /// List the rows PostgreSQL refused (pgspool.dead_letters), or send them again once
+    /// the cause is fixed.
+    ///
+    /// The flusher moves a row PostgreSQL refuses (a CHECK or NOT NULL violation, a
+    /// duplicate key, a value out of range for its type, ...) to pgspool.dead_letters, in
+    /// the transaction that loads the rest of its batch. These commands connect to
+    /// PostgreSQL directly, whether the daemon runs or not.
+    #[command(name = "dead-letters")]
+    DeadLetters(DeadLettersArgs),
     /// Load the bundled nycflights13 data through a throwaway daemon and PostgreSQL, and
     /// check that every row arrived exactly once.
     Demo(DemoArgs),
@@ -42,25 +52,15 @@ pub enum Command {
 /// `pgspool run`
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Config file (TOML; config/pgspool.toml in the source tree lists every key with its
-    /// default).
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    /// The config file and the connection string.
+    #[command(flatten)]
+    pub source: ConfigArgs,
     /// Unix socket to listen on [config: listen.socket].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// WAL directory [config: wal.dir].
     #[arg(long, value_name = "DIR")]
     pub wal_dir: Option<PathBuf>,
-    /// PostgreSQL connection string: postgres://user@host/db or libpq key=value pairs such
-    /// as "host=/var/run/postgresql port=5432 dbname=app" [config: postgres.url].
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "PGSPOOL_DATABASE_URL",
-        hide_env_values = true
-    )]
-    pub database_url: Option<String>,
     /// Log filter, e.g. info or pgspool=debug [config: log.level; RUST_LOG wins].
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -72,21 +72,52 @@ impl RunArgs {
     /// # Errors
     /// When the file cannot be read or parsed.
     pub fn config(&self) -> Result<Config, ConfigError> {
-        let mut config = match &self.config {
-            Some(path) => Config::load(path)?,
-            None => Config::default(),
-        };
+        let mut config = self.source.config()?;
         if let Some(socket) = &self.socket {
             config.listen.socket.clone_from(socket);
         }
         if let Some(dir) = &self.wal_dir {
             config.wal.dir.clone_from(dir);
         }
-        if let Some(url) = &self.database_url {
-            config.postgres.url = Some(url.clone());
-        }
         if let Some(level) = &self.log_level {
             config.log.level.clone_from(level);
+        }
+        Ok(config)
+    }
+}
+
+/// The config file and the PostgreSQL connection string, for every command that connects
+/// to PostgreSQL the way the daemon does.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Config file (TOML; config/pgspool.toml in the source tree lists every key with its
+    /// default).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// PostgreSQL connection string: postgres://user@host/db or libpq key=value pairs such
+    /// as "host=/var/run/postgresql port=5432 dbname=app" [config: postgres.url].
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "PGSPOOL_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+}
+
+impl ConfigArgs {
+    /// The configuration: the file if given (else the defaults), with `--database-url`
+    /// (or `PGSPOOL_DATABASE_URL`) applied.
+    ///
+    /// # Errors
+    /// When the file cannot be read or parsed.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(url) = &self.database_url {
+            config.postgres.url = Some(url.clone());
         }
         Ok(config)
     }
@@ -134,6 +165,84 @@ pub struct QuarantineArgs {
     /// Which WAL directory.
     #[command(flatten)]
     pub dir: WalDirArgs,
+}
+
+/// `pgspool dead-letters`
+#[derive(Debug, Args)]
+pub struct DeadLettersArgs {
+    /// What to do with the dead letters.
+    #[command(subcommand)]
+    pub command: DeadLettersCommand,
+}
+
+/// The `pgspool dead-letters` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// Show the dead letters, oldest first, with how many match in all.
+    List(DeadLettersListArgs),
+    /// Send dead letters again into their tables, once the cause is fixed.
+    ///
+    /// Each chunk of up to 10,000 dead letters is one transaction: the rows that land are
+    /// deleted from pgspool.dead_letters in it, and the rows refused again keep their
+    /// place there with the new error. So a row is in its table or in the dead letters,
+    /// never both and never neither, even if retry is killed; running it again retries
+    /// only what is still there. A table that still refuses every row (missing, a column
+    /// missing, no INSERT privilege) is reported and its dead letters are left as they
+    /// are. Exit code 1 when a row was refused again or a table still refuses.
+    #[command(group(
+        ArgGroup::new("selection")
+            .required(true)
+            .args(["table", "lsn", "id", "all"])
+    ))]
+    Retry(DeadLettersRetryArgs),
+}
+
+/// `pgspool dead-letters list`
+#[derive(Debug, Args)]
+pub struct DeadLettersListArgs {
+    /// The config file and the connection string.
+    #[command(flatten)]
+    pub source: ConfigArgs,
+    /// Only the dead letters of this table, written as `list` shows it: public.flights,
+    /// or the name the client used for rows kept as JSON.
+    #[arg(long, value_name = "TABLE")]
+    pub table: Option<String>,
+    /// Only the dead letters of this spool (the UUID in the WAL directory's spool_id file).
+    #[arg(long, value_name = "ID")]
+    pub spool: Option<Uuid>,
+    /// Show at most this many dead letters, oldest first.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..))]
+    pub limit: i64,
+    /// Print one JSON object per line (NDJSON) with every column, in full.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pgspool dead-letters retry`
+#[derive(Debug, Args)]
+pub struct DeadLettersRetryArgs {
+    /// The config file and the connection string.
+    #[command(flatten)]
+    pub source: ConfigArgs,
+    /// Retry the dead letters of this table, written as `list` shows it.
+    #[arg(long, value_name = "TABLE")]
+    pub table: Option<String>,
+    /// Retry the dead letter of this LSN (of every spool, unless --spool is given).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
+    pub lsn: Option<i64>,
+    /// Retry the dead letter with this id (the first column of `list`).
+    #[arg(long, value_name = "N")]
+    pub id: Option<i64>,
+    /// Retry every dead letter (of the spool given with --spool, if any).
+    #[arg(long)]
+    pub all: bool,
+    /// Only the dead letters of this spool (the UUID in the WAL directory's spool_id file).
+    #[arg(long, value_name = "ID")]
+    pub spool: Option<Uuid>,
+    /// Rehearse: do everything, then roll each transaction back, and tell what would land
+    /// and what would be refused again. Nothing changes (sequences still advance).
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// `pgspool demo`

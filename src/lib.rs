@@ -16,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod copy;
 pub mod dataset;
+pub mod dead_letters;
 pub mod demo;
 pub mod flush;
 pub mod fsutil;

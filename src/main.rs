@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use pgspool::cli::{Cli, Command};
+use pgspool::cli::{Cli, Command, DeadLettersCommand};
 use pgspool::config::ConfigError;
 use tracing_subscriber::EnvFilter;
 
@@ -56,6 +56,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Quarantine(args) => {
             init_logging("error");
             pgspool::quarantine::run(&args)
+        }
+        Command::DeadLetters(args) => {
+            init_logging("warn");
+            match &args.command {
+                DeadLettersCommand::List(args) => pgspool::dead_letters::list(args).await,
+                DeadLettersCommand::Retry(args) => pgspool::dead_letters::retry(args).await,
+            }
         }
         Command::Demo(args) => {
             init_logging("warn");

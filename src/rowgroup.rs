@@ -103,7 +103,7 @@ impl RowGroupBuilder {
 
     /// Appends one JSON object, as the client sent it.
     pub fn push_json_row(&mut self, object: &str) {
-        put_long_str(&mut self.buf, object);
+        put_json_row(&mut self.buf, object);
         self.rows += 1;
     }
 
@@ -137,6 +137,12 @@ impl RowGroupBuilder {
         let rows = std::mem::take(&mut self.rows);
         (rows, std::mem::replace(&mut self.buf, header))
     }
+}
+
+/// Appends one JSON object to `body`, in a JSON group's body format (what [`json_rows`]
+/// reads back).
+pub fn put_json_row(body: &mut Vec<u8>, object: &str) {
+    put_long_str(body, object);
 }
 
 /// A u32-length-prefixed string: a row, or a reason.

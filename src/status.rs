@@ -280,16 +280,23 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         render(&status)
     };
-    // A reader that stops early (`| head`) is not an error.
-    match io::stdout().lock().write_all(text.as_bytes()) {
-        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
-        _ => {}
-    }
+    write_stdout(&text)?;
     Ok(if status.intact {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
     })
+}
+
+/// Writes `text` to stdout; a reader that stops early (`| head`) is not an error.
+///
+/// # Errors
+/// When stdout cannot be written for another reason.
+pub(crate) fn write_stdout(text: &str) -> io::Result<()> {
+    match io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// A progress bar over the bytes of `dir`'s segments, labelled `what`, when stderr is a

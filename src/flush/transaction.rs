@@ -20,6 +20,7 @@
 //! are loaded and refused rows isolated is [`super::load`]'s part.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio_postgres::{Client, Transaction};
@@ -265,7 +266,20 @@ pub enum FlushFailure {
 /// Most attempts of one batch: each one learns a refused row, a suspect unit, a cleared
 /// suspect or a held table (see [`super::load`]); a batch that needs more keeps failing
 /// and is retried with backoff.
-const MAX_ATTEMPTS: u32 = 1_000;
+pub const MAX_ATTEMPTS: u32 = 1_000;
+
+/// Begins a transaction that loads rows: its COMMIT waits for PostgreSQL's WAL flush (what
+/// it settles is deleted elsewhere after COMMIT), and deferred constraints are checked at
+/// each row, so that a refusal names the row.
+///
+/// # Errors
+/// When the statements fail.
+pub async fn begin(client: &mut Client) -> Result<Transaction<'_>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit = on; SET CONSTRAINTS ALL IMMEDIATE")
+        .await?;
+    Ok(tx)
+}
 
 /// Sends `batch` in one transaction with its dead letters, holds and position (see
 /// [`Advance`]) and commits it, attempting again as long as each attempt learns which rows
@@ -285,7 +299,7 @@ pub async fn commit(
         units,
         mut refused,
         held,
-    } = prepare(client, batch.into_groups(), schemas).await?;
+    } = prepare(client, batch.into_groups(), Some(schemas)).await?;
     let mut newly_held: Vec<Hold> = Vec::new();
     for (table, refusal) in held {
         hold(advance, &mut newly_held, table, refusal)?;
@@ -299,9 +313,7 @@ pub async fn commit(
     }
     let mut learned = Learned::default();
     for attempt in 1..=MAX_ATTEMPTS {
-        let tx = client.transaction().await?;
-        tx.batch_execute("SET LOCAL synchronous_commit = on; SET CONSTRAINTS ALL IMMEDIATE")
-            .await?;
+        let tx = begin(client).await?;
         let skip: HashSet<&str> = newly_held
             .iter()
             .map(|h| h.table.as_str())
@@ -314,7 +326,7 @@ pub async fn commit(
             Ok(()) => {}
             Err(Stop::Again) => continue,
             Err(Stop::Table { unit, error }) => {
-                let table = units[unit].table.to_string();
+                let table = units[unit].key.clone();
                 hold(advance, &mut newly_held, table, Refusal::from_error(&error))?;
                 continue;
             }
@@ -361,21 +373,30 @@ fn hold(
 
 /// The batch's rows as units to load, the rows refused before PostgreSQL sees them, and
 /// the tables of rows kept as JSON that cannot take them yet.
-#[derive(Default)]
-struct Prepared {
-    units: Vec<Unit>,
-    refused: Vec<DeadLetter>,
-    held: Vec<(String, Refusal)>,
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// The rows to load.
+    pub units: Vec<Unit>,
+    /// Rows kept as JSON that pgspool's encoder refuses for the table's columns.
+    pub refused: Vec<DeadLetter>,
+    /// Tables (by the name their rows give) that cannot take their rows kept as JSON, and
+    /// why.
+    pub held: Vec<(String, Refusal)>,
 }
 
 /// Turns the batch's groups into units. Rows kept as JSON (their table's columns were
 /// unknown at ingest) are encoded for the table's columns as they are now, row by row: a
 /// row the encoder refuses is a dead letter; a missing table or an unknown column holds
-/// the table, as PostgreSQL's own error would.
-async fn prepare(
+/// the table, as PostgreSQL's own error would. The columns read are put in `schemas`, if
+/// given, for ingest to validate later rows with. `pgspool dead-letters retry` prepares
+/// dead letters this way too.
+///
+/// # Errors
+/// When reading a table's columns fails.
+pub async fn prepare(
     client: &Client,
     groups: Vec<BatchGroup>,
-    schemas: &SchemaCache,
+    schemas: Option<&SchemaCache>,
 ) -> Result<Prepared, tokio_postgres::Error> {
     let mut prepared = Prepared::default();
     for group in groups {
@@ -391,7 +412,10 @@ async fn prepare(
             RowFormat::Json if prepared.held.iter().any(|(k, _)| *k == key) => {}
             RowFormat::Json => {
                 let schema = match schema::fetch(client, &group.table).await? {
-                    Found::Table(schema) => schemas.put(&group.table, schema).await,
+                    Found::Table(schema) => match schemas {
+                        Some(schemas) => schemas.put(&group.table, schema).await,
+                        None => Arc::new(schema),
+                    },
                     Found::Own => {
                         prepared.hold(key, "42501", "it is one of pgspool's own tables");
                         continue;

@@ -5,6 +5,7 @@ mod ack_levels;
 mod bounded_start;
 mod crash_states;
 mod dataset;
+mod dead_letters_cli;
 mod demo;
 mod edge_cases;
 mod fdatasync_failure;
