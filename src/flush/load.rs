@@ -128,6 +128,9 @@ pub struct Unit {
     pub data: Bytes,
     /// Runs of rows in `data` order: first LSN and row count of each.
     pub runs: Vec<(Lsn, u64)>,
+    /// For rows kept as JSON and encoded by the flusher: each row's JSON as the client
+    /// sent it, by LSN, which is what a dead letter keeps of it. Empty for COPY rows.
+    pub sent_as: HashMap<Lsn, String>,
 }
 
 impl Unit {
@@ -184,7 +187,11 @@ impl Learned {
         self.refused.entry(lsn).or_insert_with(|| DeadLetter {
             lsn,
             table: unit.key.clone(),
-            row: unit.row_json(range.clone()),
+            row: unit
+                .sent_as
+                .get(&lsn)
+                .cloned()
+                .unwrap_or_else(|| unit.row_json(range.clone())),
             columns: Some(unit.columns.clone()),
             copy_line: Some(
                 String::from_utf8_lossy(&unit.data[range.start..range.end - 1]).into_owned(),

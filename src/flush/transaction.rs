@@ -19,7 +19,7 @@
 //! later session check that its WAL still holds that very record at that LSN. How rows
 //! are loaded and refused rows isolated is [`super::load`]'s part.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -408,6 +408,7 @@ pub async fn prepare(
                 columns: group.columns,
                 data: Bytes::from(group.data),
                 runs: group.runs,
+                sent_as: HashMap::new(),
             }),
             RowFormat::Json if prepared.held.iter().any(|(k, _)| *k == key) => {}
             RowFormat::Json => {
@@ -499,9 +500,7 @@ impl Prepared {
             .runs
             .iter()
             .flat_map(|&(first, rows)| (0..rows).map(move |i| Lsn(first.0 + i)));
-        /// A unit being built: columns, COPY lines, LSN runs.
-        type Building = (Vec<String>, Vec<u8>, Vec<(Lsn, u64)>);
-        let mut built: Vec<Building> = Vec::new();
+        let mut built: Vec<(Unit, Vec<u8>)> = Vec::new();
         for (lsn, text) in lsns.zip(rowgroup::json_rows(&group.data)) {
             let text = text.expect("a batch holds only decoded row groups");
             let encoded = rows::parse(text, BodyFormat::Json)
@@ -528,29 +527,34 @@ impl Prepared {
             for (_, payload) in groups {
                 let row = RowGroup::decode(&payload).expect("the encoder writes row groups");
                 let columns: Vec<String> = row.columns.iter().map(|c| (*c).to_string()).collect();
-                let slot = match built.iter().position(|b| b.0 == columns) {
+                let slot = match built.iter().position(|(unit, _)| unit.columns == columns) {
                     Some(slot) => slot,
                     None => {
-                        built.push((columns, Vec::new(), Vec::new()));
+                        let unit = Unit {
+                            key: key.to_string(),
+                            table: schema.table().clone(),
+                            columns,
+                            data: Bytes::new(),
+                            runs: Vec::new(),
+                            sent_as: HashMap::new(),
+                        };
+                        built.push((unit, Vec::new()));
                         built.len() - 1
                     }
                 };
-                let (_, data, runs) = &mut built[slot];
+                let (unit, data) = &mut built[slot];
                 data.extend_from_slice(row.body);
-                match runs.last_mut() {
+                match unit.runs.last_mut() {
                     Some((first, rows)) if first.0 + *rows == lsn.0 => *rows += 1,
-                    _ => runs.push((lsn, 1)),
+                    _ => unit.runs.push((lsn, 1)),
                 }
+                unit.sent_as.insert(lsn, text.to_string());
             }
         }
-        self.units
-            .extend(built.into_iter().map(|(columns, data, runs)| Unit {
-                key: key.to_string(),
-                table: schema.table().clone(),
-                columns,
-                data: Bytes::from(data),
-                runs,
-            }));
+        self.units.extend(built.into_iter().map(|(mut unit, data)| {
+            unit.data = Bytes::from(data);
+            unit
+        }));
         Ok(())
     }
 }

@@ -292,7 +292,8 @@ async fn rows_kept_as_json_are_retried_for_the_table_as_it_is_now() {
     assert_eq!(
         pg.count(
             "SELECT count(*) FROM pgspool.dead_letters
-             WHERE table_name = 'gone' AND sqlstate = '23514' AND copy_line = '-1'"
+             WHERE table_name = 'gone' AND sqlstate = '23514' AND copy_line = '-1'
+               AND row = '{\"id\":-1}'"
         )
         .await,
         1
