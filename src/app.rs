@@ -30,6 +30,7 @@ use crate::config::Config;
 use crate::flush::{FatalError, Flusher};
 use crate::ingest::{self, Ingest, IngestOptions};
 use crate::lsn::Lsn;
+use crate::metrics::Metrics;
 use crate::schema::{Catalog, SchemaCache};
 use crate::wal::{Wal, WalOptions};
 
@@ -74,6 +75,7 @@ impl Daemon {
         let (committed_tx, committed) = watch::channel(Lsn::ZERO);
         // Requests with ?ack=committed, answered as the flusher reports its commits.
         let acks = Arc::new(Acks::new());
+        let metrics = Arc::new(Metrics::new(Arc::clone(wal.dir())));
         let (checked_tx, checked) = oneshot::channel();
         let flusher = Flusher {
             pg: pg.clone(),
@@ -85,6 +87,7 @@ impl Daemon {
             schemas: Arc::clone(&schemas),
             checked: Some(checked_tx),
             acks: Arc::clone(&acks),
+            metrics: Arc::clone(&metrics),
             state: crate::flush::FlushState::default(),
         };
         let durable = wal.durable();
@@ -113,6 +116,7 @@ impl Daemon {
             max_body_bytes: config.ingest.max_body_bytes,
             max_wal_bytes: config.wal.max_bytes,
             acks: Arc::clone(&acks),
+            metrics,
         }));
         let running = Running {
             flusher,

@@ -7,6 +7,11 @@
 //! |---|---|---|
 //! | `pgspool_writes_refused_total{reason}` | counter | writes answered without an ack because the WAL could not take them: `backlog_full` (503, `[wal] max_bytes` reached) or `disk_full` (507) |
 //! | `pgspool_wal_bytes` | gauge | bytes in WAL segment files: the unflushed backlog plus flushed rows whose segment is not deleted yet |
+//! | `pgspool_dead_letters_total{table}` | counter | rows put into `pgspool.dead_letters`, by table as its WAL records name it |
+//! | `pgspool_flush_errors_total{sqlstate_class}` | counter | errors met while flushing: each refused row, each table held or still refusing, each failed transaction; by the SQLSTATE's class (`23`, `42`, `08`, ...), `none` for errors without one (I/O, lost connection, pgspool's encoder) |
+//! | `pgspool_flush_retries_total` | counter | flusher sessions that ended in a failure and were retried after a backoff |
+//! | `pgspool_tables_held` | gauge | tables whose rows are held in the WAL because they refuse every row |
+//! | `pgspool_watermark_lsn` | gauge | the last LSN committed in PostgreSQL (the watermark) |
 
 use std::fmt::{self, Write};
 use std::sync::Arc;
@@ -17,6 +22,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::lsn::Lsn;
 use crate::wal::WalDir;
 
 /// Why a write was refused without an ack.
@@ -42,6 +48,16 @@ struct RefusalLabels {
     reason: RefusalReason,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableLabels {
+    table: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    sqlstate_class: String,
+}
+
 /// The daemon's metrics and their registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -49,6 +65,11 @@ pub struct Metrics {
     refused: Family<RefusalLabels, Counter>,
     wal_bytes: Gauge,
     wal: Arc<WalDir>,
+    dead_letters: Family<TableLabels, Counter>,
+    flush_errors: Family<ErrorLabels, Counter>,
+    flush_retries: Counter,
+    tables_held: Gauge,
+    watermark: Gauge,
 }
 
 impl Metrics {
@@ -72,17 +93,86 @@ impl Metrics {
              not deleted yet)",
             wal_bytes.clone(),
         );
+        let dead_letters = Family::<TableLabels, Counter>::default();
+        registry.register(
+            "dead_letters",
+            "Rows put into pgspool.dead_letters, by table",
+            dead_letters.clone(),
+        );
+        let flush_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "flush_errors",
+            "Errors met while flushing (refused rows, held tables, failed transactions), by \
+             SQLSTATE class",
+            flush_errors.clone(),
+        );
+        let flush_retries = Counter::default();
+        registry.register(
+            "flush_retries",
+            "Flusher sessions that failed and were retried after a backoff",
+            flush_retries.clone(),
+        );
+        let tables_held = Gauge::default();
+        registry.register(
+            "tables_held",
+            "Tables whose rows are held in the WAL because they refuse every row",
+            tables_held.clone(),
+        );
+        let watermark = Gauge::default();
+        registry.register(
+            "watermark_lsn",
+            "The last LSN committed in PostgreSQL",
+            watermark.clone(),
+        );
         Metrics {
             registry,
             refused,
             wal_bytes,
             wal,
+            dead_letters,
+            flush_errors,
+            flush_retries,
+            tables_held,
+            watermark,
         }
     }
 
     /// Counts one refused write.
     pub fn refused(&self, reason: RefusalReason) {
         self.refused.get_or_create(&RefusalLabels { reason }).inc();
+    }
+
+    /// Counts a row put into dead letters for `table`, and its error.
+    pub fn dead_letter(&self, table: &str, sqlstate: Option<&str>) {
+        self.dead_letters
+            .get_or_create(&TableLabels {
+                table: table.to_string(),
+            })
+            .inc();
+        self.flush_error(sqlstate);
+    }
+
+    /// Counts an error met while flushing, by its SQLSTATE (`None`: it has none).
+    pub fn flush_error(&self, sqlstate: Option<&str>) {
+        let class = sqlstate.and_then(|s| s.get(..2)).unwrap_or("none");
+        self.flush_errors
+            .get_or_create(&ErrorLabels {
+                sqlstate_class: class.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a flusher session retried after a failure.
+    pub fn flush_retry(&self) {
+        self.flush_retries.inc();
+    }
+
+    /// Sets the watermark and the number of held tables after a commit.
+    pub fn flushed(&self, watermark: Lsn, tables_held: usize) {
+        self.watermark
+            .set(i64::try_from(watermark.0).unwrap_or(i64::MAX));
+        self.tables_held
+            .set(i64::try_from(tables_held).unwrap_or(i64::MAX));
     }
 
     /// The metrics in the Prometheus text format.

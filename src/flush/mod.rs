@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 use crate::acks::{Acks, DeadLetterAck, HeldTable};
 use crate::config::{BatchConfig, PostgresConfig};
 use crate::lsn::Lsn;
+use crate::metrics::Metrics;
 use crate::schema::SchemaCache;
 use crate::wal::{WalDir, WalError, WalReader};
 pub use batch::Batch;
@@ -99,6 +100,8 @@ pub struct Flusher {
     pub checked: Option<oneshot::Sender<()>>,
     /// Requests waiting for their rows to be committed.
     pub acks: Arc<Acks>,
+    /// The daemon's metrics.
+    pub metrics: Arc<Metrics>,
     /// What the flusher learns as it runs; [`FlushState::default`] to start.
     pub state: FlushState,
 }
@@ -165,6 +168,7 @@ impl Flusher {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Retry(why) => {
                     self.checked();
+                    self.metrics.flush_retry();
                     self.report(|r| r.postgres_error = Some(why.clone())).await;
                     let wait = jitter(delay);
                     warn!(error = %why, retry_in = ?wait, "flush failed; the rows stay in the WAL");
@@ -322,6 +326,13 @@ impl Flusher {
     /// Logs what a commit dead-lettered or held, and reports it.
     async fn report_settled(&mut self, settled: &Settled) {
         log_dead_letters(settled);
+        for d in &settled.dead_letters {
+            self.metrics
+                .dead_letter(&d.table, d.refusal.sqlstate.as_deref());
+        }
+        for hold in &settled.held {
+            self.metrics.flush_error(hold.refusal.sqlstate.as_deref());
+        }
         if settled.dead_letters.is_empty() && settled.held.is_empty() {
             return;
         }
@@ -491,6 +502,7 @@ impl Flusher {
             })
             .collect();
         self.acks.settled(watermark, &acks, &held);
+        self.metrics.flushed(watermark, held.len());
         let low = self
             .state
             .held
@@ -511,6 +523,12 @@ impl Flusher {
 
     /// A statement timeout halves the batch limits for the next batches.
     fn note_failure(&mut self, e: &FlushFailure) {
+        let sqlstate = match e {
+            FlushFailure::Postgres(e) => e.as_db_error().map(|db| db.code().code()),
+            FlushFailure::StillHeld { refusal, .. } => refusal.sqlstate.as_deref(),
+            FlushFailure::PositionMoved { .. } | FlushFailure::Unsettled { .. } => None,
+        };
+        self.metrics.flush_error(sqlstate);
         if let FlushFailure::Postgres(e) = e
             && classify::Class::is_timeout(e)
         {

@@ -58,7 +58,7 @@ pub struct Ingest {
     catalog: Catalog,
     max_body_bytes: u64,
     max_wal_bytes: u64,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     acks: Arc<Acks>,
 }
 
@@ -79,6 +79,8 @@ pub struct IngestOptions {
     pub max_wal_bytes: u64,
     /// Requests with `?ack=committed` wait here for the flusher's commits.
     pub acks: Arc<Acks>,
+    /// The daemon's metrics, shared with the flusher.
+    pub metrics: Arc<Metrics>,
 }
 
 /// A refusal: status and message.
@@ -96,7 +98,7 @@ impl Ingest {
     pub fn new(options: IngestOptions) -> Ingest {
         Ingest {
             appender: RwLock::new(Some(options.appender)),
-            metrics: Metrics::new(Arc::clone(&options.wal)),
+            metrics: options.metrics,
             wal: options.wal,
             schemas: options.schemas,
             catalog: options.catalog,
