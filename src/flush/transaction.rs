@@ -42,48 +42,58 @@ use crate::schema::{self, Found, SchemaCache, TableSchema};
 pub async fn bootstrap(client: &Client) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(
-            "SET client_min_messages = warning; -- no NOTICEs for objects that exist
-             CREATE SCHEMA IF NOT EXISTS pgspool;
-             CREATE TABLE IF NOT EXISTS pgspool.watermarks (
-                 spool_id   uuid PRIMARY KEY,
-                 lsn        bigint NOT NULL CHECK (lsn >= 0),
-                 record_crc bigint,
-                 updated_at timestamptz NOT NULL DEFAULT now()
-             );
-             -- Tables made by builds from before the record fingerprint. Checked first:
-             -- ALTER TABLE takes an exclusive lock, which would queue every flusher behind
-             -- any spool's transaction in flight.
-             DO $$ BEGIN
+            // Each object is created only if missing: CREATE ... IF NOT EXISTS checks the
+            // privilege to create it even when it exists, and a role given only its own
+            // pgspool schema and tables would be refused.
+            "DO $$ BEGIN
+                 IF to_regnamespace('pgspool') IS NULL THEN
+                     CREATE SCHEMA pgspool;
+                 END IF;
+                 IF to_regclass('pgspool.watermarks') IS NULL THEN
+                     CREATE TABLE pgspool.watermarks (
+                         spool_id   uuid PRIMARY KEY,
+                         lsn        bigint NOT NULL CHECK (lsn >= 0),
+                         record_crc bigint,
+                         updated_at timestamptz NOT NULL DEFAULT now()
+                     );
+                 END IF;
+                 -- Tables made by builds from before the record fingerprint. Checked
+                 -- first: ALTER TABLE takes an exclusive lock, which would queue every
+                 -- flusher behind any spool's transaction in flight.
                  IF NOT EXISTS (SELECT FROM pg_attribute
                                 WHERE attrelid = 'pgspool.watermarks'::regclass
                                   AND attname = 'record_crc' AND NOT attisdropped) THEN
                      ALTER TABLE pgspool.watermarks ADD COLUMN record_crc bigint;
                  END IF;
-             END $$;
-             CREATE TABLE IF NOT EXISTS pgspool.dead_letters (
-                 id         bigserial PRIMARY KEY,
-                 spool_id   uuid NOT NULL,
-                 lsn        bigint NOT NULL,
-                 table_name text NOT NULL,
-                 row        text NOT NULL,
-                 columns    text[],
-                 copy_line  text,
-                 sqlstate   text,
-                 message    text NOT NULL,
-                 detail     text,
-                 context    text,
-                 failed_at  timestamptz NOT NULL DEFAULT now(),
-                 UNIQUE (spool_id, lsn)
-             );
-             CREATE TABLE IF NOT EXISTS pgspool.held_tables (
-                 spool_id   uuid NOT NULL,
-                 table_name text NOT NULL,
-                 lsn        bigint NOT NULL,
-                 sqlstate   text,
-                 message    text NOT NULL,
-                 since      timestamptz NOT NULL DEFAULT now(),
-                 PRIMARY KEY (spool_id, table_name)
-             );",
+                 IF to_regclass('pgspool.dead_letters') IS NULL THEN
+                     CREATE TABLE pgspool.dead_letters (
+                         id         bigserial PRIMARY KEY,
+                         spool_id   uuid NOT NULL,
+                         lsn        bigint NOT NULL,
+                         table_name text NOT NULL,
+                         row        text NOT NULL,
+                         columns    text[],
+                         copy_line  text,
+                         sqlstate   text,
+                         message    text NOT NULL,
+                         detail     text,
+                         context    text,
+                         failed_at  timestamptz NOT NULL DEFAULT now(),
+                         UNIQUE (spool_id, lsn)
+                     );
+                 END IF;
+                 IF to_regclass('pgspool.held_tables') IS NULL THEN
+                     CREATE TABLE pgspool.held_tables (
+                         spool_id   uuid NOT NULL,
+                         table_name text NOT NULL,
+                         lsn        bigint NOT NULL,
+                         sqlstate   text,
+                         message    text NOT NULL,
+                         since      timestamptz NOT NULL DEFAULT now(),
+                         PRIMARY KEY (spool_id, table_name)
+                     );
+                 END IF;
+             END $$;",
         )
         .await
 }
