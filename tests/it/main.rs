@@ -4,12 +4,14 @@
 mod bounded_start;
 mod crash_states;
 mod dataset;
+mod dead_letters;
 mod demo;
 mod edge_cases;
 mod fdatasync_failure;
 mod harness;
 mod http_api;
 mod load;
+mod pg_faults;
 mod pgtemp;
 mod recovery;
 mod status;
