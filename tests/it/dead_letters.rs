@@ -759,6 +759,9 @@ async fn flights_with_one_percent_bad_rows_end_split_exactly_between_table_and_d
             })
         })
         .collect();
+    // Only the clients hold the receiver: if they all stop, the producer's send fails
+    // instead of waiting for ever.
+    drop(rx);
     let (good, bad) = producer.await.expect("producer");
     let (mut requests, mut refused_rows) = (0, 0);
     for c in clients {
