@@ -78,6 +78,8 @@ impl Daemon {
             limits: config.batch.clone(),
             schemas: Arc::clone(&schemas),
             checked: Some(checked_tx),
+            acks: Arc::new(crate::acks::Acks::default()),
+            state: crate::flush::FlushState::default(),
         };
         let durable = wal.durable();
         let stop_flusher = CancellationToken::new();

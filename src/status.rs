@@ -11,7 +11,11 @@
 //! pending), `intact`, `checksums_ok`, `torn_tail_bytes`, `quarantined_rows` (LSNs moved
 //! aside by `pgspool quarantine`), `problems` (list of strings), and
 //! `tables` (table name → `{pending_rows, pending_bytes}`; a table the daemon had not seen
-//! yet is listed under the name the client gave).
+//! yet is listed under the name the client gave), and `flusher` (null before the flusher's
+//! first report, else `{updated_at_us, postgres_error, tables}` with, per table,
+//! `{dead_letters, held_after_lsn, last_error: {sqlstate, message, lsn, at_us}}`: see
+//! [`crate::flush::report`]). `flushed_lsn` is the LSN up to which every row is settled
+//! (committed or dead-lettered): the watermark, or the LSN a held table waits after.
 //!
 //! A bad record at the very end of the last segment with nothing written by a later group
 //! after it is a torn write (`torn_tail_bytes`; the daemon cuts it at its next start, or it
@@ -31,6 +35,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::cli::StatusArgs;
+use crate::flush::report::FlushReport;
 use crate::fsutil;
 use crate::lsn::Lsn;
 use crate::rowgroup::RowGroup;
@@ -83,6 +88,9 @@ pub struct WalStatus {
     pub problems: Vec<String>,
     /// Pending rows per table.
     pub tables: BTreeMap<String, TableBacklog>,
+    /// What the flusher last reported of PostgreSQL's refusals (see
+    /// [`crate::flush::report`]); `None` before its first report.
+    pub flusher: Option<FlushReport>,
 }
 
 /// Reads the WAL directory `dir`, calling `progress` with bytes read so far.
@@ -122,6 +130,7 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
         quarantined_rows: 0,
         problems: Vec::new(),
         tables: BTreeMap::new(),
+        flusher: FlushReport::read(dir),
     };
     if let Err(e) = checkpoint {
         // Advisory (the daemon replaces it after its next commit): noted, not damage.
@@ -305,19 +314,35 @@ pub(crate) fn progress_bar(dir: &Path, what: &str) -> Option<indicatif::Progress
     })
 }
 
-/// The human-readable report: a one-line verdict, then aligned key/value lines and a table
-/// of pending rows.
+/// The human-readable report: a one-line verdict, then aligned key/value lines, a table
+/// of pending rows and dead letters, and the flusher's last errors.
 #[must_use]
 pub fn render(s: &WalStatus) -> String {
     use std::fmt::Write;
+    let report = s.flusher.clone().unwrap_or_default();
+    let held: Vec<&String> = report
+        .tables
+        .iter()
+        .filter(|(_, t)| t.held_after_lsn.is_some())
+        .map(|(name, _)| name)
+        .collect();
     let verdict = if !s.intact {
-        "DAMAGED: acknowledged data is damaged or missing (see problems below)"
+        "DAMAGED: acknowledged data is damaged or missing (see problems below)".to_string()
+    } else if !held.is_empty() {
+        format!(
+            "degraded: PostgreSQL refuses every row of {}; those rows wait in the WAL (see last errors below)",
+            held.iter()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     } else if s.torn_tail_bytes > 0 {
         "ok: every complete record verified; a torn write ends the log (cut at the next start)"
+            .to_string()
     } else if s.pending_rows == 0 {
-        "ok: every record verified, nothing pending"
+        "ok: every record verified, nothing pending".to_string()
     } else {
-        "ok: every record verified, rows pending"
+        "ok: every record verified, rows pending".to_string()
     };
     let mut out = String::new();
     let _ = writeln!(out, "{verdict}");
@@ -331,6 +356,7 @@ pub fn render(s: &WalStatus) -> String {
     } else {
         format!("{} .. {}", s.first_lsn, s.last_lsn)
     };
+    let dead_letters: u64 = report.tables.values().map(|t| t.dead_letters).sum();
     for (key, value) in [
         ("wal dir", s.wal_dir.display().to_string()),
         ("spool id", s.spool_id.to_string()),
@@ -344,32 +370,70 @@ pub fn render(s: &WalStatus) -> String {
         ("oldest pending", age),
         ("torn tail", format!("{} bytes", s.torn_tail_bytes)),
         ("quarantined", format!("{} rows", s.quarantined_rows)),
+        ("dead letters", format!("{dead_letters} rows")),
     ] {
         let _ = writeln!(out, "  {key:<15} {value}");
     }
-    if !s.tables.is_empty() {
-        let width = s
-            .tables
-            .keys()
-            .map(String::len)
+    if let Some(error) = &report.postgres_error {
+        let _ = writeln!(out, "  {:<15} {}", "PostgreSQL", clip(error, 82));
+    }
+    let mut names: Vec<&String> = s.tables.keys().chain(report.tables.keys()).collect();
+    names.sort();
+    names.dedup();
+    if !names.is_empty() {
+        let width = names
+            .iter()
+            .map(|n| n.len())
             .max()
             .unwrap_or(5)
-            .clamp(5, 60);
+            .clamp(5, 40);
         let _ = writeln!(
             out,
-            "\n  {:<width$} {:>12} {:>14}",
-            "table", "pending rows", "pending bytes"
+            "\n  {:<width$} {:>12} {:>14} {:>12}  state",
+            "table", "pending rows", "pending bytes", "dead letters"
         );
-        for (table, b) in &s.tables {
+        for name in &names {
+            let backlog = s.tables.get(*name).cloned().unwrap_or_default();
+            let flushed = report.tables.get(*name).cloned().unwrap_or_default();
+            let state = flushed.held_after_lsn.map_or_else(
+                || "flowing".to_string(),
+                |lsn| format!("held after LSN {lsn}"),
+            );
             let _ = writeln!(
                 out,
-                "  {table:<width$} {:>12} {:>14}",
-                b.pending_rows, b.pending_bytes
+                "  {:<width$} {:>12} {:>14} {:>12}  {state}",
+                clip(name, width),
+                backlog.pending_rows,
+                backlog.pending_bytes,
+                flushed.dead_letters
             );
+        }
+    }
+    let errors: Vec<_> = report
+        .tables
+        .iter()
+        .filter_map(|(name, t)| t.last_error.as_ref().map(|e| (name, e)))
+        .collect();
+    if !errors.is_empty() {
+        let _ = writeln!(out, "\n  last errors");
+        for (name, e) in errors {
+            let code = e.sqlstate.as_deref().unwrap_or("pgspool");
+            let line = format!("{name} (LSN {}, {code}): {}", e.lsn, e.message);
+            let _ = writeln!(out, "  {}", clip(&line, 96));
         }
     }
     for problem in &s.problems {
         let _ = writeln!(out, "  problem: {problem}");
     }
     out
+}
+
+/// `text` cut to `width` characters, with an ellipsis when cut.
+fn clip(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }

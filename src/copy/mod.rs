@@ -184,6 +184,85 @@ fn escape_bytes(bytes: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&bytes[run..]);
 }
 
+/// The fields of one COPY text `line` (without its newline) as a JSON object of
+/// `columns` to their text (`null` for `\N`): how a row stored as COPY text is shown in
+/// `pgspool.dead_letters`. Undoes [`escape_text`], and the octal and hex escapes COPY also
+/// reads; a line with more or fewer fields than columns keeps the extra fields under
+/// numbered keys or leaves the missing columns out.
+#[must_use]
+pub fn line_to_json(line: &[u8], columns: &[String]) -> String {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let mut object = serde_json::Map::new();
+    if columns.is_empty() {
+        return "{}".to_string();
+    }
+    for (i, field) in line.split(|&b| b == b'\t').enumerate() {
+        let key = columns
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("field {}", i + 1));
+        let value = if field == b"\\N" {
+            serde_json::Value::Null
+        } else {
+            serde_json::Value::String(String::from_utf8_lossy(&unescape(field)).into_owned())
+        };
+        object.insert(key, value);
+    }
+    serde_json::Value::Object(object).to_string()
+}
+
+/// Undoes COPY text escaping in one field (PostgreSQL's `CopyReadAttributesText`).
+fn unescape(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let b = field[i];
+        i += 1;
+        if b != b'\\' || i == field.len() {
+            out.push(b);
+            continue;
+        }
+        let c = field[i];
+        i += 1;
+        match c {
+            b'b' => out.push(0x08),
+            b'f' => out.push(0x0c),
+            b'n' => out.push(b'\n'),
+            b'r' => out.push(b'\r'),
+            b't' => out.push(b'\t'),
+            b'v' => out.push(0x0b),
+            b'0'..=b'7' => {
+                let mut value = u32::from(c - b'0');
+                for _ in 0..2 {
+                    match field.get(i) {
+                        Some(&d @ b'0'..=b'7') => {
+                            value = value * 8 + u32::from(d - b'0');
+                            i += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                out.push((value & 0xff) as u8);
+            }
+            b'x' if field.get(i).is_some_and(u8::is_ascii_hexdigit) => {
+                let mut value = 0u8;
+                for _ in 0..2 {
+                    match field.get(i).and_then(|d| (*d as char).to_digit(16)) {
+                        Some(d) => {
+                            value = value * 16 + d as u8;
+                            i += 1;
+                        }
+                        None => break,
+                    }
+                }
+                out.push(value);
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// Somewhere text is written to, possibly escaping it on the way.
 pub(crate) trait Sink {
     /// Appends `s`.

@@ -637,3 +637,33 @@ proptest! {
         prop_assert_eq!(parse_array_literal(&literal, char::from(delimiter)), items);
     }
 }
+
+proptest! {
+    /// A dead letter shows a COPY row's fields as the text PostgreSQL would have read.
+    #[test]
+    fn line_to_json_undoes_escape_text(a in "[^\u{0}]*", b in "[^\u{0}]*", null in any::<bool>()) {
+        let mut line = Vec::new();
+        escape_text(&a, &mut line);
+        line.push(b'\t');
+        if null {
+            line.extend_from_slice(b"\\N");
+        } else {
+            escape_text(&b, &mut line);
+        }
+        line.push(b'\n');
+        let columns = ["a".to_string(), "b".to_string()];
+        let shown: serde_json::Value =
+            serde_json::from_str(&line_to_json(&line, &columns)).expect("JSON");
+        let b = if null { serde_json::Value::Null } else { b.into() };
+        prop_assert_eq!(shown, serde_json::json!({ "a": a, "b": b }));
+    }
+}
+
+#[test]
+fn line_to_json_reads_octal_and_hex_escapes() {
+    let columns = ["x".to_string()];
+    assert_eq!(
+        line_to_json(b"\\101\\x42\\\\N", &columns),
+        r#"{"x":"AB\\N"}"#
+    );
+}

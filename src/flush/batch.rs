@@ -28,18 +28,21 @@ pub struct BatchGroup {
     pub columns: Vec<String>,
     /// The rows, concatenated as in the records' bodies.
     pub data: Vec<u8>,
-    /// How many rows `data` holds.
-    pub rows: u64,
+    /// The rows' LSNs, in `data` order: first LSN and row count of each run of
+    /// consecutive LSNs.
+    pub runs: Vec<(Lsn, u64)>,
 }
 
 /// Rows read from the WAL, ready to be sent in one transaction.
 #[derive(Debug, Default)]
 pub struct Batch {
+    /// Only rows of this table (as its records name it) are taken; `None`: every table.
+    only: Option<String>,
     groups: Vec<BatchGroup>,
     /// Group index by the row-group header bytes (format, table and columns).
     index: HashMap<Vec<u8>, usize>,
     rows: u64,
-    /// LSNs of quarantined records passed over.
+    /// LSNs passed over: quarantined records, and other tables' rows in a catch-up.
     passed_over: u64,
     bytes: u64,
     last: Lsn,
@@ -65,6 +68,17 @@ pub enum FillError {
 }
 
 impl Batch {
+    /// An empty batch, starting after LSN `after`, that takes only the rows of `table` (as
+    /// its WAL records name it) and passes over the others: a held table's catch-up.
+    #[must_use]
+    pub fn only(table: String, after: Lsn) -> Batch {
+        Batch {
+            only: Some(table),
+            last: after,
+            ..Batch::default()
+        }
+    }
+
     /// Adds every row of `record`.
     ///
     /// # Errors
@@ -82,6 +96,14 @@ impl Batch {
             return Ok(());
         }
         let group = RowGroup::decode(record.payload)?;
+        if self
+            .only
+            .as_ref()
+            .is_some_and(|only| *only != group.table.to_string())
+        {
+            self.passed_over += record.lsns.rows();
+            return Ok(());
+        }
         let header = &record.payload[..record.payload.len() - group.body.len()];
         let slot = match self.index.get(header) {
             Some(&slot) => slot,
@@ -91,7 +113,7 @@ impl Batch {
                     table: group.table,
                     columns: group.columns.iter().map(|c| (*c).to_string()).collect(),
                     data: Vec::new(),
-                    rows: 0,
+                    runs: Vec::new(),
                 });
                 self.index.insert(header.to_vec(), self.groups.len() - 1);
                 self.groups.len() - 1
@@ -99,7 +121,12 @@ impl Batch {
         };
         let target = &mut self.groups[slot];
         target.data.extend_from_slice(group.body);
-        target.rows += record.lsns.rows();
+        match target.runs.last_mut() {
+            Some((first, rows)) if first.0 + *rows == record.lsns.first.0 => {
+                *rows += record.lsns.rows();
+            }
+            _ => target.runs.push((record.lsns.first, record.lsns.rows())),
+        }
         if self.due.is_none() {
             let age = Duration::from_micros(fsutil::now_us().saturating_sub(record.time_us));
             self.due = Some(Instant::now() + max_wait.saturating_sub(age));
@@ -232,8 +259,8 @@ mod tests {
         let groups = batch.into_groups();
         assert_eq!(groups.len(), 2);
         assert_eq!(
-            (groups[0].data.as_slice(), groups[0].rows),
-            (&b"1\n2\n4\n"[..], 3)
+            (groups[0].data.as_slice(), groups[0].runs.as_slice()),
+            (&b"1\n2\n4\n"[..], &[(Lsn(1), 2), (Lsn(4), 1)][..])
         );
         assert_eq!(groups[1].table.name, "b");
     }

@@ -13,23 +13,31 @@
 //! refusing to start until an operator runs `pgspool quarantine` or restores the directory.
 
 pub mod batch;
+pub mod classify;
+pub mod load;
+pub mod report;
 pub mod transaction;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::acks::{Acks, DeadLetterAck, HeldTable};
 use crate::config::{BatchConfig, PostgresConfig};
 use crate::lsn::Lsn;
 use crate::schema::SchemaCache;
 use crate::wal::{WalDir, WalError, WalReader};
 pub use batch::Batch;
 use batch::FillError;
-use transaction::Watermark;
+use load::{DeadLetter, Refusal};
+use report::{FlushReport, TableError};
+use tokio_postgres::Client;
+use transaction::{Advance, FlushFailure, Hold, Settled, Watermark};
 
 /// Errors that stop the flusher (and the daemon): acknowledged data cannot be delivered
 /// without an operator.
@@ -89,7 +97,50 @@ pub struct Flusher {
     /// Signalled once the first session has checked the WAL against PostgreSQL's
     /// watermark, or found PostgreSQL unreachable; dropped unsent on a fatal error.
     pub checked: Option<oneshot::Sender<()>>,
+    /// Requests waiting for their rows to be committed.
+    pub acks: Arc<Acks>,
+    /// What the flusher learns as it runs; [`FlushState::default`] to start.
+    pub state: FlushState,
 }
+
+/// What the flusher learns as it runs.
+#[derive(Debug, Default)]
+pub struct FlushState {
+    /// Tables held by a schema error, by name as their records give it.
+    held: BTreeMap<String, HeldState>,
+    /// Halvings of the batch limits after statement timeouts (see [`Flusher::limits`]).
+    shrink: u32,
+    /// Commits since the last halving.
+    successes: u32,
+    /// What `pgspool status` shows of the flusher.
+    report: FlushReport,
+}
+
+/// A held table, as the flusher tracks it.
+#[derive(Debug, Clone)]
+struct HeldState {
+    /// Its rows up to this LSN are settled.
+    lsn: Lsn,
+    /// The last error.
+    refusal: Refusal,
+    /// The next wait after a failed retry.
+    delay: Duration,
+    /// When to try its rows again.
+    retry_at: Instant,
+    /// When the error was last logged as a warning.
+    warned_at: Instant,
+}
+
+/// Successful commits after which a batch limit halved by a statement timeout is doubled
+/// again.
+const COMMITS_BEFORE_GROWING: u32 = 8;
+
+/// Attempts of one batch above which the next batches are made smaller (see
+/// [`load`]).
+const ATTEMPTS_BEFORE_SHRINKING: u32 = 2;
+
+/// How often a table that stays held is logged as a warning.
+const HELD_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Flusher {
     /// Runs until `shutdown` is cancelled and the WAL is flushed up to the durable LSN as
@@ -114,6 +165,7 @@ impl Flusher {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Retry(why) => {
                     self.checked();
+                    self.report(|r| r.postgres_error = Some(why.clone())).await;
                     let wait = jitter(delay);
                     warn!(error = %why, retry_in = ?wait, "flush failed; the rows stay in the WAL");
                     delay = (delay * 2).min(self.postgres.retry_max);
@@ -151,8 +203,15 @@ impl Flusher {
                 crate::pg::describe(&e)
             ));
         }
-        let watermark = match transaction::read_watermark(&client, self.wal.spool_id()).await {
-            Ok(watermark) => watermark,
+        let spool_id = self.wal.spool_id();
+        let state = async {
+            let watermark = transaction::read_watermark(&client, spool_id).await?;
+            let holds = transaction::read_holds(&client, spool_id).await?;
+            let dead_letters = transaction::count_dead_letters(&client, spool_id).await?;
+            Ok::<_, tokio_postgres::Error>((watermark, holds, dead_letters))
+        };
+        let (watermark, holds, dead_letters) = match state.await {
+            Ok(state) => state,
             Err(e) => {
                 return retry(&format!(
                     "cannot read the watermark: {}",
@@ -174,60 +233,338 @@ impl Flusher {
                  it are sent again"
             );
         }
-        self.committed.send_replace(watermark);
-        self.after_commit(watermark).await;
+        self.load_holds(holds);
+        let held: Vec<(String, Lsn)> = self
+            .state
+            .held
+            .iter()
+            .map(|(t, h)| (t.clone(), h.lsn))
+            .collect();
+        self.report(|r| {
+            r.postgres_error = None;
+            for table in r.tables.values_mut() {
+                table.dead_letters = 0;
+                table.held_after_lsn = None;
+            }
+            for (table, count) in dead_letters {
+                r.table(&table).dead_letters = count;
+            }
+            for (table, lsn) in held {
+                r.table(&table).held_after_lsn = Some(lsn);
+            }
+        })
+        .await;
+        self.settled(watermark, &[]).await;
         let backlog_rows = self.durable.borrow().0 - watermark.0;
-        info!(watermark = %watermark, backlog_rows, "connected to PostgreSQL; flushing from the watermark");
+        info!(watermark = %watermark, backlog_rows, held_tables = self.state.held.len(), "connected to PostgreSQL; flushing from the watermark");
         loop {
-            let (next_reader, batch) = self.next_batch(reader, shutdown).await?;
+            if let Err(e) = self.catch_up(&mut client, watermark).await? {
+                return retry(&e);
+            }
+            let wake = self.state.held.values().map(|h| h.retry_at).min();
+            let (next_reader, batch) = self.next_batch(reader, shutdown, wake).await?;
             reader = next_reader;
             if batch.is_empty() {
-                return Ok(SessionEnd::Stopped);
+                if shutdown.is_cancelled() || self.durable.has_changed().is_err() {
+                    return Ok(SessionEnd::Stopped);
+                }
+                continue;
             }
             let (rows, bytes, last) = (batch.rows(), batch.bytes(), batch.last_lsn());
             let started = std::time::Instant::now();
-            let spool_id = self.wal.spool_id();
-            if let Err(e) =
-                transaction::commit(&mut client, spool_id, watermark, batch, &self.schemas).await
-            {
-                return retry(&e);
-            }
+            let advance = Advance::Watermark {
+                expected: watermark,
+                held: self.state.held.keys().cloned().collect(),
+            };
+            let settled =
+                match transaction::commit(&mut client, spool_id, batch, &advance, &self.schemas)
+                    .await
+                {
+                    Ok(settled) => settled,
+                    Err(e) => {
+                        self.note_failure(&e);
+                        return retry(&format!(
+                            "batch of LSNs {}..{last} ({rows} rows): {e}",
+                            watermark.next()
+                        ));
+                    }
+                };
             watermark = last;
-            debug!(rows, bytes, watermark = %last, elapsed = ?started.elapsed(), "batch committed");
+            debug!(rows, bytes, watermark = %last, attempts = settled.attempts, elapsed = ?started.elapsed(), "batch committed");
             *delay = self.postgres.retry_initial;
-            self.committed.send_replace(last);
-            self.after_commit(last).await;
+            if settled.attempts > ATTEMPTS_BEFORE_SHRINKING {
+                // Refused rows without a line number are found by bisection, a few per
+                // transaction: smaller batches find them in fewer attempts.
+                self.shrink("isolating refused rows took several attempts");
+            } else {
+                self.note_success();
+            }
+            for hold in &settled.held {
+                warn!(
+                    table = %hold.table,
+                    after_lsn = %hold.lsn,
+                    sqlstate = hold.refusal.sqlstate.as_deref().unwrap_or(""),
+                    error = %hold.refusal,
+                    "PostgreSQL refuses every row of this table; its rows stay in the WAL and \
+                     are retried with backoff while other tables flow. Fix the table (create \
+                     it, add the column, grant INSERT) and they are loaded"
+                );
+                self.state.held.insert(
+                    hold.table.clone(),
+                    HeldState::new(hold.lsn, hold.refusal.clone(), self.postgres.retry_initial),
+                );
+            }
+            self.report_settled(&settled).await;
+            self.settled(watermark, &settled.dead_letters).await;
         }
     }
 
-    /// Fills the next batch: returns as soon as it is full, or when it is due, or, once
-    /// shutdown is asked for, as soon as the reader is caught up (possibly empty).
+    /// Logs what a commit dead-lettered or held, and reports it.
+    async fn report_settled(&mut self, settled: &Settled) {
+        log_dead_letters(settled);
+        if settled.dead_letters.is_empty() && settled.held.is_empty() {
+            return;
+        }
+        self.report(|r| {
+            for d in &settled.dead_letters {
+                let table = r.table(&d.table);
+                table.dead_letters += 1;
+                table.last_error = Some(TableError::new(&d.refusal, d.lsn));
+            }
+            for hold in &settled.held {
+                let table = r.table(&hold.table);
+                table.held_after_lsn = Some(hold.lsn);
+                table.last_error = Some(TableError::new(&hold.refusal, hold.lsn));
+            }
+        })
+        .await;
+    }
+
+    /// Changes the report with `change` and writes it if that changed anything. A report
+    /// that cannot be written is logged: it is not state (see [`report`]).
+    async fn report(&mut self, change: impl FnOnce(&mut FlushReport)) {
+        let before = self.state.report.clone();
+        change(&mut self.state.report);
+        if self.state.report == before {
+            return;
+        }
+        let mut report = self.state.report.clone();
+        let dir = Arc::clone(&self.wal);
+        let written = tokio::task::spawn_blocking(move || report.write(dir.path()))
+            .await
+            .expect("writing the report does not panic");
+        if let Err(e) = written {
+            warn!(error = %e, "could not write the flush report for pgspool status");
+        }
+    }
+
+    /// Takes the holds read from PostgreSQL, keeping the backoff of tables still held.
+    fn load_holds(&mut self, holds: Vec<Hold>) {
+        let initial = self.postgres.retry_initial;
+        let mut held = BTreeMap::new();
+        for hold in holds {
+            let state = match self.state.held.remove(&hold.table) {
+                Some(mut known) => {
+                    known.lsn = hold.lsn;
+                    known
+                }
+                None => {
+                    warn!(table = %hold.table, after_lsn = %hold.lsn, error = %hold.refusal, "table held by an earlier error; its rows are retried");
+                    HeldState::new(hold.lsn, hold.refusal, initial)
+                }
+            };
+            held.insert(hold.table, state);
+        }
+        self.state.held = held;
+    }
+
+    /// Tries the rows of each held table whose retry is due, from its hold up to
+    /// `watermark`; a table whose rows all load is released.
+    ///
+    /// # Errors
+    /// A [`FatalError`] when the WAL cannot be read there; the inner error (why, for the
+    /// log) when PostgreSQL failed otherwise than by refusing the table's rows again.
+    async fn catch_up(
+        &mut self,
+        client: &mut Client,
+        watermark: Lsn,
+    ) -> Result<Result<(), String>, FatalError> {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .state
+            .held
+            .iter()
+            .filter(|(_, h)| h.retry_at <= now)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for table in due {
+            let from = self.state.held[&table].lsn;
+            let dir = Arc::clone(&self.wal);
+            let mut reader = tokio::task::spawn_blocking(move || WalReader::open(dir, from.next()))
+                .await
+                .expect("opening a reader does not panic")?;
+            loop {
+                let expected = self.state.held[&table].lsn;
+                let limits = self.limits();
+                let mut batch = Batch::only(table.clone(), expected);
+                let (r, b, filled) = tokio::task::spawn_blocking(move || {
+                    let filled = batch.fill_from(&mut reader, watermark, &limits);
+                    (reader, batch, filled)
+                })
+                .await
+                .expect("filling a batch does not panic");
+                (reader, batch) = (r, b);
+                fill_result(filled)?;
+                let last = batch.last_lsn();
+                let release = last == watermark;
+                let advance = Advance::Hold {
+                    table: table.clone(),
+                    expected,
+                    release,
+                };
+                let spool_id = self.wal.spool_id();
+                match transaction::commit(client, spool_id, batch, &advance, &self.schemas).await {
+                    Ok(settled) => {
+                        self.report_settled(&settled).await;
+                        if release {
+                            info!(table = %table, "the held table takes rows again; its rows are loaded");
+                            self.state.held.remove(&table);
+                            self.report(|r| r.table(&table).held_after_lsn = None).await;
+                            self.settled(watermark, &settled.dead_letters).await;
+                            break;
+                        }
+                        if let Some(held) = self.state.held.get_mut(&table) {
+                            held.lsn = last;
+                        }
+                        self.settled(watermark, &settled.dead_letters).await;
+                    }
+                    Err(FlushFailure::StillHeld { refusal, .. }) => {
+                        let retry_max = self.postgres.retry_max;
+                        let held = self
+                            .state
+                            .held
+                            .get_mut(&table)
+                            .expect("a due table is held");
+                        held.refusal = refusal;
+                        held.retry_at = Instant::now() + jitter(held.delay);
+                        held.delay = (held.delay * 2).min(retry_max);
+                        if held.warned_at.elapsed() >= HELD_WARNING_INTERVAL {
+                            held.warned_at = Instant::now();
+                            warn!(table = %table, after_lsn = %held.lsn, error = %held.refusal, "table still refuses its rows; they stay in the WAL");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        self.note_failure(&e);
+                        return Ok(Err(format!(
+                            "rows of held table {table} after LSN {expected}: {e}"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Publishes the watermark, tells waiting requests what is settled, and records the
+    /// local checkpoint at the lowest LSN below which every row is settled (the watermark,
+    /// or the oldest hold).
+    async fn settled(&self, watermark: Lsn, dead_letters: &[DeadLetter]) {
+        self.committed.send_replace(watermark);
+        let acks: Vec<DeadLetterAck> = dead_letters
+            .iter()
+            .map(|d| DeadLetterAck {
+                lsn: d.lsn,
+                table: d.table.clone(),
+                sqlstate: d.refusal.sqlstate.clone(),
+                message: d.refusal.to_string(),
+            })
+            .collect();
+        let held: Vec<HeldTable> = self
+            .state
+            .held
+            .iter()
+            .map(|(table, h)| HeldTable {
+                table: table.clone(),
+                lsn: h.lsn,
+                error: h.refusal.to_string(),
+            })
+            .collect();
+        self.acks.settled(watermark, &acks, &held);
+        let low = self
+            .state
+            .held
+            .values()
+            .map(|h| h.lsn)
+            .fold(watermark, Lsn::min);
+        self.after_commit(low).await;
+    }
+
+    /// The batch limits, halved `shrink` times (to one row at least).
+    fn limits(&self) -> BatchConfig {
+        BatchConfig {
+            max_rows: (self.limits.max_rows >> self.state.shrink).max(1),
+            max_bytes: (self.limits.max_bytes >> self.state.shrink).max(1),
+            max_wait: self.limits.max_wait,
+        }
+    }
+
+    /// A statement timeout halves the batch limits for the next batches.
+    fn note_failure(&mut self, e: &FlushFailure) {
+        if let FlushFailure::Postgres(e) = e
+            && classify::Class::is_timeout(e)
+        {
+            self.shrink("a batch took longer than PostgreSQL's statement_timeout");
+        }
+    }
+
+    /// Halves the batch limits (down to one row) for the next batches, because `why`.
+    fn shrink(&mut self, why: &str) {
+        self.state.successes = 0;
+        if self.limits().max_rows > 1 {
+            self.state.shrink += 1;
+            warn!(
+                max_rows = self.limits().max_rows,
+                "{why}; sending smaller batches"
+            );
+        }
+    }
+
+    /// After [`COMMITS_BEFORE_GROWING`] commits in a row, a halved limit doubles again.
+    fn note_success(&mut self) {
+        if self.state.shrink == 0 {
+            return;
+        }
+        self.state.successes += 1;
+        if self.state.successes >= COMMITS_BEFORE_GROWING {
+            self.state.shrink -= 1;
+            self.state.successes = 0;
+        }
+    }
+
+    /// Fills the next batch: returns as soon as it is full, or when it is due, or at
+    /// `wake` (a held table's retry), or, once shutdown is asked for, as soon as the
+    /// reader is caught up (possibly empty).
     async fn next_batch(
         &mut self,
         mut reader: WalReader,
         shutdown: &CancellationToken,
+        wake: Option<Instant>,
     ) -> Result<(WalReader, Batch), FatalError> {
         let mut batch = Batch::default();
         loop {
             let durable = *self.durable.borrow_and_update();
-            let limits = self.limits.clone();
+            let limits = self.limits();
+            let fill_limits = limits.clone();
             let (r, b, filled) = tokio::task::spawn_blocking(move || {
-                let filled = batch.fill_from(&mut reader, durable, &limits);
+                let filled = batch.fill_from(&mut reader, durable, &fill_limits);
                 (reader, batch, filled)
             })
             .await
             .expect("filling a batch does not panic");
             (reader, batch) = (r, b);
-            match filled {
-                Ok(()) => {}
-                Err(FillError::Wal(e)) => return Err(e.into()),
-                Err(e @ FillError::Malformed { .. }) => {
-                    return Err(FatalError::Malformed(e.to_string()));
-                }
-            }
-            if batch.is_full(&self.limits)
-                || (shutdown.is_cancelled() && !self.more_durable(durable))
-            {
+            fill_result(filled)?;
+            if batch.is_full(&limits) || (shutdown.is_cancelled() && !self.more_durable(durable)) {
                 return Ok((reader, batch));
             }
             let due = batch.due();
@@ -239,6 +576,7 @@ impl Flusher {
                     }
                 }
                 () = sleep_until(due) => return Ok((reader, batch)),
+                () = sleep_until(wake) => return Ok((reader, batch)),
                 () = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
             }
         }
@@ -315,6 +653,47 @@ impl Flusher {
         if let Err(e) = checkpointed {
             warn!(error = %e, "could not write the checkpoint");
         }
+    }
+}
+
+impl HeldState {
+    fn new(lsn: Lsn, refusal: Refusal, delay: Duration) -> HeldState {
+        let now = Instant::now();
+        HeldState {
+            lsn,
+            refusal,
+            delay,
+            retry_at: now + jitter(delay),
+            warned_at: now,
+        }
+    }
+}
+
+/// Logs the rows a commit dead-lettered: each of the first few, then how many more.
+fn log_dead_letters(settled: &Settled) {
+    const SHOWN: usize = 10;
+    for d in settled.dead_letters.iter().take(SHOWN) {
+        warn!(
+            table = %d.table,
+            lsn = %d.lsn,
+            sqlstate = d.refusal.sqlstate.as_deref().unwrap_or(""),
+            error = %d.refusal,
+            "row refused; kept in pgspool.dead_letters"
+        );
+    }
+    if settled.dead_letters.len() > SHOWN {
+        warn!(
+            more = settled.dead_letters.len() - SHOWN,
+            "more rows of this batch refused; see pgspool.dead_letters"
+        );
+    }
+}
+
+fn fill_result(filled: Result<(), FillError>) -> Result<(), FatalError> {
+    match filled {
+        Ok(()) => Ok(()),
+        Err(FillError::Wal(e)) => Err(e.into()),
+        Err(e @ FillError::Malformed { .. }) => Err(FatalError::Malformed(e.to_string())),
     }
 }
 

@@ -1,31 +1,40 @@
-//! The flush protocol in PostgreSQL: the watermark table, and one batch as one transaction.
+//! The flush protocol in PostgreSQL: pgspool's tables, and one batch as one transaction.
 //!
 //! ```sql
 //! BEGIN;
 //! SET LOCAL synchronous_commit = on;                -- the WAL is deleted after COMMIT
+//! SET CONSTRAINTS ALL IMMEDIATE;                    -- a deferred check fails at its row
 //! COPY "schema"."table" ("c1", "c2") FROM STDIN;    -- one per (table, column set)
+//! INSERT INTO pgspool.dead_letters ...;             -- the rows PostgreSQL refused
+//! INSERT INTO pgspool.held_tables ...;              -- tables a schema error holds
 //! INSERT INTO pgspool.watermarks ... ON CONFLICT (spool_id) DO UPDATE
 //!     SET lsn = <batch's last LSN>, record_crc = <CRC of the batch's last record>
 //!     WHERE watermarks.lsn = <the watermark this session read or last committed>;
 //! COMMIT;
 //! ```
-//! The rows and the watermark commit together or not at all, so after any crash the
-//! watermark read back from PostgreSQL says exactly which rows it holds. The record CRC
-//! lets a later session check that its WAL still holds that very record at that LSN.
+//! The rows, their dead letters, the holds and the watermark commit together or not at
+//! all, so after any crash PostgreSQL says exactly which rows it holds: every row at or
+//! below the watermark is in its table or in `pgspool.dead_letters`, except the rows of a
+//! held table after its hold's LSN, which are still in the WAL. The record CRC lets a
+//! later session check that its WAL still holds that very record at that LSN. How rows
+//! are loaded and refused rows isolated is [`super::load`]'s part.
+
+use std::collections::HashSet;
 
 use bytes::Bytes;
-use futures::SinkExt;
 use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
 
 use super::batch::{Batch, BatchGroup};
+use super::load::{self, DeadLetter, Learned, Refusal, Stop, Unit};
 use crate::lsn::Lsn;
 use crate::rowgroup::{self, RowFormat, RowGroup};
-use crate::rows::{self, BodyFormat};
-use crate::schema::{self, Found, SchemaCache};
-use crate::table::{TableName, quote_ident};
+use crate::rows::{self, BodyFormat, RowError};
+use crate::schema::{self, Found, SchemaCache, TableSchema};
 
-/// Creates pgspool's schema and watermark table if they are missing.
+/// Creates pgspool's schema and tables if they are missing: `watermarks` (one row per
+/// spool), `dead_letters` (one row per refused row) and `held_tables` (one row per table
+/// whose rows a schema error holds in the WAL).
 ///
 /// # Errors
 /// When the statements fail (for example for lack of privileges).
@@ -49,7 +58,31 @@ pub async fn bootstrap(client: &Client) -> Result<(), tokio_postgres::Error> {
                                   AND attname = 'record_crc' AND NOT attisdropped) THEN
                      ALTER TABLE pgspool.watermarks ADD COLUMN record_crc bigint;
                  END IF;
-             END $$;",
+             END $$;
+             CREATE TABLE IF NOT EXISTS pgspool.dead_letters (
+                 id         bigserial PRIMARY KEY,
+                 spool_id   uuid NOT NULL,
+                 lsn        bigint NOT NULL,
+                 table_name text NOT NULL,
+                 row        text NOT NULL,
+                 columns    text[],
+                 copy_line  text,
+                 sqlstate   text,
+                 message    text NOT NULL,
+                 detail     text,
+                 context    text,
+                 failed_at  timestamptz NOT NULL DEFAULT now(),
+                 UNIQUE (spool_id, lsn)
+             );
+             CREATE TABLE IF NOT EXISTS pgspool.held_tables (
+                 spool_id   uuid NOT NULL,
+                 table_name text NOT NULL,
+                 lsn        bigint NOT NULL,
+                 sqlstate   text,
+                 message    text NOT NULL,
+                 since      timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (spool_id, table_name)
+             );",
         )
         .await
 }
@@ -91,164 +124,490 @@ pub async fn read_watermark(
     ))
 }
 
-/// Why a batch did not commit.
-#[derive(Debug, thiserror::Error)]
-pub enum FlushFailure {
-    /// PostgreSQL refused a statement or the connection failed.
-    #[error("{}", crate::pg::describe(.0))]
-    Postgres(#[from] tokio_postgres::Error),
-    /// The rows kept as JSON cannot be loaded yet (no such table, unknown column, bad value).
-    #[error("rows for table {table}: {reason}")]
-    Rows {
-        /// The table as the client named it.
-        table: TableName,
-        /// What is wrong.
-        reason: String,
-    },
-    /// COPY reported another row count than the batch holds: a bug, never committed.
-    #[error("COPY into {table} loaded {loaded} rows, the batch holds {expected}")]
-    RowCount {
-        /// The table.
-        table: TableName,
-        /// Rows the batch holds.
-        expected: u64,
-        /// Rows COPY reported.
-        loaded: u64,
-    },
-    /// The watermark in PostgreSQL is no longer the one this session read or committed:
-    /// another process flushed this spool's rows meanwhile.
-    #[error(
-        "the watermark of spool {spool_id} in PostgreSQL moved away from LSN {expected} while \
-         this batch was sent: another pgspool is flushing the same spool (a copied WAL \
-         directory?); the batch is rolled back"
-    )]
-    WatermarkMoved {
-        /// The spool.
-        spool_id: Uuid,
-        /// The watermark this session expected.
+/// A table whose rows after `lsn` are held in the WAL: its rows up to `lsn` are committed
+/// (or dead letters), the later ones wait until the table takes rows again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    /// The table as its WAL records name it.
+    pub table: String,
+    /// The last LSN whose rows of this table are settled.
+    pub lsn: Lsn,
+    /// The error that holds it.
+    pub refusal: Refusal,
+}
+
+/// The holds of `spool_id`.
+///
+/// # Errors
+/// When the query fails.
+pub async fn read_holds(
+    client: &Client,
+    spool_id: Uuid,
+) -> Result<Vec<Hold>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT table_name, lsn, sqlstate, message FROM pgspool.held_tables
+             WHERE spool_id = $1 ORDER BY lsn",
+            &[&spool_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Hold {
+            table: r.get(0),
+            lsn: Lsn(r.get::<_, i64>(1).cast_unsigned()),
+            refusal: Refusal {
+                sqlstate: r.get(2),
+                message: r.get(3),
+                detail: None,
+                context: None,
+            },
+        })
+        .collect())
+}
+
+/// How many rows of `spool_id` each table has in `pgspool.dead_letters`.
+///
+/// # Errors
+/// When the query fails.
+pub async fn count_dead_letters(
+    client: &Client,
+    spool_id: Uuid,
+) -> Result<Vec<(String, u64)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT table_name, count(*) FROM pgspool.dead_letters
+             WHERE spool_id = $1 GROUP BY table_name",
+            &[&spool_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, i64>(1).cast_unsigned()))
+        .collect())
+}
+
+/// What a commit settled besides moving its watermark or hold.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Rows written to `pgspool.dead_letters`, in LSN order.
+    pub dead_letters: Vec<DeadLetter>,
+    /// Tables newly held, at the batch's expected LSN.
+    pub held: Vec<Hold>,
+    /// Attempts the batch took (1 without refused rows).
+    pub attempts: u32,
+}
+
+/// Where a committed batch moves the spool's position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Advance {
+    /// The spool's watermark moves from `expected` (what this session read or last
+    /// committed) to the batch's last LSN, or nothing commits (a compare-and-swap: two
+    /// flushers of one spool, copies of one WAL directory, never both load the same rows).
+    /// Rows of `held` tables are left in the WAL; a table that refuses its rows for a
+    /// schema reason is held from `expected` on.
+    Watermark {
+        /// The watermark the batch starts after.
         expected: Lsn,
+        /// Tables held now.
+        held: HashSet<String>,
+    },
+    /// A held table catches up: its hold moves from `expected` to the batch's last LSN, or
+    /// is released when that is the spool's watermark.
+    Hold {
+        /// The table.
+        table: String,
+        /// Its hold's LSN, where the batch starts after.
+        expected: Lsn,
+        /// Whether the batch reaches the watermark.
+        release: bool,
     },
 }
 
-/// Sends `batch` and its watermark in one transaction and commits it. The watermark moves
-/// from `expected` (what this session read or last committed) or not at all: a
-/// compare-and-swap, so two flushers of one spool (copies of one WAL directory) never both
-/// load the same rows.
+/// Why a batch did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushFailure {
+    /// PostgreSQL or the connection failed ([`super::classify::Class::Transient`], or a
+    /// statement pgspool runs on its own tables failed).
+    #[error("{}", crate::pg::describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// A held table still refuses its rows.
+    #[error("table {table} still refuses its rows: {refusal}")]
+    StillHeld {
+        /// The table.
+        table: String,
+        /// Why.
+        refusal: Refusal,
+    },
+    /// The position in PostgreSQL is no longer the one this session read or committed:
+    /// another process flushed this spool's rows meanwhile.
+    #[error(
+        "the position of spool {spool_id} in PostgreSQL moved away from LSN {expected} while \
+         this batch was sent: another pgspool is flushing the same spool (a copied WAL \
+         directory?); the batch is rolled back"
+    )]
+    PositionMoved {
+        /// The spool.
+        spool_id: Uuid,
+        /// The position this session expected.
+        expected: Lsn,
+    },
+    /// The refused rows could not be isolated within the attempts allowed.
+    #[error("the batch up to LSN {last} failed {attempts} times while isolating refused rows")]
+    Unsettled {
+        /// The batch's last LSN.
+        last: Lsn,
+        /// Attempts made.
+        attempts: u32,
+    },
+}
+
+/// Most attempts of one batch: each one learns a refused row, a suspect unit, a cleared
+/// suspect or a held table (see [`super::load`]); a batch that needs more keeps failing
+/// and is retried with backoff.
+const MAX_ATTEMPTS: u32 = 1_000;
+
+/// Sends `batch` in one transaction with its dead letters, holds and position (see
+/// [`Advance`]) and commits it, attempting again as long as each attempt learns which rows
+/// or tables PostgreSQL refuses.
 ///
 /// # Errors
 /// See [`FlushFailure`]; nothing of the batch is committed then.
 pub async fn commit(
     client: &mut Client,
     spool_id: Uuid,
-    expected: Lsn,
     batch: Batch,
+    advance: &Advance,
     schemas: &SchemaCache,
-) -> Result<(), FlushFailure> {
-    let last = batch.last_lsn();
-    let record_crc = i64::from(batch.last_crc());
-    let tx = client.transaction().await?;
-    tx.batch_execute("SET LOCAL synchronous_commit = on")
-        .await?;
-    for group in batch.into_groups() {
-        match group.format {
-            RowFormat::Copy => {
-                let columns: Vec<&str> = group.columns.iter().map(String::as_str).collect();
-                copy_rows(&tx, &group.table, &columns, group.data, group.rows).await?;
-            }
-            RowFormat::Json => copy_json_rows(&tx, group, schemas).await?,
+) -> Result<Settled, FlushFailure> {
+    let (last, record_crc) = (batch.last_lsn(), batch.last_crc());
+    let Prepared {
+        units,
+        mut refused,
+        held,
+    } = prepare(client, batch.into_groups(), schemas).await?;
+    let mut newly_held: Vec<Hold> = Vec::new();
+    for (table, refusal) in held {
+        hold(advance, &mut newly_held, table, refusal)?;
+    }
+    for unit in &units {
+        let skipped = newly_held.iter().any(|h| h.table == unit.key)
+            || matches!(advance, Advance::Watermark { held, .. } if held.contains(&unit.key));
+        if !skipped && let Some(refusal) = load::check_table(client, unit).await? {
+            hold(advance, &mut newly_held, unit.key.clone(), refusal)?;
         }
     }
-    let updated = tx
-        .execute(
-            "INSERT INTO pgspool.watermarks AS w (spool_id, lsn, record_crc, updated_at)
-             VALUES ($1, $2, $3, now())
-             ON CONFLICT (spool_id) DO UPDATE
-             SET lsn = EXCLUDED.lsn, record_crc = EXCLUDED.record_crc, updated_at = now()
-             WHERE w.lsn = $4",
+    let mut learned = Learned::default();
+    for attempt in 1..=MAX_ATTEMPTS {
+        let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL synchronous_commit = on; SET CONSTRAINTS ALL IMMEDIATE")
+            .await?;
+        let skip: HashSet<&str> = newly_held
+            .iter()
+            .map(|h| h.table.as_str())
+            .chain(match advance {
+                Advance::Watermark { held, .. } => held.iter().map(String::as_str).collect(),
+                Advance::Hold { .. } => Vec::new(),
+            })
+            .collect();
+        match load::load_units(&tx, &units, &skip, &mut learned).await {
+            Ok(()) => {}
+            Err(Stop::Again) => continue,
+            Err(Stop::Table { unit, error }) => {
+                let table = units[unit].table.to_string();
+                hold(advance, &mut newly_held, table, Refusal::from_error(&error))?;
+                continue;
+            }
+            Err(Stop::Failed(e)) => return Err(e.into()),
+        }
+        refused.retain(|d| !skip.contains(d.table.as_str()));
+        refused.extend(learned.dead_letters(&skip));
+        refused.sort_by_key(|d| d.lsn);
+        write_dead_letters(&tx, spool_id, &refused).await?;
+        advance_position(&tx, spool_id, last, record_crc, advance, &newly_held).await?;
+        tx.commit().await?;
+        return Ok(Settled {
+            dead_letters: refused,
+            held: newly_held,
+            attempts: attempt,
+        });
+    }
+    Err(FlushFailure::Unsettled {
+        last,
+        attempts: MAX_ATTEMPTS,
+    })
+}
+
+/// Records that `table` refuses its rows: in a watermark batch it is held from the
+/// batch's start; in a hold's own batch the hold stays and the batch fails.
+fn hold(
+    advance: &Advance,
+    newly_held: &mut Vec<Hold>,
+    table: String,
+    refusal: Refusal,
+) -> Result<(), FlushFailure> {
+    match advance {
+        Advance::Watermark { expected, .. } => {
+            newly_held.push(Hold {
+                table,
+                lsn: *expected,
+                refusal,
+            });
+            Ok(())
+        }
+        Advance::Hold { .. } => Err(FlushFailure::StillHeld { table, refusal }),
+    }
+}
+
+/// The batch's rows as units to load, the rows refused before PostgreSQL sees them, and
+/// the tables of rows kept as JSON that cannot take them yet.
+#[derive(Default)]
+struct Prepared {
+    units: Vec<Unit>,
+    refused: Vec<DeadLetter>,
+    held: Vec<(String, Refusal)>,
+}
+
+/// Turns the batch's groups into units. Rows kept as JSON (their table's columns were
+/// unknown at ingest) are encoded for the table's columns as they are now, row by row: a
+/// row the encoder refuses is a dead letter; a missing table or an unknown column holds
+/// the table, as PostgreSQL's own error would.
+async fn prepare(
+    client: &Client,
+    groups: Vec<BatchGroup>,
+    schemas: &SchemaCache,
+) -> Result<Prepared, tokio_postgres::Error> {
+    let mut prepared = Prepared::default();
+    for group in groups {
+        let key = group.table.to_string();
+        match group.format {
+            RowFormat::Copy => prepared.units.push(Unit {
+                key,
+                table: group.table,
+                columns: group.columns,
+                data: Bytes::from(group.data),
+                runs: group.runs,
+            }),
+            RowFormat::Json if prepared.held.iter().any(|(k, _)| *k == key) => {}
+            RowFormat::Json => {
+                let schema = match schema::fetch(client, &group.table).await? {
+                    Found::Table(schema) => schemas.put(&group.table, schema).await,
+                    Found::Own => {
+                        prepared.hold(key, "42501", "it is one of pgspool's own tables");
+                        continue;
+                    }
+                    Found::NotATable(kind) => {
+                        prepared.hold(key, "42809", &format!("it is {kind}, not a table"));
+                        continue;
+                    }
+                    Found::Missing => {
+                        prepared.hold(key, "42P01", "the table does not exist");
+                        continue;
+                    }
+                };
+                if let Err(unknown) = prepared.encode_json(&key, &group, &schema) {
+                    prepared.hold(key, "42703", &unknown.to_string());
+                }
+            }
+        }
+    }
+    Ok(prepared)
+}
+
+impl Prepared {
+    /// Holds the table `key` for `what`, dropping what was prepared of its rows.
+    fn hold(&mut self, key: String, sqlstate: &str, what: &str) {
+        self.units.retain(|u| u.key != key);
+        self.refused.retain(|d| d.table != key);
+        let refusal = Refusal {
+            sqlstate: Some(sqlstate.to_string()),
+            message: format!("rows kept as JSON for {key} cannot be loaded: {what}"),
+            detail: None,
+            context: None,
+        };
+        self.held.push((key, refusal));
+    }
+
+    /// Encodes a JSON group's rows one by one into units, refusing the rows the encoder
+    /// refuses.
+    ///
+    /// # Errors
+    /// The first row naming a column the table does not have.
+    fn encode_json(
+        &mut self,
+        key: &str,
+        group: &BatchGroup,
+        schema: &TableSchema,
+    ) -> Result<(), RowError> {
+        let lsns = group
+            .runs
+            .iter()
+            .flat_map(|&(first, rows)| (0..rows).map(move |i| Lsn(first.0 + i)));
+        /// A unit being built: columns, COPY lines, LSN runs.
+        type Building = (Vec<String>, Vec<u8>, Vec<(Lsn, u64)>);
+        let mut built: Vec<Building> = Vec::new();
+        for (lsn, text) in lsns.zip(rowgroup::json_rows(&group.data)) {
+            let text = text.expect("a batch holds only decoded row groups");
+            let encoded = rows::parse(text, BodyFormat::Json)
+                .map_err(|e| e.to_string())
+                .and_then(|parsed| match rows::encode(schema, &parsed) {
+                    Err(unknown @ RowError::UnknownColumn { .. }) => Ok(Err(unknown)),
+                    other => other.map(Ok).map_err(|e| e.to_string()),
+                });
+            let groups = match encoded {
+                Ok(Ok(groups)) => groups,
+                Ok(Err(unknown)) => return Err(unknown),
+                Err(message) => {
+                    self.refused.push(DeadLetter {
+                        lsn,
+                        table: key.to_string(),
+                        row: text.to_string(),
+                        columns: None,
+                        copy_line: None,
+                        refusal: Refusal::by_pgspool(message),
+                    });
+                    continue;
+                }
+            };
+            for (_, payload) in groups {
+                let row = RowGroup::decode(&payload).expect("the encoder writes row groups");
+                let columns: Vec<String> = row.columns.iter().map(|c| (*c).to_string()).collect();
+                let slot = match built.iter().position(|b| b.0 == columns) {
+                    Some(slot) => slot,
+                    None => {
+                        built.push((columns, Vec::new(), Vec::new()));
+                        built.len() - 1
+                    }
+                };
+                let (_, data, runs) = &mut built[slot];
+                data.extend_from_slice(row.body);
+                match runs.last_mut() {
+                    Some((first, rows)) if first.0 + *rows == lsn.0 => *rows += 1,
+                    _ => runs.push((lsn, 1)),
+                }
+            }
+        }
+        self.units
+            .extend(built.into_iter().map(|(columns, data, runs)| Unit {
+                key: key.to_string(),
+                table: schema.table().clone(),
+                columns,
+                data: Bytes::from(data),
+                runs,
+            }));
+        Ok(())
+    }
+}
+
+/// Inserts the dead letters of a commit.
+async fn write_dead_letters(
+    tx: &Transaction<'_>,
+    spool_id: Uuid,
+    dead_letters: &[DeadLetter],
+) -> Result<(), tokio_postgres::Error> {
+    if dead_letters.is_empty() {
+        return Ok(());
+    }
+    let statement = tx
+        .prepare(
+            "INSERT INTO pgspool.dead_letters
+                 (spool_id, lsn, table_name, row, columns, copy_line, sqlstate, message, detail, context)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .await?;
+    for d in dead_letters {
+        tx.execute(
+            &statement,
             &[
                 &spool_id,
-                &last.0.cast_signed(),
-                &record_crc,
-                &expected.0.cast_signed(),
+                &d.lsn.0.cast_signed(),
+                &d.table,
+                &d.row,
+                &d.columns,
+                &d.copy_line,
+                &d.refusal.sqlstate,
+                &d.refusal.message,
+                &d.refusal.detail,
+                &d.refusal.context,
             ],
         )
         .await?;
-    if updated != 1 {
-        return Err(FlushFailure::WatermarkMoved { spool_id, expected });
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
-/// COPYs rows (COPY text lines) into `table`'s `columns`. Rows that name no column at all
-/// take every default, which COPY cannot express, so they are inserted as default rows.
-async fn copy_rows(
-    tx: &Transaction<'_>,
-    table: &TableName,
-    columns: &[&str],
-    data: Vec<u8>,
-    rows: u64,
-) -> Result<(), FlushFailure> {
-    let loaded = if columns.is_empty() {
-        tx.execute(
-            &format!(
-                "INSERT INTO {} SELECT FROM generate_series(1, $1::int8)",
-                table.quoted()
-            ),
-            &[&rows.cast_signed()],
-        )
-        .await?
-    } else {
-        let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-        let statement = format!("COPY {} ({}) FROM STDIN", table.quoted(), list.join(", "));
-        let sink = tx.copy_in::<_, Bytes>(&statement).await?;
-        futures::pin_mut!(sink);
-        sink.send(Bytes::from(data)).await?;
-        sink.as_mut().finish().await?
-    };
-    if loaded != rows {
-        return Err(FlushFailure::RowCount {
-            table: table.clone(),
-            expected: rows,
-            loaded,
-        });
     }
     Ok(())
 }
 
-/// Encodes rows kept as JSON (their table's columns were unknown at ingest) for the
-/// table's columns as they are now, then COPYs them.
-async fn copy_json_rows(
+/// Moves the spool's watermark or a hold (see [`Advance`]), and records new holds.
+async fn advance_position(
     tx: &Transaction<'_>,
-    group: BatchGroup,
-    schemas: &SchemaCache,
+    spool_id: Uuid,
+    last: Lsn,
+    record_crc: u32,
+    advance: &Advance,
+    newly_held: &[Hold],
 ) -> Result<(), FlushFailure> {
-    let refuse = |reason: String| FlushFailure::Rows {
-        table: group.table.clone(),
-        reason,
-    };
-    let schema = match schema::fetch(tx, &group.table).await? {
-        Found::Table(schema) => schema,
-        Found::Own => return Err(refuse("it is one of pgspool's own tables".into())),
-        Found::Missing => return Err(refuse("the table does not exist".into())),
-        Found::NotATable(kind) => return Err(refuse(format!("it is {kind}, not a table"))),
-    };
-    let schema = schemas.put(&group.table, schema).await;
-    let mut parsed = Vec::new();
-    for text in rowgroup::json_rows(&group.data) {
-        let text = text.map_err(|e| refuse(e.to_string()))?;
-        parsed.extend(rows::parse(text, BodyFormat::Json).map_err(|e| refuse(e.to_string()))?);
-    }
-    for (rows, payload) in rows::encode(&schema, &parsed).map_err(|e| refuse(e.to_string()))? {
-        let encoded = RowGroup::decode(&payload).map_err(|e| refuse(e.to_string()))?;
-        copy_rows(
-            tx,
-            &encoded.table,
-            &encoded.columns,
-            encoded.body.to_vec(),
-            u64::from(rows),
-        )
-        .await?;
+    let moved = |expected: Lsn| FlushFailure::PositionMoved { spool_id, expected };
+    match advance {
+        Advance::Watermark { expected, .. } => {
+            for hold in newly_held {
+                tx.execute(
+                    "INSERT INTO pgspool.held_tables (spool_id, table_name, lsn, sqlstate, message)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[
+                        &spool_id,
+                        &hold.table,
+                        &hold.lsn.0.cast_signed(),
+                        &hold.refusal.sqlstate,
+                        &hold.refusal.message,
+                    ],
+                )
+                .await?;
+            }
+            let updated = tx
+                .execute(
+                    "INSERT INTO pgspool.watermarks AS w (spool_id, lsn, record_crc, updated_at)
+                     VALUES ($1, $2, $3, now())
+                     ON CONFLICT (spool_id) DO UPDATE
+                     SET lsn = EXCLUDED.lsn, record_crc = EXCLUDED.record_crc, updated_at = now()
+                     WHERE w.lsn = $4",
+                    &[
+                        &spool_id,
+                        &last.0.cast_signed(),
+                        &i64::from(record_crc),
+                        &expected.0.cast_signed(),
+                    ],
+                )
+                .await?;
+            if updated != 1 {
+                return Err(moved(*expected));
+            }
+        }
+        Advance::Hold {
+            table,
+            expected,
+            release,
+        } => {
+            let statement = if *release {
+                "DELETE FROM pgspool.held_tables
+                 WHERE spool_id = $1 AND table_name = $2 AND lsn = $4 AND $3::int8 IS NOT NULL"
+            } else {
+                "UPDATE pgspool.held_tables SET lsn = $3
+                 WHERE spool_id = $1 AND table_name = $2 AND lsn = $4"
+            };
+            let updated = tx
+                .execute(
+                    statement,
+                    &[
+                        &spool_id,
+                        table,
+                        &last.0.cast_signed(),
+                        &expected.0.cast_signed(),
+                    ],
+                )
+                .await?;
+            if updated != 1 {
+                return Err(moved(*expected));
+            }
+        }
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ mod load;
 mod pg_faults;
 mod pgtemp;
 mod recovery;
+mod row_isolation;
 mod status;
 mod torn_writes;
 mod torture;
