@@ -85,7 +85,7 @@ async fn rejected_rows_get_their_4xx_and_leave_nothing_behind() {
     let mut checked = 0;
     for (line, why) in REJECT.lines().zip(REJECT_WHY.lines()) {
         let Some((_, status, says)) = expected.iter().find(|(w, _, _)| *w == why) else {
-            continue; // refused by PostgreSQL itself: dead letters are a later issue
+            continue; // refused by PostgreSQL itself, after the 202: see the dead-letter test below
         };
         // Alone, and after a valid row in the same request: all or nothing.
         for body in [
