@@ -8,7 +8,9 @@
 //! (writes are accepted) once [`Daemon::start`] returns.
 //!
 //! Stop (the shutdown token is cancelled): stop accepting writes (503), let in-flight
-//! requests finish, let the flusher send what is durable within `[shutdown]
+//! requests finish (those waiting with `?ack=committed` are answered by the flusher's
+//! commits meanwhile, or 503 at the drain timeout, or at once on a fatal error: their rows
+//! stay durable in the WAL), let the flusher send what is durable within `[shutdown]
 //! drain_timeout`, then close the WAL. A fatal error (a failed fdatasync, a damaged WAL)
 //! stops everything the same way and is returned. Abrupt exits are safe too: the WAL makes
 //! them so; a graceful stop only saves replay time.
@@ -23,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::acks::Acks;
 use crate::config::Config;
 use crate::flush::{FatalError, Flusher};
 use crate::ingest::{self, Ingest, IngestOptions};
@@ -37,6 +40,7 @@ pub struct Daemon {
     shutdown: CancellationToken,
     durable: watch::Receiver<Lsn>,
     committed: watch::Receiver<Lsn>,
+    acks: Arc<Acks>,
     socket: PathBuf,
     supervisor: JoinHandle<anyhow::Result<()>>,
 }
@@ -68,6 +72,8 @@ impl Daemon {
         let schemas = Arc::new(SchemaCache::load(&config.wal.dir));
         let shutdown = CancellationToken::new();
         let (committed_tx, committed) = watch::channel(Lsn::ZERO);
+        // Requests with ?ack=committed, answered as the flusher reports its commits.
+        let acks = Arc::new(Acks::new());
         let (checked_tx, checked) = oneshot::channel();
         let flusher = Flusher {
             pg: pg.clone(),
@@ -78,7 +84,7 @@ impl Daemon {
             limits: config.batch.clone(),
             schemas: Arc::clone(&schemas),
             checked: Some(checked_tx),
-            acks: Arc::new(crate::acks::Acks::default()),
+            acks: Arc::clone(&acks),
             state: crate::flush::FlushState::default(),
         };
         let durable = wal.durable();
@@ -106,6 +112,7 @@ impl Daemon {
             catalog: Catalog::new(pg),
             max_body_bytes: config.ingest.max_body_bytes,
             max_wal_bytes: config.wal.max_bytes,
+            acks: Arc::clone(&acks),
         }));
         let running = Running {
             flusher,
@@ -116,6 +123,7 @@ impl Daemon {
                 shutdown.clone(),
             )),
             ingest,
+            acks: Arc::clone(&acks),
             wal,
             shutdown: shutdown.clone(),
             socket: socket.clone(),
@@ -127,6 +135,7 @@ impl Daemon {
             shutdown,
             durable,
             committed,
+            acks,
             socket,
             supervisor: tokio::spawn(running.supervise()),
         })
@@ -154,6 +163,13 @@ impl Daemon {
     #[must_use]
     pub fn committed(&self) -> watch::Receiver<Lsn> {
         self.committed.clone()
+    }
+
+    /// The requests waiting with `?ack=committed`, and where the flusher reports its
+    /// commits.
+    #[must_use]
+    pub fn acks(&self) -> Arc<Acks> {
+        Arc::clone(&self.acks)
     }
 
     /// The token that stops the daemon when cancelled.
@@ -210,10 +226,14 @@ async fn open_wal(config: &Config) -> anyhow::Result<Wal> {
     Ok(wal)
 }
 
+/// How long, past the drain timeout, requests waiting for a commit get to send their 503.
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
+
 /// The parts of a running daemon, which [`Running::supervise`] stops in order.
 struct Running {
     wal: Wal,
     ingest: Arc<Ingest>,
+    acks: Arc<Acks>,
     server: JoinHandle<()>,
     flusher: JoinHandle<Result<(), FatalError>>,
     stop_flusher: CancellationToken,
@@ -243,13 +263,26 @@ impl Running {
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
         self.ingest.stop_accepting();
         self.shutdown.cancel();
+        if fatal.is_some() {
+            // No commit will come: requests waiting for one are answered now.
+            self.acks.close();
+        }
         if tokio::time::timeout_at(deadline, &mut self.server)
             .await
             .is_err()
         {
-            warn!(timeout = ?self.drain_timeout, "drain timeout: connections still open are abandoned");
-            self.server.abort();
+            // Requests still waiting for a commit are told that their rows are durable in
+            // the WAL before their connections go.
+            self.acks.close();
+            if tokio::time::timeout(ANSWER_GRACE, &mut self.server)
+                .await
+                .is_err()
+            {
+                warn!(timeout = ?self.drain_timeout, "drain timeout: connections still open are abandoned");
+                self.server.abort();
+            }
         }
+        self.acks.close();
         let _ = std::fs::remove_file(&self.socket);
         if !self.flusher.is_finished() {
             self.stop_flusher.cancel();

@@ -58,10 +58,29 @@ impl SpoolClient {
         content_type: &str,
         body: impl Into<Bytes>,
     ) -> anyhow::Result<Reply> {
-        let path = format!(
+        self.post_rows_with(table, "", content_type, body).await
+    }
+
+    /// Posts rows like [`post_rows`](Self::post_rows) with a query string (without the
+    /// `?`, already encoded), such as `ack=committed&invalid=dead_letter`.
+    ///
+    /// # Errors
+    /// When the connection fails; HTTP error statuses are returned as replies.
+    pub async fn post_rows_with(
+        &mut self,
+        table: &str,
+        query: &str,
+        content_type: &str,
+        body: impl Into<Bytes>,
+    ) -> anyhow::Result<Reply> {
+        let mut path = format!(
             "/v1/tables/{}/rows",
             utf8_percent_encode(table, PATH_SEGMENT)
         );
+        if !query.is_empty() {
+            path.push('?');
+            path.push_str(query);
+        }
         let request = Request::post(path)
             .header("host", "pgspool")
             .header("content-type", content_type)

@@ -3,17 +3,22 @@
 //! Rows are stored the way the flusher needs them, so flushing copies bytes:
 //!
 //! ```text
-//! u8   format       1 = COPY text, 2 = JSON (columns not known at ingest)
+//! u8   format       1 = COPY text, 2 = JSON (columns not known at ingest),
+//!                   3 = refused rows (`?invalid=dead_letter`)
 //! u16  schema_len   then the schema's UTF-8 bytes; 0 = unqualified
 //! u16  name_len     then the table name's UTF-8 bytes
-//! u16  columns      then per column: u16 len + UTF-8 bytes (COPY only; 0 for JSON)
+//! u16  columns      then per column: u16 len + UTF-8 bytes (COPY only; 0 otherwise)
 //! body COPY:        rows as COPY text lines (tab-separated fields, `\N` for NULL), each
 //!                   ending in '\n', for exactly the columns listed, in that order
 //! body JSON:        rows as u32 length + one JSON object as the client sent it
+//! body refused:     per row: u32 length + the row's text exactly as the client sent it
+//!                   (not necessarily JSON), then u32 length + why pgspool refused it
 //! ```
 //! Integers are little-endian. A COPY group's table is the one the catalog resolved
 //! (always schema-qualified); a JSON group keeps the name as the client wrote it and is
-//! resolved and encoded by the flusher once PostgreSQL can be asked.
+//! resolved and encoded by the flusher once PostgreSQL can be asked. A refused group names
+//! the table as the request's other groups do (resolved when the columns were known, as
+//! written otherwise); its rows go to `pgspool.dead_letters`, never to the table.
 
 use crate::table::TableName;
 
@@ -28,6 +33,9 @@ pub enum RowFormat {
     Copy,
     /// JSON objects whose columns were not known at ingest.
     Json,
+    /// Rows pgspool's encoder refused, with the reason (`?invalid=dead_letter`): they are
+    /// dead letters, never loaded into the table.
+    Refused,
 }
 
 /// Builds one row group payload.
@@ -51,11 +59,18 @@ impl RowGroupBuilder {
         Self::start(RowFormat::Json, table, &[])
     }
 
+    /// Starts a group of refused rows for `table`.
+    #[must_use]
+    pub fn refused(table: &TableName) -> RowGroupBuilder {
+        Self::start(RowFormat::Refused, table, &[])
+    }
+
     fn start(format: RowFormat, table: &TableName, columns: &[&str]) -> RowGroupBuilder {
         let mut buf = Vec::with_capacity(256);
         buf.push(match format {
             RowFormat::Copy => 1,
             RowFormat::Json => 2,
+            RowFormat::Refused => 3,
         });
         put_str(&mut buf, table.schema.as_deref().unwrap_or(""));
         put_str(&mut buf, &table.name);
@@ -88,9 +103,14 @@ impl RowGroupBuilder {
 
     /// Appends one JSON object, as the client sent it.
     pub fn push_json_row(&mut self, object: &str) {
-        let len = u32::try_from(object.len()).expect("rows are bounded by the body limit");
-        self.buf.extend_from_slice(&len.to_le_bytes());
-        self.buf.extend_from_slice(object.as_bytes());
+        put_long_str(&mut self.buf, object);
+        self.rows += 1;
+    }
+
+    /// Appends one refused row: its text as the client sent it, and why it was refused.
+    pub fn push_refused_row(&mut self, text: &str, reason: &str) {
+        put_long_str(&mut self.buf, text);
+        put_long_str(&mut self.buf, reason);
         self.rows += 1;
     }
 
@@ -119,6 +139,13 @@ impl RowGroupBuilder {
     }
 }
 
+/// A u32-length-prefixed string: a row, or a reason.
+fn put_long_str(buf: &mut Vec<u8>, s: &str) {
+    let len = u32::try_from(s.len()).expect("rows are bounded by the body limit");
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(s.as_bytes());
+}
+
 fn put_str(buf: &mut Vec<u8>, s: &str) {
     let len = u16::try_from(s.len()).expect("identifiers are at most 63 bytes");
     buf.extend_from_slice(&len.to_le_bytes());
@@ -132,7 +159,7 @@ pub struct RowGroup<'a> {
     pub format: RowFormat,
     /// The target table.
     pub table: TableName,
-    /// The column list of a COPY group (empty for JSON).
+    /// The column list of a COPY group (empty otherwise).
     pub columns: Vec<&'a str>,
     /// The rows (see the module docs).
     pub body: &'a [u8],
@@ -154,6 +181,7 @@ impl<'a> RowGroup<'a> {
         let format = match take(&mut rest, 1)? {
             [1] => RowFormat::Copy,
             [2] => RowFormat::Json,
+            [3] => RowFormat::Refused,
             _ => return Err(MalformedGroup("unknown row format")),
         };
         let schema = take_str(&mut rest)?;
@@ -177,21 +205,42 @@ impl<'a> RowGroup<'a> {
     pub fn json_rows(&self) -> impl Iterator<Item = Result<&'a str, MalformedGroup>> + 'a {
         json_rows(self.body)
     }
+
+    /// The rows of a refused group: each row's text and the reason it was refused.
+    pub fn refused_rows(
+        &self,
+    ) -> impl Iterator<Item = Result<(&'a str, &'a str), MalformedGroup>> + 'a {
+        refused_rows(self.body)
+    }
 }
 
 /// The JSON objects of a JSON group's `body` (also the concatenated bodies of several).
 pub fn json_rows(body: &[u8]) -> impl Iterator<Item = Result<&str, MalformedGroup>> {
     let mut rest = body;
     std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        Some(take(&mut rest, 4).and_then(|len| {
-            let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
-            std::str::from_utf8(take(&mut rest, len)?)
-                .map_err(|_| MalformedGroup("a JSON row is not UTF-8"))
-        }))
+        (!rest.is_empty()).then(|| take_long_str(&mut rest, "a JSON row is not UTF-8"))
     })
+}
+
+/// The rows of a refused group's `body` (also the concatenated bodies of several): each
+/// row's text as the client sent it, and why pgspool refused it.
+pub fn refused_rows(body: &[u8]) -> impl Iterator<Item = Result<(&str, &str), MalformedGroup>> {
+    let mut rest = body;
+    std::iter::from_fn(move || {
+        (!rest.is_empty()).then(|| {
+            let text = take_long_str(&mut rest, "a refused row is not UTF-8")?;
+            let reason = take_long_str(&mut rest, "a refusal reason is not UTF-8")?;
+            Ok((text, reason))
+        })
+    })
+}
+
+fn take_long_str<'a>(
+    rest: &mut &'a [u8],
+    not_utf8: &'static str,
+) -> Result<&'a str, MalformedGroup> {
+    let len = u32::from_le_bytes(take(rest, 4)?.try_into().expect("4 bytes")) as usize;
+    std::str::from_utf8(take(rest, len)?).map_err(|_| MalformedGroup(not_utf8))
 }
 
 fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], MalformedGroup> {
@@ -266,5 +315,56 @@ mod tests {
                 .and_then(|g| g.json_rows().collect::<Result<Vec<_>, _>>());
             assert!(ok.is_err() || cut == payload.len() - 6, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn refused_group_round_trips_text_and_reason() {
+        let mut b = RowGroupBuilder::refused(&table());
+        b.push_refused_row(
+            "[1,2,3]",
+            "line 2: a row must be a JSON object, found an array",
+        );
+        b.push_refused_row("{\"id\": ", "line 3: malformed JSON: EOF");
+        b.push_refused_row("", "");
+        let (rows, payload) = b.take();
+        assert_eq!(rows, 3);
+        let g = RowGroup::decode(&payload).expect("decode");
+        assert_eq!(g.format, RowFormat::Refused);
+        assert_eq!(g.table, table());
+        assert!(g.columns.is_empty());
+        let rows: Vec<_> = g.refused_rows().collect::<Result<_, _>>().expect("rows");
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    "[1,2,3]",
+                    "line 2: a row must be a JSON object, found an array"
+                ),
+                ("{\"id\": ", "line 3: malformed JSON: EOF"),
+                ("", ""),
+            ]
+        );
+    }
+
+    #[test]
+    fn truncated_refused_groups_are_refused() {
+        let mut b = RowGroupBuilder::refused(&table());
+        b.push_refused_row("[1]", "why");
+        let (_, payload) = b.take();
+        let header = RowGroup::decode(&payload).expect("decode");
+        let header_len = payload.len() - header.body.len();
+        for cut in header_len..payload.len() {
+            let rows: Result<Vec<_>, _> = refused_rows(&payload[header_len..cut]).collect();
+            assert_eq!(
+                rows.is_err(),
+                cut > header_len,
+                "cut at {cut} of {}",
+                payload.len()
+            );
+        }
+        let mut bad = payload.clone();
+        let last = bad.len() - 1;
+        bad[last] = 0xff;
+        assert!(refused_rows(&bad[header_len..]).any(|r| r.is_err()));
     }
 }

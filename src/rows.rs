@@ -4,8 +4,14 @@
 //! blank lines ignored). Each row is parsed once, keeping every value's raw JSON text;
 //! [`encode`] then writes the rows as COPY text for the table's columns, grouped by column
 //! set, or [`encode_unchecked`] keeps them as JSON when the table's columns are not known.
-//! A request is all or nothing: the first bad row fails the whole request, and the error
-//! says which row.
+//!
+//! A request is all or nothing by default: the first bad row fails the whole request, and
+//! the error says which row. With [`Invalid::DeadLetter`] ([`parse_each`] then
+//! [`encode_parsed`]) a row pgspool refuses is set aside instead, kept as a refused row
+//! (its text as sent and the reason, see [`crate::rowgroup`]) for `pgspool.dead_letters`,
+//! and the other rows of the request are encoded as usual. Both ways run through one
+//! encoder: it hands each refused row to a policy that either ends the encoding with that
+//! error or sets the row aside.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -93,18 +99,44 @@ pub enum BodyError {
     Empty,
 }
 
+/// A row that could not be parsed: its text as the client sent it, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unparsed<'a> {
+    /// The row's text (trimmed of surrounding whitespace); not necessarily JSON.
+    pub raw: &'a str,
+    /// What is wrong with it.
+    pub error: BodyError,
+}
+
+/// One row of a body: parsed, or not.
+pub type Parsed<'a> = Result<Row<'a>, Unparsed<'a>>;
+
 /// Parses a body (already known to be UTF-8) into rows.
 ///
 /// # Errors
 /// The first [`BodyError`] met.
 pub fn parse(body: &str, format: BodyFormat) -> Result<Vec<Row<'_>>, BodyError> {
+    parse_each(body, format)?
+        .into_iter()
+        .map(|row| row.map_err(|unparsed| unparsed.error))
+        .collect()
+}
+
+/// Parses a body (already known to be UTF-8) into rows, each parsed or not: an NDJSON line
+/// that is not JSON, or any row that is not an object or gives a key twice, is an
+/// [`Unparsed`] row among the others.
+///
+/// # Errors
+/// What is wrong with the body as a whole: an array or a single object that is not JSON
+/// (it cannot be split into rows), or no rows at all.
+pub fn parse_each(body: &str, format: BodyFormat) -> Result<Vec<Parsed<'_>>, BodyError> {
     let rows = match format {
         BodyFormat::Ndjson => body
             .split('\n')
             .enumerate()
             .filter(|(_, line)| !line.trim().is_empty())
             .map(|(i, line)| parse_row(line, RowPosition::Line(i + 1)))
-            .collect::<Result<Vec<_>, _>>()?,
+            .collect(),
         BodyFormat::Json => {
             let trimmed = body.trim_start();
             if trimmed.starts_with('[') {
@@ -117,9 +149,15 @@ pub fn parse(body: &str, format: BodyFormat) -> Result<Vec<Row<'_>>, BodyError> 
                     .into_iter()
                     .enumerate()
                     .map(|(i, raw)| parse_row(raw.get(), RowPosition::Index(i)))
-                    .collect::<Result<Vec<_>, _>>()?
+                    .collect()
             } else {
-                vec![parse_row(body, RowPosition::Single)?]
+                match parse_row(body, RowPosition::Single) {
+                    Err(Unparsed {
+                        error: malformed @ BodyError::Malformed { .. },
+                        ..
+                    }) => return Err(malformed),
+                    row => vec![row],
+                }
             }
         }
     };
@@ -130,10 +168,16 @@ pub fn parse(body: &str, format: BodyFormat) -> Result<Vec<Row<'_>>, BodyError> 
 }
 
 /// Parses one JSON object, keeping each value's raw text and refusing duplicate keys.
-fn parse_row(text: &str, position: RowPosition) -> Result<Row<'_>, BodyError> {
-    let malformed = |e: serde_json::Error| BodyError::Malformed {
-        position,
-        message: e.to_string(),
+fn parse_row(text: &str, position: RowPosition) -> Parsed<'_> {
+    let unparsed = |error| Unparsed {
+        raw: text.trim(),
+        error,
+    };
+    let malformed = |e: serde_json::Error| {
+        unparsed(BodyError::Malformed {
+            position,
+            message: e.to_string(),
+        })
     };
     let found = match text.trim_start().as_bytes().first() {
         Some(b'{') => None,
@@ -146,7 +190,7 @@ fn parse_row(text: &str, position: RowPosition) -> Result<Row<'_>, BodyError> {
     if let Some(found) = found {
         // Malformed JSON is reported as such before its shape.
         serde_json::from_str::<IgnoredAny>(text).map_err(malformed)?;
-        return Err(BodyError::NotAnObject { position, found });
+        return Err(unparsed(BodyError::NotAnObject { position, found }));
     }
     let mut de = serde_json::Deserializer::from_str(text);
     let fields = de
@@ -159,7 +203,7 @@ fn parse_row(text: &str, position: RowPosition) -> Result<Row<'_>, BodyError> {
             raw: text.trim(),
             fields,
         }),
-        Err(key) => Err(BodyError::DuplicateKey { position, key }),
+        Err(key) => Err(unparsed(BodyError::DuplicateKey { position, key })),
     }
 }
 
@@ -266,6 +310,37 @@ pub enum RowError {
 /// [`crate::rowgroup`] of at most about [`TARGET_GROUP_BYTES`].
 pub type Groups = Vec<(u32, Vec<u8>)>;
 
+/// What a request does with rows pgspool cannot store (`?invalid=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Invalid {
+    /// The first such row refuses the whole request (the default).
+    #[default]
+    Reject,
+    /// Such rows are kept as refused rows, for `pgspool.dead_letters`; the others are
+    /// encoded as usual.
+    DeadLetter,
+}
+
+/// Why one row of a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RowRefusal {
+    /// It could not be parsed.
+    #[error(transparent)]
+    Body(#[from] BodyError),
+    /// It cannot be stored in its table.
+    #[error(transparent)]
+    Row(#[from] RowError),
+}
+
+/// One request's rows, encoded.
+#[derive(Debug, Default)]
+pub struct Encoded {
+    /// The row groups: the rows kept, then (with [`Invalid::DeadLetter`]) the refused rows.
+    pub groups: Groups,
+    /// The rows refused, by index in the request (from 0), in order.
+    pub refused: Vec<(usize, RowRefusal)>,
+}
+
 /// Encodes `rows` as COPY text for `schema`'s table, one group per distinct column set.
 /// Columns are written in table order, so rows naming the same columns in another order
 /// share a group.
@@ -274,34 +349,129 @@ pub type Groups = Vec<(u32, Vec<u8>)>;
 /// The first row that names an unknown or generated column or holds a value that cannot be
 /// stored.
 pub fn encode(schema: &TableSchema, rows: &[Row<'_>]) -> Result<Groups, RowError> {
+    encode_with(schema, rows.iter().enumerate(), |_, error| Err(error))
+}
+
+/// Keeps `rows` as JSON for `table`, whose columns are not known yet (PostgreSQL could not
+/// be asked). Values are still checked for what no column type can hold.
+///
+/// # Errors
+/// The first value holding a NUL character.
+pub fn encode_unchecked(table: &TableName, rows: &[Row<'_>]) -> Result<Groups, RowError> {
+    encode_unchecked_with(table, rows.iter().enumerate(), |_, error| Err(error))
+}
+
+/// Encodes the rows of one request as [`parse_each`] gave them: as COPY text for
+/// `schema`'s table, or, when `schema` is `None` (PostgreSQL could not be asked), as JSON
+/// for `table`. With [`Invalid::DeadLetter`] every row refused, at parsing or here, is kept
+/// in refused-row groups for the table (the resolved one when `schema` is known) and listed
+/// in [`Encoded::refused`]; those rows count in the groups' rows like any other, so each
+/// takes one LSN. With [`Invalid::Reject`] the caller has refused unparsed rows already.
+///
+/// # Errors
+/// With [`Invalid::Reject`], the first row that cannot be stored (see [`encode`] and
+/// [`encode_unchecked`]); never with [`Invalid::DeadLetter`].
+pub fn encode_parsed(
+    table: &TableName,
+    schema: Option<&TableSchema>,
+    rows: &[Parsed<'_>],
+    invalid: Invalid,
+) -> Result<Encoded, RowError> {
+    let mut refused: Vec<(usize, RowRefusal)> = rows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, row)| Some((i, row.as_ref().err()?.error.clone().into())))
+        .collect();
+    let parsed = rows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, row)| Some((i, row.as_ref().ok()?)));
+    let mut set_aside = Vec::new();
+    let on_refused = |i: usize, error: RowError| match invalid {
+        Invalid::Reject => Err(error),
+        Invalid::DeadLetter => {
+            set_aside.push((i, error.into()));
+            Ok(())
+        }
+    };
+    let mut groups = match schema {
+        Some(schema) => encode_with(schema, parsed, on_refused)?,
+        None => encode_unchecked_with(table, parsed, on_refused)?,
+    };
+    if set_aside.is_empty() && refused.is_empty() {
+        return Ok(Encoded { groups, refused });
+    }
+    refused.append(&mut set_aside);
+    refused.sort_unstable_by_key(|(i, _)| *i);
+    let mut builder = RowGroupBuilder::refused(schema.map_or(table, TableSchema::table));
+    for (i, why) in &refused {
+        let text = match &rows[*i] {
+            Ok(row) => row.raw,
+            Err(unparsed) => unparsed.raw,
+        };
+        if text.contains('\0') {
+            // PostgreSQL's text cannot hold the raw character (its \u0000 escape is kept
+            // as sent, six characters, like every other escape).
+            builder.push_refused_row(
+                &text.replace('\0', "\\u0000"),
+                &format!("{why} (its raw NUL characters are written \\u0000 here)"),
+            );
+        } else {
+            builder.push_refused_row(text, &why.to_string());
+        }
+        if builder.len() >= TARGET_GROUP_BYTES {
+            groups.push(builder.take());
+        }
+    }
+    if !builder.is_empty() {
+        groups.push(builder.take());
+    }
+    Ok(Encoded { groups, refused })
+}
+
+/// The encoder behind [`encode`] and [`encode_parsed`]: `rows` come with their index in
+/// the request, and each row that cannot be stored goes to `refused`, which ends the
+/// encoding with an error or lets it go on without the row.
+fn encode_with<'r, 'a: 'r, E>(
+    schema: &TableSchema,
+    rows: impl IntoIterator<Item = (usize, &'r Row<'a>)>,
+    mut refused: impl FnMut(usize, RowError) -> Result<(), E>,
+) -> Result<Groups, E> {
     let mut builders: Vec<RowGroupBuilder> = Vec::new();
     let mut by_columns: HashMap<Vec<u16>, usize> = HashMap::new();
     let mut done: Groups = Vec::new();
     let mut fields: Vec<(u16, &RawValue)> = Vec::new();
     let mut key: Vec<u16> = Vec::new();
-    for row in rows {
+    'rows: for (index, row) in rows {
         fields.clear();
         for (name, value) in &row.fields {
             let Some(i) = schema.position(name) else {
-                if name.contains('\0') {
-                    return Err(RowError::Value {
+                let error = if name.contains('\0') {
+                    RowError::Value {
                         position: row.position,
                         column: name.to_string(),
                         error: ValueError::Nul,
-                    });
-                }
-                return Err(RowError::UnknownColumn {
-                    position: row.position,
-                    column: name.to_string(),
-                    table: schema.table().clone(),
-                });
+                    }
+                } else {
+                    RowError::UnknownColumn {
+                        position: row.position,
+                        column: name.to_string(),
+                        table: schema.table().clone(),
+                    }
+                };
+                refused(index, error)?;
+                continue 'rows;
             };
             let column = &schema.columns()[i];
             if column.generated {
-                return Err(RowError::GeneratedColumn {
-                    position: row.position,
-                    column: column.name.clone(),
-                });
+                refused(
+                    index,
+                    RowError::GeneratedColumn {
+                        position: row.position,
+                        column: column.name.clone(),
+                    },
+                )?;
+                continue 'rows;
             }
             fields.push((u16::try_from(i).expect("at most 1600 columns"), value));
         }
@@ -332,11 +502,15 @@ pub fn encode(schema: &TableSchema, rows: &[Row<'_>]) -> Result<Groups, RowError
             }
             if let Err(error) = copy::encode_field(&column.kind, value.get(), out) {
                 builder.abandon_row(row_start);
-                return Err(RowError::Value {
-                    position: row.position,
-                    column: column.name.clone(),
-                    error,
-                });
+                refused(
+                    index,
+                    RowError::Value {
+                        position: row.position,
+                        column: column.name.clone(),
+                        error,
+                    },
+                )?;
+                continue 'rows;
             }
         }
         builder.end_copy_row();
@@ -353,23 +527,27 @@ pub fn encode(schema: &TableSchema, rows: &[Row<'_>]) -> Result<Groups, RowError
     Ok(done)
 }
 
-/// Keeps `rows` as JSON for `table`, whose columns are not known yet (PostgreSQL could not
-/// be asked). Values are still checked for what no column type can hold.
-///
-/// # Errors
-/// The first value holding a NUL character.
-pub fn encode_unchecked(table: &TableName, rows: &[Row<'_>]) -> Result<Groups, RowError> {
+/// The encoder behind [`encode_unchecked`] and [`encode_parsed`] (see [`encode_with`]).
+fn encode_unchecked_with<'r, 'a: 'r, E>(
+    table: &TableName,
+    rows: impl IntoIterator<Item = (usize, &'r Row<'a>)>,
+    mut refused: impl FnMut(usize, RowError) -> Result<(), E>,
+) -> Result<Groups, E> {
     let mut builder = RowGroupBuilder::json(table);
     let mut done = Vec::new();
-    for row in rows {
+    'rows: for (index, row) in rows {
         for (name, value) in &row.fields {
             let nul = name.contains('\0').then_some(ValueError::Nul);
             if let Some(error) = nul.or_else(|| copy::check_value(value.get()).err()) {
-                return Err(RowError::Value {
-                    position: row.position,
-                    column: name.to_string(),
-                    error,
-                });
+                refused(
+                    index,
+                    RowError::Value {
+                        position: row.position,
+                        column: name.to_string(),
+                        error,
+                    },
+                )?;
+                continue 'rows;
             }
         }
         builder.push_json_row(row.raw);
@@ -542,5 +720,164 @@ mod tests {
         assert!(encode_unchecked(&table, &rows).is_err());
         let rows = parse(r#"{"a\u0000":1}"#, BodyFormat::Json).expect("parse");
         assert!(encode_unchecked(&table, &rows).is_err());
+    }
+
+    #[test]
+    fn parse_each_keeps_bad_rows_among_the_others_with_their_text() {
+        let rows = parse_each(
+            "{\"id\":1}\n[1,2,3]\n\n{\"id\":\n{\"a\":1,\"a\":2}\n",
+            BodyFormat::Ndjson,
+        )
+        .expect("parse");
+        assert_eq!(rows.len(), 4);
+        assert!(rows[0].is_ok());
+        let bad: Vec<(&str, String)> = rows[1..]
+            .iter()
+            .map(|r| {
+                let u = r.as_ref().unwrap_err();
+                (u.raw, u.error.to_string())
+            })
+            .collect();
+        assert_eq!(
+            bad[0],
+            (
+                "[1,2,3]",
+                "line 2: a row must be a JSON object, found an array".into()
+            )
+        );
+        assert_eq!(bad[1].0, "{\"id\":");
+        assert!(
+            bad[1].1.starts_with("line 4: malformed JSON"),
+            "{}",
+            bad[1].1
+        );
+        assert_eq!(bad[2].1, "line 5: key \"a\" is given twice");
+        // A body that cannot be split into rows is refused as a whole.
+        assert!(matches!(
+            parse_each("[{\"id\":1}, {\"id\"", BodyFormat::Json),
+            Err(BodyError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_each("{\"id\":", BodyFormat::Json),
+            Err(BodyError::Malformed { .. })
+        ));
+        let single = parse_each("7", BodyFormat::Json).expect("parse");
+        assert!(matches!(
+            single[0],
+            Err(Unparsed {
+                error: BodyError::NotAnObject { .. },
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn dead_letter_keeps_valid_rows_and_refused_rows_apart() {
+        let table = schema().table().clone();
+        let body =
+            "{\"id\":1}\n{\"nope\":1}\n[1]\n{\"id\":2,\"note\":\"x\"}\n{\"doc\":\"\\u0000\"}\n";
+        let parsed = parse_each(body, BodyFormat::Ndjson).expect("parse");
+        let encoded =
+            encode_parsed(&table, Some(&schema()), &parsed, Invalid::DeadLetter).expect("encode");
+        let refused: Vec<(usize, String)> = encoded
+            .refused
+            .iter()
+            .map(|(i, e)| (*i, e.to_string()))
+            .collect();
+        assert_eq!(
+            refused,
+            vec![
+                (
+                    1,
+                    "line 2: column \"nope\" does not exist in table public.t".into()
+                ),
+                (
+                    2,
+                    "line 3: a row must be a JSON object, found an array".into()
+                ),
+                (
+                    4,
+                    "line 5: column \"doc\": text and jsonb cannot hold a NUL character (\\u0000)"
+                        .into()
+                ),
+            ]
+        );
+        // Every row takes one LSN: kept and refused rows together are the request's rows.
+        assert_eq!(encoded.groups.iter().map(|g| g.0).sum::<u32>(), 5);
+        let (rows, payload) = encoded.groups.last().expect("a refused group");
+        assert_eq!(*rows, 3);
+        let g = RowGroup::decode(payload).expect("decode");
+        assert_eq!(g.format, crate::rowgroup::RowFormat::Refused);
+        assert_eq!(g.table, table);
+        let stored: Vec<(&str, &str)> = g.refused_rows().collect::<Result<_, _>>().expect("rows");
+        assert_eq!(stored[0], ("{\"nope\":1}", refused[0].1.as_str()));
+        assert_eq!(stored[1], ("[1]", refused[1].1.as_str()));
+        assert_eq!(stored[2].0, "{\"doc\":\"\\u0000\"}");
+        assert_eq!(
+            bodies(&encoded.groups[..2].to_vec()),
+            vec![
+                (vec!["id".into()], "1\n".into()),
+                (vec!["id".into(), "note".into()], "2\tx\n".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn reject_and_unchecked_go_through_the_same_encoder() {
+        let table = schema().table().clone();
+        let parsed = parse_each(
+            "{\"id\":1}\n{\"gen\":1}\n{\"nope\":1}\n",
+            BodyFormat::Ndjson,
+        )
+        .expect("parse");
+        let e = encode_parsed(&table, Some(&schema()), &parsed, Invalid::Reject).unwrap_err();
+        assert!(matches!(e, RowError::GeneratedColumn { .. }), "{e:?}");
+        let clean = parse_each("{\"id\":1}\n", BodyFormat::Ndjson).expect("parse");
+        let encoded =
+            encode_parsed(&table, Some(&schema()), &clean, Invalid::DeadLetter).expect("encode");
+        assert!(encoded.refused.is_empty());
+        assert_eq!(encoded.groups.len(), 1);
+        // Unknown columns: rows kept as JSON, a NUL still refused per row.
+        let later = TableName {
+            schema: None,
+            name: "later".into(),
+        };
+        let parsed =
+            parse_each("{\"a\":\"\\u0000\"}\n{\"b\":1}\n", BodyFormat::Ndjson).expect("parse");
+        let encoded = encode_parsed(&later, None, &parsed, Invalid::DeadLetter).expect("encode");
+        assert_eq!(encoded.refused.len(), 1);
+        assert_eq!(encoded.refused[0].0, 0);
+        let formats: Vec<_> = encoded
+            .groups
+            .iter()
+            .map(|(_, p)| RowGroup::decode(p).expect("decode").format)
+            .collect();
+        assert_eq!(
+            formats,
+            vec![
+                crate::rowgroup::RowFormat::Json,
+                crate::rowgroup::RowFormat::Refused
+            ]
+        );
+        assert!(encode_parsed(&later, None, &parsed, Invalid::Reject).is_err());
+    }
+
+    #[test]
+    fn a_raw_nul_in_a_refused_row_is_written_as_its_escape() {
+        let table = schema().table().clone();
+        let parsed =
+            parse_each("{\"id\":1}\n{\"note\":\"a\0b\"}\n", BodyFormat::Ndjson).expect("parse");
+        let encoded =
+            encode_parsed(&table, Some(&schema()), &parsed, Invalid::DeadLetter).expect("encode");
+        assert_eq!(encoded.refused.len(), 1);
+        let (_, payload) = encoded.groups.last().expect("a refused group");
+        let g = RowGroup::decode(payload).expect("decode");
+        let stored: Vec<(&str, &str)> = g.refused_rows().collect::<Result<_, _>>().expect("rows");
+        assert_eq!(stored[0].0, "{\"note\":\"a\\u0000b\"}");
+        assert!(
+            stored[0]
+                .1
+                .ends_with("(its raw NUL characters are written \\u0000 here)")
+        );
     }
 }

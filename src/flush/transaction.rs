@@ -409,6 +409,9 @@ async fn prepare(
                     prepared.hold(key, "42703", &unknown.to_string());
                 }
             }
+            // Rows pgspool refused at ingest (`?invalid=dead_letter`): dead letters as they
+            // are, with pgspool's reason and no SQLSTATE.
+            RowFormat::Refused => prepared.refuse_all(&key, &group),
         }
     }
     Ok(prepared)
@@ -426,6 +429,35 @@ impl Prepared {
             context: None,
         };
         self.held.push((key, refusal));
+    }
+
+    /// Makes every row of a refused-row group a dead letter. Records are checksummed, so
+    /// a body that does not follow the format is a bug; its rows are dead letters saying
+    /// so rather than lost.
+    fn refuse_all(&mut self, key: &str, group: &BatchGroup) {
+        let mut rows = rowgroup::refused_rows(&group.data);
+        let lsns = group
+            .runs
+            .iter()
+            .flat_map(|&(first, rows)| (0..rows).map(move |i| Lsn(first.0 + i)));
+        for lsn in lsns {
+            let (row, message) = match rows.next() {
+                Some(Ok((text, reason))) => (text.to_string(), reason.to_string()),
+                Some(Err(e)) => (String::new(), format!("refused at ingest; then {e}")),
+                None => (
+                    String::new(),
+                    "refused at ingest; its text is missing".into(),
+                ),
+            };
+            self.refused.push(DeadLetter {
+                lsn,
+                table: key.to_string(),
+                row,
+                columns: None,
+                copy_line: None,
+                refusal: Refusal::by_pgspool(message),
+            });
+        }
     }
 
     /// Encodes a JSON group's rows one by one into units, refusing the rows the encoder

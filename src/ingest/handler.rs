@@ -3,20 +3,30 @@
 //! | request | answer |
 //! |---|---|
 //! | `POST /v1/tables/{table}/rows` | 202 `{"rows","first_lsn","last_lsn"}` once every row is in the WAL and fdatasync'd |
+//! | `... /rows?ack=durable` | the same (the default) |
+//! | `... /rows?ack=none` | 202, the same body, once the rows are written to the WAL, before its fdatasync: a crash of the host may lose up to one group commit |
+//! | `... /rows?ack=committed` | 200 `{"rows","first_lsn","last_lsn","committed": n,"dead_lettered": [{"lsn","sqlstate","message"}]}` once PostgreSQL holds every row (in its table, or `pgspool.dead_letters`); 202 `{..., "committed": false, "held": {"table","error"}, "message"}` at once if the table is held by a schema error (the rows are durable in the WAL and loaded once it is fixed); 503 `{..., "committed": false, "error"}` if pgspool stops first (the rows are durable in the WAL: do not send them again) |
+//! | `... /rows?invalid=reject` | a request with a row pgspool cannot store is refused whole (the default; statuses below) |
+//! | `... /rows?invalid=dead_letter` | such rows are kept as refused rows for `pgspool.dead_letters` and the others stored; the answer adds `"refused": [{"index","error"}]` (index from 0 among the body's rows); each refused row takes an LSN |
 //! | `GET /healthz` | 200 once the WAL is recovered and writes are accepted, 503 while stopping |
 //! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]) |
 //!
-//! Errors are `{"error": "..."}`: 400 malformed body, not UTF-8, a row that is not an
-//! object, a duplicate key, a bad table name; 403 one of pgspool's own tables; 404 no such
+//! `ack` and `invalid` combine. Errors are `{"error": "..."}`: 400 an unknown query
+//! parameter or value (the message lists the allowed ones), malformed body, not UTF-8, a
+//! row that is not an object or a duplicate key (unless `invalid=dead_letter`; a body
+//! that cannot be split into rows is always refused), a bad table name; 403 one of pgspool's own tables; 404 no such
 //! table; 405 wrong method; 413 body over `[ingest] max_body_bytes`, or rows that take more
 //! than a WAL record (64 MiB) once encoded; 415 other content
 //! types; 422 unknown or `GENERATED ALWAYS` column, a NUL character, a value no column of
-//! that type can take, a view or other relation that is not a table; 500 a failed
+//! that type can take (unless `invalid=dead_letter`), a view or other relation that is
+//! not a table; 500 a failed
 //! fdatasync (pgspool stops); 503 with `Retry-After` not accepting writes (stopping), the
 //! WAL holding `[wal] max_bytes`, or PostgreSQL needed but unreachable; 507 the WAL's disk
 //! is full. Refusals for a full WAL or disk are counted in `pgspool_writes_refused_total`.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -27,8 +37,11 @@ use percent_encoding::percent_decode_str;
 use serde_json::json;
 use tracing::{debug, warn};
 
+use crate::acks::{Acks, Outcome};
+use crate::lsn::LsnRange;
 use crate::metrics::{Metrics, RefusalReason};
-use crate::rows::{self, BodyFormat, Groups, RowError};
+use crate::rowgroup::RowGroup;
+use crate::rows::{self, BodyFormat, Encoded, Invalid, Parsed, RowError};
 use crate::schema::{Catalog, Found, OWN_SCHEMA, SchemaCache, TableSchema};
 use crate::table::TableName;
 use crate::wal::record::MAX_PAYLOAD_BYTES;
@@ -46,6 +59,7 @@ pub struct Ingest {
     max_body_bytes: u64,
     max_wal_bytes: u64,
     metrics: Metrics,
+    acks: Arc<Acks>,
 }
 
 /// What the request handlers need.
@@ -63,6 +77,8 @@ pub struct IngestOptions {
     pub max_body_bytes: u64,
     /// Writes that would take the WAL above this many bytes get 503 (`[wal] max_bytes`).
     pub max_wal_bytes: u64,
+    /// Requests with `?ack=committed` wait here for the flusher's commits.
+    pub acks: Arc<Acks>,
 }
 
 /// A refusal: status and message.
@@ -86,6 +102,7 @@ impl Ingest {
             catalog: options.catalog,
             max_body_bytes: options.max_body_bytes,
             max_wal_bytes: options.max_wal_bytes,
+            acks: options.acks,
         }
     }
 
@@ -192,6 +209,8 @@ impl Ingest {
         request: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
         self.appender()?;
+        let options = PostOptions::parse(request.uri().query())?;
+        let peer = request.extensions().get::<Peer>().cloned();
         let table = percent_decode_str(table)
             .decode_utf8()
             .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "the table name is not UTF-8"))?;
@@ -211,9 +230,23 @@ impl Ingest {
                 ),
             )
         })?;
-        let rows = rows::parse(body, format)
+        let rows = rows::parse_each(body, format)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-        let groups = self.encode(&table, columns, &rows).await?;
+        if options.invalid == Invalid::Reject
+            && let Some(Err(unparsed)) = rows.iter().find(|row| row.is_err())
+        {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                unparsed.error.to_string(),
+            ));
+        }
+        let Encoded { groups, refused } =
+            self.encode(&table, columns, &rows, options.invalid).await?;
+        // The table as the WAL records name it: every group of a request names the same.
+        let table_key = groups
+            .first()
+            .and_then(|(_, payload)| RowGroup::decode(payload).ok())
+            .map_or_else(|| table.to_string(), |group| group.table.to_string());
         if let Some((_, payload)) = groups
             .iter()
             .find(|(_, payload)| payload.len() > MAX_PAYLOAD_BYTES as usize)
@@ -233,7 +266,12 @@ impl Ingest {
             .map(|(rows, payload)| AppendRecord::new(rows, payload))
             .collect();
         self.check_backlog(records.iter().map(AppendRecord::encoded_len).sum())?;
-        let lsns = self.appender()?.append(records).await.map_err(|e| {
+        let appender = self.appender()?;
+        let appended = match options.ack {
+            Ack::None => appender.append_nowait(records).await,
+            Ack::Durable | Ack::Committed => appender.append(records).await,
+        };
+        let lsns = appended.map_err(|e| {
             let status = match &e {
                 AppendError::Write(io) if is_disk_full(io) => {
                     self.metrics.refused(RefusalReason::DiskFull);
@@ -245,10 +283,73 @@ impl Ingest {
             warn!(error = %e, table = %table, "a write was not acknowledged");
             Refusal::new(status, e.to_string())
         })?;
-        Ok(json_response(
-            StatusCode::ACCEPTED,
-            &json!({ "rows": lsns.rows(), "first_lsn": lsns.first, "last_lsn": lsns.last }),
-        ))
+        let mut answer =
+            json!({ "rows": lsns.rows(), "first_lsn": lsns.first, "last_lsn": lsns.last });
+        if options.invalid == Invalid::DeadLetter {
+            answer["refused"] = refused
+                .iter()
+                .map(|(index, error)| json!({ "index": index, "error": error.to_string() }))
+                .collect();
+        }
+        if options.ack != Ack::Committed {
+            return Ok(json_response(StatusCode::ACCEPTED, &answer));
+        }
+        Ok(self.wait_committed(table_key, lsns, answer, peer).await)
+    }
+
+    /// Waits until the flusher's commits settle the request's rows (see [`crate::acks`]),
+    /// and answers with `answer` (the 202 body) completed. Gives up, without an answer
+    /// anyone reads, if the client disconnects meanwhile.
+    async fn wait_committed(
+        &self,
+        table: String,
+        lsns: LsnRange,
+        mut answer: serde_json::Value,
+        peer: Option<Peer>,
+    ) -> Response<Full<Bytes>> {
+        let mut waiting = self.acks.wait(table, lsns);
+        let gone = async {
+            match &peer {
+                Some(peer) => peer.gone().await,
+                None => std::future::pending().await,
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = waiting.outcome() => outcome,
+            () = gone => {
+                debug!(lsns = %lsns, "the client went away while waiting for its rows to be committed");
+                return json_response(StatusCode::ACCEPTED, &answer);
+            }
+        };
+        match outcome {
+            Outcome::Committed { dead_letters } => {
+                answer["committed"] = json!(lsns.rows().saturating_sub(dead_letters.len() as u64));
+                answer["dead_lettered"] = dead_letters
+                    .iter()
+                    .map(|d| json!({ "lsn": d.lsn, "sqlstate": d.sqlstate, "message": d.message }))
+                    .collect();
+                json_response(StatusCode::OK, &answer)
+            }
+            Outcome::Held(held) => {
+                answer["committed"] = json!(false);
+                answer["message"] = json!(format!(
+                    "table {} is held by an error ({}): these rows are durable in the WAL \
+                     (LSNs {lsns}) and are loaded once the table is fixed; do not send them again",
+                    held.table, held.error
+                ));
+                answer["held"] = json!({ "table": held.table, "error": held.error });
+                json_response(StatusCode::ACCEPTED, &answer)
+            }
+            Outcome::Stopped => {
+                answer["committed"] = json!(false);
+                answer["error"] = json!(format!(
+                    "pgspool is stopping before PostgreSQL committed these rows: they are \
+                     durable in the WAL (LSNs {lsns}) and are loaded after the next start; do \
+                     not send them again"
+                ));
+                json_response(StatusCode::SERVICE_UNAVAILABLE, &answer)
+            }
+        }
     }
 
     async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, Refusal> {
@@ -302,33 +403,47 @@ impl Ingest {
 
     /// Encodes the rows for the table's columns, refreshing cached columns once when a row
     /// names one the cache does not know; keeps them as JSON when the columns are unknown.
+    /// With `invalid=dead_letter`, rows that cannot be stored are set aside (and a column
+    /// still unknown after the refresh is such a row).
     async fn encode(
         &self,
         table: &TableName,
         columns: Columns,
-        rows: &[rows::Row<'_>],
-    ) -> Result<Groups, Refusal> {
+        rows: &[Parsed<'_>],
+        invalid: Invalid,
+    ) -> Result<Encoded, Refusal> {
+        let encode = |schema: Option<&TableSchema>| {
+            rows::encode_parsed(table, schema, rows, invalid).map_err(unprocessable)
+        };
         let schema = match columns {
-            Columns::Unknown => return rows::encode_unchecked(table, rows).map_err(unprocessable),
-            Columns::Fresh(schema) => return rows::encode(&schema, rows).map_err(unprocessable),
+            Columns::Unknown => return encode(None),
+            Columns::Fresh(schema) => return encode(Some(&schema)),
             Columns::Cached(schema) => schema,
         };
-        match rows::encode(&schema, rows) {
-            Err(unknown @ RowError::UnknownColumn { .. }) => {
-                let schema = self.lookup(table).await.map_err(|e| match e {
-                    Lookup::Refused(refusal) => refusal,
-                    Lookup::Unreachable(why) => Refusal::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!(
-                            "{unknown} as last seen, and PostgreSQL cannot be asked whether it \
-                             has it now ({why}); retry later"
-                        ),
-                    ),
-                })?;
-                rows::encode(&schema, rows).map_err(unprocessable)
-            }
-            result => result.map_err(unprocessable),
-        }
+        let unknown = match rows::encode_parsed(table, Some(&schema), rows, invalid) {
+            Err(unknown @ RowError::UnknownColumn { .. }) => unknown,
+            Ok(encoded) => match encoded.refused.iter().find_map(|(_, e)| match e {
+                rows::RowRefusal::Row(unknown @ RowError::UnknownColumn { .. }) => {
+                    Some(unknown.clone())
+                }
+                _ => None,
+            }) {
+                Some(unknown) => unknown,
+                None => return Ok(encoded),
+            },
+            Err(e) => return Err(unprocessable(e)),
+        };
+        let schema = self.lookup(table).await.map_err(|e| match e {
+            Lookup::Refused(refusal) => refusal,
+            Lookup::Unreachable(why) => Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{unknown} as last seen, and PostgreSQL cannot be asked whether it has it \
+                     now ({why}); retry later"
+                ),
+            ),
+        })?;
+        encode(Some(&schema))
     }
 
     /// Asks PostgreSQL for the table's columns and caches them.
@@ -378,6 +493,114 @@ fn unprocessable(e: RowError) -> Refusal {
         StatusCode::UNPROCESSABLE_ENTITY,
         format!("{e}; nothing of this request was kept"),
     )
+}
+
+/// How long a write waits before it is answered (`?ack=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Ack {
+    /// Once written, before fdatasync.
+    None,
+    /// Once fdatasync'd (the default).
+    #[default]
+    Durable,
+    /// Once PostgreSQL holds the rows (or their table is held).
+    Committed,
+}
+
+/// The query parameters of `POST /v1/tables/{table}/rows`.
+#[derive(Debug, Default)]
+struct PostOptions {
+    ack: Ack,
+    invalid: Invalid,
+}
+
+impl PostOptions {
+    const ALLOWED: &str = "the parameters are ack=durable|committed|none and \
+                           invalid=reject|dead_letter";
+
+    /// Reads the query string; every parameter at most once.
+    fn parse(query: Option<&str>) -> Result<PostOptions, Refusal> {
+        let bad = |message: String| Refusal::new(StatusCode::BAD_REQUEST, message);
+        let mut options = PostOptions::default();
+        let (mut ack, mut invalid) = (false, false);
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let key = percent_decode_str(key).decode_utf8_lossy();
+            let value = percent_decode_str(value).decode_utf8_lossy();
+            let seen = match &*key {
+                "ack" => &mut ack,
+                "invalid" => &mut invalid,
+                _ => {
+                    return Err(bad(format!(
+                        "unknown query parameter {key:?}; {}",
+                        Self::ALLOWED
+                    )));
+                }
+            };
+            if std::mem::replace(seen, true) {
+                return Err(bad(format!("query parameter {key:?} is given twice")));
+            }
+            match (&*key, &*value) {
+                ("ack", "durable") => options.ack = Ack::Durable,
+                ("ack", "committed") => options.ack = Ack::Committed,
+                ("ack", "none") => options.ack = Ack::None,
+                ("invalid", "reject") => options.invalid = Invalid::Reject,
+                ("invalid", "dead_letter") => options.invalid = Invalid::DeadLetter,
+                ("ack", _) => {
+                    return Err(bad(format!(
+                        "unknown ack={value:?}: use ack=durable (the default: answered once \
+                         the rows are fdatasync'd), ack=committed (once PostgreSQL holds them) \
+                         or ack=none (once written, before fdatasync)"
+                    )));
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown invalid={value:?}: use invalid=reject (the default: a row \
+                         pgspool cannot store refuses the whole request) or \
+                         invalid=dead_letter (such rows go to pgspool.dead_letters, the others \
+                         are stored)"
+                    )));
+                }
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// The client's end of a connection, kept (a duplicate of the socket's descriptor) so that
+/// a request waiting for a commit notices when its client is gone: hyper does not, since a
+/// client may half-close its side and still read the answer.
+#[derive(Debug, Clone)]
+pub struct Peer(Arc<OwnedFd>);
+
+/// How often a waiting request checks that its client is still there.
+const PEER_CHECK: Duration = Duration::from_secs(1);
+
+impl Peer {
+    /// The peer of `socket`.
+    ///
+    /// # Errors
+    /// When the descriptor cannot be duplicated (too many open files).
+    pub fn new(socket: &impl AsFd) -> std::io::Result<Peer> {
+        Ok(Peer(Arc::new(socket.as_fd().try_clone_to_owned()?)))
+    }
+
+    /// Returns once the client has closed its socket (both directions: a half-close is
+    /// not going away), checking every [`PEER_CHECK`].
+    async fn gone(&self) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        loop {
+            tokio::time::sleep(PEER_CHECK).await;
+            let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::empty())];
+            let hung_up = poll(&mut fds, PollTimeout::ZERO).is_ok()
+                && fds[0]
+                    .revents()
+                    .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR));
+            if hung_up {
+                return;
+            }
+        }
+    }
 }
 
 fn method_not_allowed(allowed: &str) -> Refusal {

@@ -19,7 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-pub use handler::{Ingest, IngestOptions};
+pub use handler::{Ingest, IngestOptions, Peer};
 
 /// How long a client may take to send a request's headers (a slow client cannot hold a
 /// connection open forever by trickling them).
@@ -97,8 +97,14 @@ pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: Cancel
             }
         };
         let ingest = Arc::clone(&ingest);
-        let service = service_fn(move |request| {
+        let peer = Peer::new(&stream)
+            .inspect_err(|e| debug!(error = %e, "cannot watch for the client going away"))
+            .ok();
+        let service = service_fn(move |mut request: hyper::Request<_>| {
             let ingest = Arc::clone(&ingest);
+            if let Some(peer) = &peer {
+                request.extensions_mut().insert(peer.clone());
+            }
             async move { Ok::<_, std::convert::Infallible>(ingest.handle(request).await) }
         });
         // half_close: a client that shuts down its sending side after the request still

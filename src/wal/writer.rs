@@ -45,6 +45,9 @@ pub enum AppendError {
 struct AppendRequest {
     records: Vec<AppendRecord>,
     bytes: u64,
+    /// Answer once the group is written (before its fdatasync) rather than once it is
+    /// durable.
+    nowait: bool,
     reply: oneshot::Sender<Result<LsnRange, AppendError>>,
 }
 
@@ -65,6 +68,33 @@ impl Appender {
     /// # Panics
     /// If `records` is empty.
     pub async fn append(&self, records: Vec<AppendRecord>) -> Result<LsnRange, AppendError> {
+        self.send(records, false).await
+    }
+
+    /// Appends `records` like [`append`](Self::append), but answers as soon as the writer
+    /// has written them into the segment (`pwrite` returned), before the group's
+    /// `fdatasync`: the LSNs are known only once the writer has placed the records in its
+    /// group, so that is the earliest answer. The records are then in the page cache, not
+    /// yet on disk: a crash (of the host; a crash of pgspool alone loses nothing the kernel
+    /// holds) may lose them, up to one group commit. Readers still see them only once
+    /// durable. If that fdatasync fails, the daemon stops as ever and the group is cut
+    /// from the log as far as the disk allows: records answered this way are then lost.
+    ///
+    /// # Errors
+    /// See [`AppendError`]: a failed write is answered as with `append`; a failed
+    /// fdatasync after the answer is not (the daemon stops).
+    ///
+    /// # Panics
+    /// If `records` is empty.
+    pub async fn append_nowait(&self, records: Vec<AppendRecord>) -> Result<LsnRange, AppendError> {
+        self.send(records, true).await
+    }
+
+    async fn send(
+        &self,
+        records: Vec<AppendRecord>,
+        nowait: bool,
+    ) -> Result<LsnRange, AppendError> {
         assert!(!records.is_empty(), "an append holds at least one record");
         let bytes = records.iter().map(AppendRecord::encoded_len).sum();
         let (reply, answer) = oneshot::channel();
@@ -72,6 +102,7 @@ impl Appender {
             .send(AppendRequest {
                 records,
                 bytes,
+                nowait,
                 reply,
             })
             .await
@@ -185,7 +216,8 @@ impl Writer {
         }
     }
 
-    /// Writes one group, syncs it, and answers its requests.
+    /// Writes one group, answers the requests that do not wait for durability, syncs it,
+    /// and answers the others.
     fn commit(&mut self, group: Vec<AppendRequest>) -> Result<(), WalError> {
         self.buf.clear();
         let stamp = GroupStamp {
@@ -225,6 +257,14 @@ impl Writer {
             self.rotate_next = true;
             return Ok(());
         }
+        let (written, group): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .zip(ranges)
+            .partition(|(request, _)| request.nowait);
+        for (request, range) in written {
+            let _ = request.reply.send(Ok(range));
+        }
+        let (group, ranges): (Vec<_>, Vec<_>) = group.into_iter().unzip();
         if let Err(e) = self.file.sync_data() {
             // Drop the group from the file so that a restart does not find it; this cannot
             // be made durable any more, hence the answer says the outcome is unknown.
@@ -283,5 +323,35 @@ fn clone_io(e: &io::Error) -> io::Error {
     match e.raw_os_error() {
         Some(code) => io::Error::from_raw_os_error(code),
         None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Wal, WalOptions};
+    use super::*;
+
+    #[tokio::test]
+    async fn append_nowait_takes_the_next_lsns_and_becomes_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = Wal::open(&WalOptions {
+            dir: dir.path().join("wal"),
+            segment_bytes: 1 << 20,
+        })
+        .expect("open");
+        let appender = wal.appender();
+        let first = appender
+            .append_nowait(vec![AppendRecord::new(2, b"ab".to_vec())])
+            .await
+            .expect("append");
+        assert_eq!(first, LsnRange::starting_at(Lsn(1), 2));
+        let second = appender
+            .append(vec![AppendRecord::new(1, b"c".to_vec())])
+            .await
+            .expect("append");
+        assert_eq!(second, LsnRange::starting_at(Lsn(3), 1));
+        assert_eq!(*wal.durable().borrow(), Lsn(3));
+        drop(appender);
+        wal.close().await.expect("close");
     }
 }

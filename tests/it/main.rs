@@ -1,6 +1,7 @@
 //! Integration tests: real PostgreSQL servers started by the harness, real sockets, real
 //! files. One binary, a module per area.
 
+mod ack_levels;
 mod bounded_start;
 mod crash_states;
 mod dataset;
