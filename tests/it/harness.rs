@@ -57,6 +57,33 @@ impl Pg {
             .get(0)
     }
 
+    /// Sets a server option for every session, existing and new: `ALTER SYSTEM SET`, then a
+    /// configuration reload, then waits until a new session sees the value. For options a
+    /// reload can change (`log_statement`, `statement_timeout`, ...), not those that need a
+    /// restart. The throwaway server has no way to pass options at start, and this one needs
+    /// none: `ALTER SYSTEM` writes `postgresql.auto.conf`, which outlives restarts.
+    pub async fn set_server_option(&self, name: &str, value: &str) {
+        self.exec(&format!("ALTER SYSTEM SET {name} = '{value}'"))
+            .await;
+        self.exec("SELECT pg_reload_conf()").await;
+        let url = self.url();
+        wait_until(&format!("{name} is {value} in new sessions"), || async {
+            let fresh = connect(&url).await;
+            let shown: String = fresh
+                .query_one(&format!("SHOW {name}"), &[])
+                .await
+                .expect("SHOW")
+                .get(0);
+            shown == value
+        })
+        .await;
+    }
+
+    /// The server log so far (appended across restarts).
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.server.log_path()).unwrap_or_default()
+    }
+
     /// Stops the server (the client is reconnected by [`Pg::restart`]).
     pub fn stop(&mut self, mode: StopMode) {
         self.server.stop(mode).expect("stop PostgreSQL");

@@ -85,9 +85,21 @@ pub fn start_load(
     load: &Arc<Load>,
     shape: Shape,
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    start_load_into(socket, "ev", clients, load, shape)
+}
+
+/// [`start_load`] into `table` (whose columns are those of [`EVENTS`]).
+pub fn start_load_into(
+    socket: &Path,
+    table: &str,
+    clients: i64,
+    load: &Arc<Load>,
+    shape: Shape,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..clients)
         .map(|n| {
             let socket = socket.to_path_buf();
+            let table = table.to_string();
             let load = Arc::clone(load);
             tokio::spawn(async move {
                 let Ok(mut c) = SpoolClient::connect(&socket).await else {
@@ -112,7 +124,7 @@ pub fn start_load(
                     let first = load.next_id.fetch_add(rows, Ordering::SeqCst);
                     let ids = first..first + rows;
                     let body = rows_body(ids.clone(), n, payload);
-                    match c.post_rows("ev", "application/x-ndjson", body).await {
+                    match c.post_rows(&table, "application/x-ndjson", body).await {
                         Ok(reply) if reply.status == 202 => {
                             load.acked.lock().expect("lock").extend(ids);
                             load.acked_rows.fetch_add(rows as u64, Ordering::SeqCst);
