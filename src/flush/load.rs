@@ -4,6 +4,9 @@
 //! A [`Unit`] is the rows of one (table, column list) of a batch, as COPY text lines with
 //! the LSN of each. The first attempt of a batch COPYs every unit whole, without
 //! savepoints: that is the fast path, and the only one a batch without bad rows takes.
+//! After a batch with refused rows, the next one starts with every unit suspect, and
+//! what was learned of tables whose checks come at the COPY's end carries over
+//! ([`Hints`]), so that a run of bad data costs fewer attempts per batch.
 //!
 //! When a COPY fails for a row ([`Class::Row`]), the transaction is rolled back and the
 //! batch is attempted again, knowing more:
@@ -12,8 +15,11 @@
 //! - a suspect unit is loaded under savepoints: `SAVEPOINT; COPY rows; RELEASE`. When that
 //!   COPY fails at line N, the savepoint is rolled back, row N is refused, the rows before
 //!   it (which PostgreSQL just accepted) are sent again without a savepoint, and the rows
-//!   after it get a new savepoint. An error without a line number (a deferred constraint,
-//!   an `INSERT` of default rows) is found by bisection, one savepoint per half;
+//!   after it get a new savepoint. An error without a line number (a foreign key or a
+//!   deferred constraint, checked after the COPY's last row; an `INSERT` of default rows)
+//!   is found by bisection, one savepoint per half; once a unit met one, rows before a
+//!   refused line get a savepoint of their own too, since COPY's row checks no longer
+//!   vouch for them;
 //! - no transaction takes more than [`MAX_SAVEPOINTS`] savepoints: every subtransaction
 //!   that writes takes a transaction id that PostgreSQL tracks per backend, and past 64
 //!   of them every snapshot in the cluster gets slower (PostgreSQL 15 docs, 30.3
@@ -173,9 +179,54 @@ pub struct Learned {
     refused: HashMap<Lsn, DeadLetter>,
     /// Units (by index) to load under savepoints.
     suspect: HashSet<usize>,
+    /// Units (by index) that met a refusal without a line number: one PostgreSQL checks
+    /// after the COPY's last row (a foreign key), which rows COPY accepted can still fail.
+    checked_at_end: HashSet<usize>,
+}
+
+/// What earlier batches taught about the next one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// The batch before had refused rows: expect some in this one too.
+    pub refusals: bool,
+    /// Tables (as their records name them) that refused rows without a line number.
+    pub checked_at_end: HashSet<String>,
 }
 
 impl Learned {
+    /// What `hints` say of `units` before the first attempt: with refusals expected, every
+    /// unit starts suspect, so the first attempt already isolates refused rows.
+    #[must_use]
+    pub fn from_hints(units: &[Unit], hints: &Hints) -> Learned {
+        let (mut suspect, mut checked_at_end) = (HashSet::new(), HashSet::new());
+        for (u, unit) in units.iter().enumerate() {
+            if hints.refusals {
+                suspect.insert(u);
+            }
+            if hints.checked_at_end.contains(&unit.key) {
+                checked_at_end.insert(u);
+            }
+        }
+        Learned {
+            refused: HashMap::new(),
+            suspect,
+            checked_at_end,
+        }
+    }
+
+    /// What this batch teaches the next (see [`Hints`]).
+    #[must_use]
+    pub fn hints(&self, units: &[Unit]) -> Hints {
+        Hints {
+            refusals: !self.refused.is_empty(),
+            checked_at_end: self
+                .checked_at_end
+                .iter()
+                .map(|&u| units[u].key.clone())
+                .collect(),
+        }
+    }
+
     /// The rows of `rows` not refused yet.
     fn live<'r>(&self, rows: &'r [(Lsn, Range<usize>)]) -> Vec<&'r (Lsn, Range<usize>)> {
         rows.iter()
@@ -276,9 +327,14 @@ fn learn(
         Class::Transient => Stop::Failed(e),
         Class::Table => Stop::Table { unit: u, error: e },
         Class::Row { line } => {
-            if let Some(row) = line_row(line, live.len()) {
-                let (lsn, range) = live[row].clone();
-                learned.refuse(unit, lsn, range, &e);
+            match line_row(line, live.len()) {
+                Some(row) => {
+                    let (lsn, range) = live[row].clone();
+                    learned.refuse(unit, lsn, range, &e);
+                }
+                None => {
+                    learned.checked_at_end.insert(u);
+                }
             }
             learned.suspect.insert(u);
             Stop::Again
@@ -347,18 +403,27 @@ async fn load_isolating(
         if let Some(bad) = line_row(line, part.len()).map(|i| part.start + i) {
             let (lsn, range) = live[bad].clone();
             learned.refuse(unit, lsn, range, &error);
+            pending.push((bad + 1..part.end, Part::Unknown));
+            if learned.checked_at_end.contains(&u) {
+                // The rows before it passed COPY's row checks only: they get a savepoint.
+                pending.push((part.start..bad, Part::Unknown));
+                continue;
+            }
             // The rows before it were just accepted: send them again without a savepoint.
-            // Should they fail now, the attempt ends and what they teach is kept.
+            // Should they fail now (a check at the COPY's end), the attempt ends and what
+            // that teaches is kept.
             let before = &live[part.start..bad];
             if let Err(e) = send(tx, unit, Some(before)).await {
                 return Err(learn(unit, u, before, e, learned));
             }
-            pending.push((bad + 1..part.end, Part::Unknown));
-        } else if part.len() == 1 {
-            let (lsn, range) = live[part.start].clone();
-            learned.refuse(unit, lsn, range, &error);
         } else {
-            bisect(&mut pending, part);
+            learned.checked_at_end.insert(u);
+            if part.len() == 1 {
+                let (lsn, range) = live[part.start].clone();
+                learned.refuse(unit, lsn, range, &error);
+            } else {
+                bisect(&mut pending, part);
+            }
         }
     }
     Ok(())

@@ -117,6 +117,8 @@ pub struct FlushState {
     successes: u32,
     /// What `pgspool status` shows of the flusher.
     report: FlushReport,
+    /// What the last batch taught the next.
+    hints: load::Hints,
 }
 
 /// A held table, as the flusher tracks it.
@@ -280,19 +282,26 @@ impl Flusher {
                 expected: watermark,
                 held: self.state.held.keys().cloned().collect(),
             };
-            let settled =
-                match transaction::commit(&mut client, spool_id, batch, &advance, &self.schemas)
-                    .await
-                {
-                    Ok(settled) => settled,
-                    Err(e) => {
-                        self.note_failure(&e);
-                        return retry(&format!(
-                            "batch of LSNs {}..{last} ({rows} rows): {e}",
-                            watermark.next()
-                        ));
-                    }
-                };
+            let hints = self.state.hints.clone();
+            let settled = match transaction::commit(
+                &mut client,
+                spool_id,
+                batch,
+                &advance,
+                &self.schemas,
+                &hints,
+            )
+            .await
+            {
+                Ok(settled) => settled,
+                Err(e) => {
+                    self.note_failure(&e);
+                    return retry(&format!(
+                        "batch of LSNs {}..{last} ({rows} rows): {e}",
+                        watermark.next()
+                    ));
+                }
+            };
             watermark = last;
             debug!(rows, bytes, watermark = %last, attempts = settled.attempts, elapsed = ?started.elapsed(), "batch committed");
             *delay = self.postgres.retry_initial;
@@ -325,6 +334,7 @@ impl Flusher {
 
     /// Logs what a commit dead-lettered or held, and reports it.
     async fn report_settled(&mut self, settled: &Settled) {
+        self.state.hints.clone_from(&settled.hints);
         log_dead_letters(settled);
         for d in &settled.dead_letters {
             self.metrics
@@ -434,7 +444,17 @@ impl Flusher {
                     release,
                 };
                 let spool_id = self.wal.spool_id();
-                match transaction::commit(client, spool_id, batch, &advance, &self.schemas).await {
+                let hints = self.state.hints.clone();
+                match transaction::commit(
+                    client,
+                    spool_id,
+                    batch,
+                    &advance,
+                    &self.schemas,
+                    &hints,
+                )
+                .await
+                {
                     Ok(settled) => {
                         self.report_settled(&settled).await;
                         if release {

@@ -27,7 +27,7 @@ use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
 
 use super::batch::{Batch, BatchGroup};
-use super::load::{self, DeadLetter, Learned, Refusal, Stop, Unit};
+use super::load::{self, DeadLetter, Hints, Learned, Refusal, Stop, Unit};
 use crate::lsn::Lsn;
 use crate::rowgroup::{self, RowFormat, RowGroup};
 use crate::rows::{self, BodyFormat, RowError};
@@ -207,6 +207,8 @@ pub struct Settled {
     pub held: Vec<Hold>,
     /// Attempts the batch took (1 without refused rows).
     pub attempts: u32,
+    /// What the batch teaches the next one.
+    pub hints: Hints,
 }
 
 /// Where a committed batch moves the spool's position.
@@ -293,7 +295,8 @@ pub async fn begin(client: &mut Client) -> Result<Transaction<'_>, tokio_postgre
 
 /// Sends `batch` in one transaction with its dead letters, holds and position (see
 /// [`Advance`]) and commits it, attempting again as long as each attempt learns which rows
-/// or tables PostgreSQL refuses.
+/// or tables PostgreSQL refuses. `hints` are what earlier batches taught (see
+/// [`super::load::Hints`]); the settled batch's are returned in [`Settled::hints`].
 ///
 /// # Errors
 /// See [`FlushFailure`]; nothing of the batch is committed then.
@@ -303,6 +306,7 @@ pub async fn commit(
     batch: Batch,
     advance: &Advance,
     schemas: &SchemaCache,
+    hints: &Hints,
 ) -> Result<Settled, FlushFailure> {
     let (last, record_crc) = (batch.last_lsn(), batch.last_crc());
     let Prepared {
@@ -321,7 +325,7 @@ pub async fn commit(
             hold(advance, &mut newly_held, unit.key.clone(), refusal)?;
         }
     }
-    let mut learned = Learned::default();
+    let mut learned = Learned::from_hints(&units, hints);
     for attempt in 1..=MAX_ATTEMPTS {
         let tx = begin(client).await?;
         let skip: HashSet<&str> = newly_held
@@ -352,6 +356,7 @@ pub async fn commit(
             dead_letters: refused,
             held: newly_held,
             attempts: attempt,
+            hints: learned.hints(&units),
         });
     }
     Err(FlushFailure::Unsettled {
