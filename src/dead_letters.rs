@@ -8,7 +8,7 @@
 //! ```sql
 //! BEGIN;
 //! SELECT ... FROM pgspool.dead_letters WHERE <selection> AND id > <last chunk's>
-//!     ORDER BY id LIMIT 10000 FOR UPDATE SKIP LOCKED;
+//!     ORDER BY id LIMIT <chunk, 10000 at most> FOR UPDATE SKIP LOCKED;
 //! SAVEPOINT pgspool_retry;                  -- rolled back and taken again per attempt
 //! COPY "schema"."table" (...) FROM STDIN;   -- as the flusher does, refused rows isolated
 //! RELEASE SAVEPOINT pgspool_retry;
@@ -18,9 +18,11 @@
 //! ```
 //! A row is thus in its table or in the dead letters, never both and never neither,
 //! whenever retry stops. The attempts of a chunk run under a savepoint taken after the
-//! `SELECT`, so the chunk stays locked (and the same) across them. Inside a chunk rows are
-//! keyed by their dead letter's id where the flusher keys them by LSN: LSNs are unique per
-//! spool only.
+//! `SELECT`, so the chunk stays locked (and the same) across them. A chunk that does not
+//! settle within the attempts allowed (many rows refused again) is rolled back and taken
+//! again at half the size, down to one row; the size doubles back after each chunk that
+//! settles. Inside a chunk rows are keyed by their dead letter's id where the flusher keys
+//! them by LSN: LSNs are unique per spool only.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::IsTerminal;
@@ -421,14 +423,28 @@ async fn retry_selected(
     let mut report = RetryReport::default();
     let mut refusing: BTreeMap<String, Refusal> = BTreeMap::new();
     let mut after = 0_i64;
+    let mut chunk = CHUNK;
     loop {
         let tx = transaction::begin(client).await?;
-        let taken = take_chunk(&tx, filter, after, &refusing).await?;
+        let taken = take_chunk(&tx, filter, after, chunk, &refusing).await?;
         let Some(last) = taken.last() else {
             break;
         };
+        let Some(settled) = settle(&tx, &taken, &mut refusing).await? else {
+            // Too many rows refused again to isolate in one transaction: a smaller chunk.
+            tx.rollback().await?;
+            if chunk == 1 {
+                bail!(
+                    "dead letter {} could not be settled in {MAX_ATTEMPTS} attempts; nothing \
+                     of it is committed",
+                    last.id
+                );
+            }
+            chunk = (chunk / 2).max(1);
+            continue;
+        };
         after = last.id;
-        let settled = settle(&tx, &taken, &mut refusing).await?;
+        chunk = (chunk * 2).min(CHUNK);
         write_outcome(&tx, &settled).await?;
         if dry_run {
             tx.rollback().await?;
@@ -483,12 +499,13 @@ async fn take_chunk(
     tx: &Transaction<'_>,
     filter: &Filter,
     after: i64,
+    chunk: i64,
     refusing: &BTreeMap<String, Refusal>,
 ) -> anyhow::Result<Vec<Taken>> {
     let sql = format!(
         "SELECT id, lsn, table_name, row, columns, copy_line FROM pgspool.dead_letters
          WHERE {} AND id > $5 AND table_name <> ALL($6)
-         ORDER BY id LIMIT {CHUNK} FOR UPDATE SKIP LOCKED",
+         ORDER BY id LIMIT {chunk} FOR UPDATE SKIP LOCKED",
         Filter::WHERE
     );
     let refusing: Vec<&String> = refusing.keys().collect();
@@ -512,12 +529,13 @@ async fn take_chunk(
 
 /// Loads the chunk's rows within `tx` as the flusher loads a batch, learning which rows
 /// are refused again and which tables refuse every row (added to `refusing`; their rows
-/// are left out).
+/// are left out). `None` when the chunk did not settle within [`MAX_ATTEMPTS`] attempts:
+/// the caller rolls back and tries a smaller chunk.
 async fn settle(
     tx: &Transaction<'_>,
     taken: &[Taken],
     refusing: &mut BTreeMap<String, Refusal>,
-) -> anyhow::Result<Settled> {
+) -> anyhow::Result<Option<Settled>> {
     let (groups, mut refused) = to_groups(taken, refusing);
     let Prepared {
         units,
@@ -556,13 +574,13 @@ async fn settle(
                     })
                     .map(|t| t.id)
                     .collect();
-                return Ok(Settled { landed, refused });
+                return Ok(Some(Settled { landed, refused }));
             }
             Err(Stop::Again) => {}
             Err(Stop::Table { unit, error }) => {
                 refusing.insert(units[unit].key.clone(), Refusal::from_error(&error));
             }
-            Err(Stop::Failed(e)) => {
+            Err(Stop::Failed { error: e, .. }) => {
                 bail!(
                     "PostgreSQL failed while the dead letters were sent again: {}; nothing of \
                      this chunk is committed, run retry again",
@@ -573,11 +591,7 @@ async fn settle(
         tx.batch_execute("ROLLBACK TO SAVEPOINT pgspool_retry")
             .await?;
     }
-    bail!(
-        "the chunk of dead letters from id {} failed {MAX_ATTEMPTS} times while isolating the \
-         rows refused again; nothing of it is committed: retry fewer at a time (--table, --id)",
-        taken.first().map_or(0, |t| t.id)
-    )
+    Ok(None)
 }
 
 /// The chunk's dead letters as the groups of a batch: one per (table, format, columns),

@@ -15,7 +15,9 @@
 //! first report, else `{updated_at_us, postgres_error, tables}` with, per table,
 //! `{dead_letters, held_after_lsn, last_error: {sqlstate, message, lsn, at_us}}`: see
 //! [`crate::flush::report`]). `flushed_lsn` is the LSN up to which every row is settled
-//! (committed or dead-lettered): the watermark, or the LSN a held table waits after.
+//! (committed or dead-lettered): the watermark, or the LSN a held table waits after;
+//! `watermark_lsn` is PostgreSQL's watermark, up to which the rows of tables not held are
+//! settled. Pending rows are counted against the one that applies to their table.
 //!
 //! A bad record at the very end of the last segment with nothing written by a later group
 //! after it is a torn write (`torn_tail_bytes`; the daemon cuts it at its next start, or it
@@ -40,7 +42,7 @@ use crate::fsutil;
 use crate::lsn::Lsn;
 use crate::rowgroup::RowGroup;
 use crate::wal::segment::{self, SegmentCursor};
-use crate::wal::{self, Record, RecordKind, WalError};
+use crate::wal::{self, Checkpoint, Record, RecordKind, WalError};
 
 /// Backlog of one table.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
@@ -66,8 +68,12 @@ pub struct WalStatus {
     pub first_lsn: Lsn,
     /// Last LSN written (0 when nothing was ever written).
     pub last_lsn: Lsn,
-    /// Watermark last recorded as committed in PostgreSQL.
+    /// LSN up to which every row is settled (committed or dead-lettered), as last
+    /// recorded: the watermark, or the lowest LSN a held table waits after.
     pub flushed_lsn: Lsn,
+    /// PostgreSQL's watermark as last recorded: rows of tables not held are settled up to
+    /// it.
+    pub watermark_lsn: Lsn,
     /// Rows above the watermark.
     pub pending_rows: u64,
     /// Bytes of those rows.
@@ -106,13 +112,14 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
             reason: "not a pgspool WAL directory (no spool_id file)".into(),
         });
     };
-    let checkpoint = wal::read_checkpoint(dir);
-    let flushed = checkpoint
+    let checkpoint = wal::read_checkpoint_whole(dir);
+    let positions = checkpoint
         .as_ref()
         .ok()
-        .copied()
+        .cloned()
         .flatten()
-        .unwrap_or(Lsn::ZERO);
+        .unwrap_or_default();
+    let flushed = positions.flushed_lsn;
     let mut status = WalStatus {
         wal_dir: dir.to_path_buf(),
         spool_id,
@@ -121,6 +128,7 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
         first_lsn: segments.first().map_or(Lsn::ZERO, |s| s.first_lsn),
         last_lsn: Lsn::ZERO,
         flushed_lsn: flushed,
+        watermark_lsn: positions.watermark.unwrap_or(flushed),
         pending_rows: 0,
         pending_bytes: 0,
         oldest_pending_age_seconds: None,
@@ -187,7 +195,7 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
         let next_segment = segments.get(i + 1).map(|s| s.first_lsn);
         let scan = wal::damage::scan_segment(&mut cursor, next_segment, &mut |record, at| {
             status.last_lsn = record.lsns.last;
-            status.count(record, flushed, now_us);
+            status.count(record, &positions, now_us);
             progress(read_before + at);
         })
         .map_err(WalError::io(format!("read {}", path.display())))?;
@@ -233,20 +241,24 @@ impl WalStatus {
         self.problems.push(problem);
     }
 
-    /// Counts the rows of `record` above the watermark `flushed` as pending, or as
-    /// quarantined.
-    fn count(&mut self, record: &Record<'_>, flushed: Lsn, now_us: u64) {
+    /// Counts the rows of `record` not settled by `positions` (above the watermark, or
+    /// above its table's hold) as pending, or as quarantined.
+    fn count(&mut self, record: &Record<'_>, positions: &Checkpoint, now_us: u64) {
         if record.kind == RecordKind::Quarantined {
             self.quarantined_rows += record.lsns.rows();
             return;
         }
-        if record.lsns.last <= flushed {
+        if record.lsns.last <= positions.flushed_lsn {
             return;
         }
-        let rows = record.lsns.last.0 - record.lsns.first.0.max(flushed.0 + 1) + 1;
-        let bytes = record.payload.len() as u64;
         let table = RowGroup::decode(record.payload)
             .map_or_else(|_| "(unreadable)".to_string(), |g| g.table.to_string());
+        let settled = positions.settled_for(&table);
+        if record.lsns.last <= settled {
+            return;
+        }
+        let rows = record.lsns.last.0 - record.lsns.first.0.max(settled.0 + 1) + 1;
+        let bytes = record.payload.len() as u64;
         let backlog = self.tables.entry(table).or_default();
         backlog.pending_rows += rows;
         backlog.pending_bytes += bytes;
@@ -369,15 +381,26 @@ pub fn render(s: &WalStatus) -> String {
         ("spool id", s.spool_id.to_string()),
         ("segments", format!("{} ({} bytes)", s.segments, s.bytes)),
         ("LSNs", lsns),
-        ("flushed LSN", s.flushed_lsn.to_string()),
+        (
+            "flushed LSN",
+            if s.flushed_lsn < s.watermark_lsn {
+                format!(
+                    "{} (held tables' rows: from {})",
+                    s.watermark_lsn,
+                    s.flushed_lsn.next()
+                )
+            } else {
+                s.watermark_lsn.to_string()
+            },
+        ),
         (
             "pending",
             format!("{} rows, {} bytes", s.pending_rows, s.pending_bytes),
         ),
         ("oldest pending", age),
         ("torn tail", format!("{} bytes", s.torn_tail_bytes)),
-        ("quarantined", format!("{} rows", s.quarantined_rows)),
-        ("dead letters", format!("{dead_letters} rows")),
+        ("quarantined", rows(s.quarantined_rows)),
+        ("dead letters", rows(dead_letters)),
     ] {
         let _ = writeln!(out, "  {key:<15} {value}");
     }
@@ -433,6 +456,15 @@ pub fn render(s: &WalStatus) -> String {
         let _ = writeln!(out, "  problem: {problem}");
     }
     out
+}
+
+/// `n rows`, or `1 row`.
+fn rows(n: u64) -> String {
+    if n == 1 {
+        "1 row".to_string()
+    } else {
+        format!("{n} rows")
+    }
 }
 
 /// `text` cut to `width` characters, with an ellipsis when cut.

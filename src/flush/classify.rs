@@ -6,8 +6,8 @@
 //!
 //! | class | meaning | what the flusher does |
 //! |---|---|---|
-//! | [`Class::Row`] | 22 data exception, 23 integrity constraint, 54000, or any error COPY reports with a `line N` context | the row goes to `pgspool.dead_letters`; the rest of the batch commits |
-//! | [`Class::Table`] | 42 syntax or access rule (missing table or column, no permission), 0A, 28, 3D, 3F, and any other error PostgreSQL raises for the statement | that table's rows are held in the WAL and retried with backoff; other tables flow |
+//! | [`Class::Row`] | 22 data exception, 23 integrity constraint, 54000, any error COPY reports with a `line N` context, and any other SQLSTATE not listed here (a trigger's `RAISE`, P0001, raised after the COPY's last row by an AFTER ROW trigger, names no line) | the row is found (by line number, or by bisection) and goes to `pgspool.dead_letters`; the rest of the batch commits |
+//! | [`Class::Table`] | 42 syntax or access rule (missing table or column, no permission), 0A, 28, 3D, 3F | that table's rows are held in the WAL and retried with backoff; other tables flow |
 //! | [`Class::Transient`] | 08 connection, 25006 read-only transaction, 40001, 40P01, 53 resources, 55P03, 55006, 57014, 57P0x, 58 system I/O, and errors without a SQLSTATE (I/O, timeouts, a closed connection) | reconnect and retry the batch with capped exponential backoff |
 
 /// What an error says about the rows that met it.
@@ -55,11 +55,12 @@ pub fn by_sqlstate(code: &str, context: Option<&str>, relation: &str) -> Class {
     if TRANSIENT.contains(&code) || matches!(class, "08" | "53" | "57" | "58") {
         return Class::Transient;
     }
-    let line = context.and_then(|c| copy_line(c, relation));
-    if matches!(class, "22" | "23") || code == "54000" || line.is_some() {
-        return Class::Row { line };
+    if matches!(class, "42" | "0A" | "28" | "3D" | "3F") {
+        return Class::Table;
     }
-    Class::Table
+    Class::Row {
+        line: context.and_then(|c| copy_line(c, relation)),
+    }
 }
 
 /// The line number in a COPY error context such as
@@ -97,7 +98,9 @@ mod tests {
                 Some("PL/pgSQL function f() line 3 at RAISE\nCOPY t, line 12"),
                 row(Some(12)),
             ),
-            ("P0001", None, Class::Table),
+            ("P0001", None, row(None)),
+            ("XX000", None, row(None)),
+            ("42804", Some("COPY t, line 3"), Class::Table),
             ("42P01", None, Class::Table),
             ("42703", None, Class::Table),
             ("42501", None, Class::Table),

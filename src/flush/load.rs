@@ -20,11 +20,14 @@
 //!   is found by bisection, one savepoint per half; once a unit met one, rows before a
 //!   refused line get a savepoint of their own too, since COPY's row checks no longer
 //!   vouch for them;
-//! - no transaction takes more than [`MAX_SAVEPOINTS`] savepoints: every subtransaction
-//!   that writes takes a transaction id that PostgreSQL tracks per backend, and past 64
-//!   of them every snapshot in the cluster gets slower (PostgreSQL 15 docs, 30.3
-//!   "Subtransactions"; `PGPROC_MAX_CACHED_SUBXIDS`). When the budget runs out, the
-//!   transaction is rolled back and attempted again with what was learned;
+//! - no transaction keeps more than [`MAX_SAVEPOINTS`] savepoints, and only one is open
+//!   at a time: every subtransaction that writes takes a transaction id that PostgreSQL
+//!   keeps in the backend's cache until the top transaction ends, and once more than 64
+//!   are cached every snapshot in the cluster takes the slow path (`PGPROC_MAX_CACHED_SUBXIDS`
+//!   in `src/include/storage/proc.h`). A savepoint rolled back gives its id up at once
+//!   (`XidCacheRemoveRunningXids` in `RecordTransactionAbort`), so only released ones
+//!   count. When the budget runs out, the transaction is rolled back and attempted again
+//!   with what was learned;
 //! - a suspect unit that loads whole under its savepoint is no longer suspect.
 //!
 //! Every attempt learns a refused row, a suspect unit or a suspect cleared, so the batch
@@ -43,7 +46,7 @@ use super::classify::{Class, classify};
 use crate::lsn::Lsn;
 use crate::table::{TableName, quote_ident};
 
-/// Most savepoints one flush transaction takes (see the module docs).
+/// Most savepoints one flush transaction releases (keeps) (see the module docs).
 pub const MAX_SAVEPOINTS: usize = 32;
 
 /// Why PostgreSQL (or pgspool's encoder) refused a row: what `pgspool.dead_letters` keeps.
@@ -276,7 +279,19 @@ pub enum Stop {
         error: tokio_postgres::Error,
     },
     /// The server or connection failed ([`Class::Transient`]).
-    Failed(tokio_postgres::Error),
+    Failed {
+        /// The unit whose rows were being sent, if it failed then.
+        unit: Option<usize>,
+        /// The error.
+        error: tokio_postgres::Error,
+    },
+}
+
+impl Stop {
+    /// A failure outside any unit's rows (a savepoint statement).
+    fn failed(error: tokio_postgres::Error) -> Stop {
+        Stop::Failed { unit: None, error }
+    }
 }
 
 /// Loads every unit whose table is not in `skip` into its table within `tx`, leaving out the rows
@@ -324,7 +339,10 @@ fn learn(
     learned: &mut Learned,
 ) -> Stop {
     match classify(&e, &unit.table.name) {
-        Class::Transient => Stop::Failed(e),
+        Class::Transient => Stop::Failed {
+            unit: Some(u),
+            error: e,
+        },
         Class::Table => Stop::Table { unit: u, error: e },
         Class::Row { line } => {
             match line_row(line, live.len()) {
@@ -374,15 +392,15 @@ async fn load_isolating(
         if *savepoints == MAX_SAVEPOINTS {
             return Err(Stop::Again);
         }
-        *savepoints += 1;
         tx.batch_execute("SAVEPOINT pgspool_rows")
             .await
-            .map_err(Stop::Failed)?;
+            .map_err(Stop::failed)?;
         let error = match send(tx, unit, Some(&live[part.clone()])).await {
             Ok(()) => {
                 tx.batch_execute("RELEASE SAVEPOINT pgspool_rows")
                     .await
-                    .map_err(Stop::Failed)?;
+                    .map_err(Stop::failed)?;
+                *savepoints += 1;
                 if kind == Part::FirstHalf
                     && let Some((_, next)) = pending.last_mut()
                 {
@@ -393,13 +411,18 @@ async fn load_isolating(
             Err(e) => e,
         };
         let line = match classify(&error, &unit.table.name) {
-            Class::Transient => return Err(Stop::Failed(error)),
+            Class::Transient => {
+                return Err(Stop::Failed {
+                    unit: Some(u),
+                    error,
+                });
+            }
             Class::Table => return Err(Stop::Table { unit: u, error }),
             Class::Row { line } => line,
         };
         tx.batch_execute("ROLLBACK TO SAVEPOINT pgspool_rows; RELEASE SAVEPOINT pgspool_rows")
             .await
-            .map_err(Stop::Failed)?;
+            .map_err(Stop::failed)?;
         if let Some(bad) = line_row(line, part.len()).map(|i| part.start + i) {
             let (lsn, range) = live[bad].clone();
             learned.refuse(unit, lsn, range, &error);

@@ -32,7 +32,7 @@ use crate::config::{BatchConfig, PostgresConfig};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::schema::SchemaCache;
-use crate::wal::{WalDir, WalError, WalReader};
+use crate::wal::{Checkpoint, WalDir, WalError, WalReader};
 pub use batch::Batch;
 use batch::FillError;
 use load::{DeadLetter, Refusal};
@@ -119,6 +119,11 @@ pub struct FlushState {
     report: FlushReport,
     /// What the last batch taught the next.
     hints: load::Hints,
+    /// The table whose rows failed with a transient error at the watermark, and how many
+    /// times in a row.
+    repeats: Option<(Lsn, String, u32)>,
+    /// Tables to hold with the next batch (see [`Flusher::note_repeat`]).
+    hold_next: Vec<(String, Refusal)>,
 }
 
 /// A held table, as the flusher tracks it.
@@ -143,6 +148,9 @@ const COMMITS_BEFORE_GROWING: u32 = 8;
 /// Attempts of one batch above which the next batches are made smaller (see
 /// [`load`]).
 const ATTEMPTS_BEFORE_SHRINKING: u32 = 2;
+
+/// Transient failures of one table's rows at one watermark after which the table is held.
+const REPEATS_BEFORE_HOLDING: u32 = 3;
 
 /// How often a table that stays held is logged as a warning.
 const HELD_WARNING_INTERVAL: Duration = Duration::from_secs(60);
@@ -228,7 +236,8 @@ impl Flusher {
         let mut reader = self.open_reader(watermark).await?;
         self.checked();
         let mut watermark = watermark.lsn;
-        if let Ok(Some(local)) = crate::wal::read_checkpoint(self.wal.path())
+        if let Ok(Some(local)) = crate::wal::read_checkpoint_whole(self.wal.path())
+            .map(|c| c.map(|c| c.watermark.unwrap_or(c.flushed_lsn)))
             && watermark < local
         {
             warn!(
@@ -240,11 +249,11 @@ impl Flusher {
             );
         }
         self.load_holds(holds);
-        let held: Vec<(String, Lsn)> = self
+        let held: Vec<(String, Lsn, Refusal)> = self
             .state
             .held
             .iter()
-            .map(|(t, h)| (t.clone(), h.lsn))
+            .map(|(t, h)| (t.clone(), h.lsn, h.refusal.clone()))
             .collect();
         self.report(|r| {
             r.postgres_error = None;
@@ -255,8 +264,12 @@ impl Flusher {
             for (table, count) in dead_letters {
                 r.table(&table).dead_letters = count;
             }
-            for (table, lsn) in held {
-                r.table(&table).held_after_lsn = Some(lsn);
+            for (table, lsn, refusal) in held {
+                let report = r.table(&table);
+                report.held_after_lsn = Some(lsn);
+                report
+                    .last_error
+                    .get_or_insert_with(|| TableError::new(&refusal, lsn));
             }
         })
         .await;
@@ -281,6 +294,7 @@ impl Flusher {
             let advance = Advance::Watermark {
                 expected: watermark,
                 held: self.state.held.keys().cloned().collect(),
+                hold_now: std::mem::take(&mut self.state.hold_next),
             };
             let hints = self.state.hints.clone();
             let settled = match transaction::commit(
@@ -295,6 +309,7 @@ impl Flusher {
             {
                 Ok(settled) => settled,
                 Err(e) => {
+                    self.note_repeat(watermark, &e);
                     self.note_failure(&e);
                     return retry(&format!(
                         "batch of LSNs {}..{last} ({rows} rows): {e}",
@@ -305,6 +320,7 @@ impl Flusher {
             watermark = last;
             debug!(rows, bytes, watermark = %last, attempts = settled.attempts, elapsed = ?started.elapsed(), "batch committed");
             *delay = self.postgres.retry_initial;
+            self.state.repeats = None;
             if settled.attempts > ATTEMPTS_BEFORE_SHRINKING {
                 // Refused rows without a line number are found by bisection, a few per
                 // transaction: smaller batches find them in fewer attempts.
@@ -318,9 +334,10 @@ impl Flusher {
                     after_lsn = %hold.lsn,
                     sqlstate = hold.refusal.sqlstate.as_deref().unwrap_or(""),
                     error = %hold.refusal,
-                    "PostgreSQL refuses every row of this table; its rows stay in the WAL and \
-                     are retried with backoff while other tables flow. Fix the table (create \
-                     it, add the column, grant INSERT) and they are loaded"
+                    "this table does not take its rows; they stay in the WAL and are retried \
+                     with backoff while other tables flow, and are loaded once what the error \
+                     names is fixed (a missing table or column, a privilege, a statement \
+                     timeout)"
                 );
                 self.state.held.insert(
                     hold.table.clone(),
@@ -445,15 +462,8 @@ impl Flusher {
                 };
                 let spool_id = self.wal.spool_id();
                 let hints = self.state.hints.clone();
-                match transaction::commit(
-                    client,
-                    spool_id,
-                    batch,
-                    &advance,
-                    &self.schemas,
-                    &hints,
-                )
-                .await
+                match transaction::commit(client, spool_id, batch, &advance, &self.schemas, &hints)
+                    .await
                 {
                     Ok(settled) => {
                         self.report_settled(&settled).await;
@@ -469,32 +479,53 @@ impl Flusher {
                         }
                         self.settled(watermark, &settled.dead_letters).await;
                     }
-                    Err(FlushFailure::StillHeld { refusal, .. }) => {
-                        let retry_max = self.postgres.retry_max;
-                        let held = self
-                            .state
-                            .held
-                            .get_mut(&table)
-                            .expect("a due table is held");
-                        held.refusal = refusal;
-                        held.retry_at = Instant::now() + jitter(held.delay);
-                        held.delay = (held.delay * 2).min(retry_max);
-                        if held.warned_at.elapsed() >= HELD_WARNING_INTERVAL {
-                            held.warned_at = Instant::now();
-                            warn!(table = %table, after_lsn = %held.lsn, error = %held.refusal, "table still refuses its rows; they stay in the WAL");
-                        }
-                        break;
-                    }
                     Err(e) => {
                         self.note_failure(&e);
-                        return Ok(Err(format!(
-                            "rows of held table {table} after LSN {expected}: {e}"
-                        )));
+                        let refusal = match &e {
+                            FlushFailure::StillHeld { refusal, .. } => Some(refusal.clone()),
+                            FlushFailure::InTable { error, .. } => Some(Refusal::from_error(error)),
+                            _ => None,
+                        };
+                        self.back_off(&table, refusal.as_ref()).await;
+                        if refusal.is_none() {
+                            return Ok(Err(format!(
+                                "rows of held table {table} after LSN {expected}: {e}"
+                            )));
+                        }
+                        break;
                     }
                 }
             }
         }
         Ok(Ok(()))
+    }
+
+    /// Puts off the next try of held `table` (capped exponential backoff with jitter),
+    /// recording `refusal` when the table refused its rows again; warns at most once per
+    /// [`HELD_WARNING_INTERVAL`].
+    async fn back_off(&mut self, table: &str, refusal: Option<&Refusal>) {
+        let retry_max = self.postgres.retry_max;
+        let Some(held) = self.state.held.get_mut(table) else {
+            return;
+        };
+        held.retry_at = Instant::now() + jitter(held.delay);
+        held.delay = (held.delay * 2).min(retry_max);
+        let Some(refusal) = refusal else {
+            return;
+        };
+        held.refusal = refusal.clone();
+        if held.warned_at.elapsed() >= HELD_WARNING_INTERVAL {
+            held.warned_at = Instant::now();
+            warn!(table = %table, after_lsn = %held.lsn, error = %held.refusal, "table still refuses its rows; they stay in the WAL");
+        }
+        let error = TableError::new(refusal, held.lsn);
+        self.report(|r| {
+            let report = r.table(table);
+            if report.last_error.as_ref().map(|e| &e.message) != Some(&error.message) {
+                report.last_error = Some(error);
+            }
+        })
+        .await;
     }
 
     /// Publishes the watermark, tells waiting requests what is settled, and records the
@@ -523,13 +554,22 @@ impl Flusher {
             .collect();
         self.acks.settled(watermark, &acks, &held);
         self.metrics.flushed(watermark, held.len());
-        let low = self
-            .state
-            .held
-            .values()
-            .map(|h| h.lsn)
-            .fold(watermark, Lsn::min);
-        self.after_commit(low).await;
+        let checkpoint = Checkpoint {
+            flushed_lsn: self
+                .state
+                .held
+                .values()
+                .map(|h| h.lsn)
+                .fold(watermark, Lsn::min),
+            watermark: Some(watermark),
+            held: self
+                .state
+                .held
+                .iter()
+                .map(|(table, h)| (table.clone(), h.lsn))
+                .collect(),
+        };
+        self.after_commit(checkpoint).await;
     }
 
     /// The batch limits, halved `shrink` times (to one row at least).
@@ -541,17 +581,43 @@ impl Flusher {
         }
     }
 
+    /// Counts a table's rows failing with a transient error at the same watermark. After
+    /// [`REPEATS_BEFORE_HOLDING`] in a row (for a statement timeout: once batches cannot
+    /// shrink further), the table is held with the next batch: a row that always times out
+    /// or always raises a serialization failure would otherwise stop every table.
+    fn note_repeat(&mut self, watermark: Lsn, e: &FlushFailure) {
+        let FlushFailure::InTable { table, error } = e else {
+            self.state.repeats = None;
+            return;
+        };
+        if classify::Class::is_timeout(error) && self.limits().max_rows > 1 {
+            return;
+        }
+        let count = match &self.state.repeats {
+            Some((at, t, n)) if *at == watermark && t == table => n + 1,
+            _ => 1,
+        };
+        self.state.repeats = Some((watermark, table.clone(), count));
+        if count >= REPEATS_BEFORE_HOLDING {
+            warn!(table = %table, after_lsn = %watermark, failures = count, error = %crate::pg::describe(error), "this table's rows fail again and again at the same place; holding them in the WAL so that other tables flow");
+            self.state.hold_next = vec![(table.clone(), Refusal::from_error(error))];
+        }
+    }
+
     /// A statement timeout halves the batch limits for the next batches.
     fn note_failure(&mut self, e: &FlushFailure) {
+        let error = match e {
+            FlushFailure::Postgres(error) | FlushFailure::InTable { error, .. } => Some(error),
+            _ => None,
+        };
         let sqlstate = match e {
-            FlushFailure::Postgres(e) => e.as_db_error().map(|db| db.code().code()),
             FlushFailure::StillHeld { refusal, .. } => refusal.sqlstate.as_deref(),
-            FlushFailure::PositionMoved { .. } | FlushFailure::Unsettled { .. } => None,
+            _ => error
+                .and_then(|e| e.as_db_error())
+                .map(|db| db.code().code()),
         };
         self.metrics.flush_error(sqlstate);
-        if let FlushFailure::Postgres(e) = e
-            && classify::Class::is_timeout(e)
-        {
+        if error.is_some_and(classify::Class::is_timeout) {
             self.shrink("a batch took longer than PostgreSQL's statement_timeout");
         }
     }
@@ -668,24 +734,26 @@ impl Flusher {
         *self.durable.borrow() > read_up_to
     }
 
-    /// Records the watermark locally, then deletes the segments it covers. In that order,
+    /// Records the checkpoint locally, then deletes the segments its flushed LSN covers. In
+    /// that order,
     /// `pgspool status` never sees segments gone that the checkpoint still counts as
     /// pending; each step runs even if the other failed (a full disk fails the checkpoint,
     /// and deletion is what frees it). Failures are logged: PostgreSQL's watermark is what
     /// counts, and the next commit tries again.
-    async fn after_commit(&self, watermark: Lsn) {
+    async fn after_commit(&self, checkpoint: Checkpoint) {
         let dir = Arc::clone(&self.wal);
+        let flushed = checkpoint.flushed_lsn;
         let (checkpointed, removed) = tokio::task::spawn_blocking(move || {
             (
-                dir.write_checkpoint(watermark),
-                dir.remove_segments_through(watermark),
+                dir.write_checkpoint(&checkpoint),
+                dir.remove_segments_through(flushed),
             )
         })
         .await
         .expect("checkpointing does not panic");
         match removed {
             Ok(0) => {}
-            Ok(removed) => debug!(removed, watermark = %watermark, "deleted flushed segments"),
+            Ok(removed) => debug!(removed, flushed = %flushed, "deleted flushed segments"),
             Err(e) => warn!(error = %e, "could not delete flushed segments"),
         }
         if let Err(e) = checkpointed {

@@ -224,6 +224,9 @@ pub enum Advance {
         expected: Lsn,
         /// Tables held now.
         held: HashSet<String>,
+        /// Tables to hold from this batch on, and why: their rows kept failing with
+        /// transient errors at this very position.
+        hold_now: Vec<(String, Refusal)>,
     },
     /// A held table catches up: its hold moves from `expected` to the batch's last LSN, or
     /// is released when that is the spool's watermark.
@@ -244,6 +247,16 @@ pub enum FlushFailure {
     /// statement pgspool runs on its own tables failed).
     #[error("{}", crate::pg::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    /// PostgreSQL answered a table's rows with an error of the transient class (a
+    /// statement timeout, a serialization failure a trigger raised, ...): the server and
+    /// the connection are fine, the rows may succeed later.
+    #[error("rows of table {table}: {}", crate::pg::describe(.error))]
+    InTable {
+        /// The table as its records name it.
+        table: String,
+        /// PostgreSQL's error.
+        error: tokio_postgres::Error,
+    },
     /// A held table still refuses its rows.
     #[error("table {table} still refuses its rows: {refusal}")]
     StillHeld {
@@ -315,7 +328,11 @@ pub async fn commit(
         held,
     } = prepare(client, batch.into_groups(), Some(schemas)).await?;
     let mut newly_held: Vec<Hold> = Vec::new();
-    for (table, refusal) in held {
+    let hold_now = match advance {
+        Advance::Watermark { hold_now, .. } => hold_now.clone(),
+        Advance::Hold { .. } => Vec::new(),
+    };
+    for (table, refusal) in held.into_iter().chain(hold_now) {
         hold(advance, &mut newly_held, table, refusal)?;
     }
     for unit in &units {
@@ -344,7 +361,16 @@ pub async fn commit(
                 hold(advance, &mut newly_held, table, Refusal::from_error(&error))?;
                 continue;
             }
-            Err(Stop::Failed(e)) => return Err(e.into()),
+            Err(Stop::Failed {
+                unit: Some(u),
+                error,
+            }) if error.as_db_error().is_some() => {
+                return Err(FlushFailure::InTable {
+                    table: units[u].key.clone(),
+                    error,
+                });
+            }
+            Err(Stop::Failed { error, .. }) => return Err(error.into()),
         }
         refused.retain(|d| !skip.contains(d.table.as_str()));
         refused.extend(learned.dead_letters(&skip));

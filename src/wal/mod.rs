@@ -65,6 +65,7 @@ pub mod recovery;
 pub mod segment;
 mod writer;
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -293,32 +294,66 @@ impl WalDir {
         )))
     }
 
-    /// Records `flushed` as the last watermark known committed, for `pgspool status` while
-    /// the daemon is down. Advisory: PostgreSQL's watermark decides where replay starts.
+    /// Records where the flusher last saw PostgreSQL, for `pgspool status` while the
+    /// daemon is down and for recovery's checks. Advisory: PostgreSQL's watermark decides
+    /// where replay starts.
     ///
     /// # Errors
     /// When the file cannot be written.
-    pub fn write_checkpoint(&self, flushed: Lsn) -> Result<(), WalError> {
-        let body = format!("{{\"flushed_lsn\":{flushed}}}\n");
-        fsutil::write_atomic(&self.path, CHECKPOINT_FILE, body.as_bytes()).map_err(WalError::io(
-            format!("write checkpoint in {}", self.path.display()),
-        ))
+    pub fn write_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), WalError> {
+        let mut body = serde_json::to_vec(checkpoint).expect("a checkpoint serializes");
+        body.push(b'\n');
+        fsutil::write_atomic(&self.path, CHECKPOINT_FILE, &body).map_err(WalError::io(format!(
+            "write checkpoint in {}",
+            self.path.display()
+        )))
     }
 }
 
-/// Reads the checkpoint of `dir` (see [`WalDir::write_checkpoint`]); `None` if there is none.
+/// The local checkpoint: what the flusher last saw committed in PostgreSQL.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    /// Every row at or below this LSN is settled (committed, or a dead letter): the
+    /// watermark, or the lowest LSN a held table waits after. Segments are deleted up to it.
+    pub flushed_lsn: Lsn,
+    /// PostgreSQL's watermark: the rows of tables not held are settled up to it (absent in
+    /// checkpoints of older builds: then `flushed_lsn`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<Lsn>,
+    /// Tables held (as their records name them) and the LSN their rows are settled up to.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub held: BTreeMap<String, Lsn>,
+}
+
+impl Checkpoint {
+    /// The LSN up to which the rows of `table` are settled.
+    #[must_use]
+    pub fn settled_for(&self, table: &str) -> Lsn {
+        self.held
+            .get(table)
+            .copied()
+            .or(self.watermark)
+            .unwrap_or(self.flushed_lsn)
+    }
+}
+
+/// Reads the flushed LSN of `dir`'s checkpoint (see [`Checkpoint`]); `None` if there is
+/// none.
 ///
 /// # Errors
 /// When the file exists but cannot be read or parsed.
 pub fn read_checkpoint(dir: &Path) -> Result<Option<Lsn>, WalError> {
-    #[derive(serde::Deserialize)]
-    struct Checkpoint {
-        flushed_lsn: Lsn,
-    }
-    let checkpoint = read_json::<Checkpoint>(&dir.join(CHECKPOINT_FILE), |e| {
+    Ok(read_checkpoint_whole(dir)?.map(|c| c.flushed_lsn))
+}
+
+/// Reads `dir`'s checkpoint whole; `None` if there is none.
+///
+/// # Errors
+/// When the file exists but cannot be read or parsed.
+pub fn read_checkpoint_whole(dir: &Path) -> Result<Option<Checkpoint>, WalError> {
+    read_json::<Checkpoint>(&dir.join(CHECKPOINT_FILE), |e| {
         format!("not a checkpoint: {e}")
-    })?;
-    Ok(checkpoint.map(|c| c.flushed_lsn))
+    })
 }
 
 /// The LSN the next row would have got when the daemon last stopped cleanly (the writer

@@ -166,3 +166,102 @@ async fn rows_refused_without_a_line_number_are_found_by_bisection() {
     );
     daemon.stop().await.expect("stop");
 }
+
+/// Fault: an AFTER ROW trigger raises (P0001) for one row of a request; PostgreSQL names no
+/// line for it, since it fires after the COPY's last row. Load: one request of 3 rows.
+/// The row is found by bisection and dead-lettered; the other two land, and the table is
+/// not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_an_after_trigger_refuses_is_a_dead_letter_not_a_hold() {
+    let pg = Pg::start().await;
+    pg.exec(
+        "CREATE TABLE a1 (id int, n text);
+         CREATE FUNCTION after_boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.n = 'bad' THEN RAISE EXCEPTION 'after-trigger refuses %', NEW.id; END IF;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER ab AFTER INSERT ON a1 FOR EACH ROW EXECUTE FUNCTION after_boom();",
+    )
+    .await;
+    let dir = short_tempdir();
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let mut c = client(daemon.socket()).await;
+    let body = "{\"id\":1,\"n\":\"ok\"}\n{\"id\":2,\"n\":\"bad\"}\n{\"id\":3,\"n\":\"ok\"}\n";
+    assert_eq!(post_ndjson(&mut c, "a1", body).await.status, 202);
+    flushed(&daemon).await;
+    assert_eq!(
+        pg.count("SELECT count(*) FROM a1 WHERE id IN (1, 3)").await,
+        2
+    );
+    assert_eq!(pg.count("SELECT count(*) FROM a1").await, 2);
+    assert_eq!(
+        pg.count(
+            "SELECT count(*) FROM pgspool.dead_letters
+             WHERE sqlstate = 'P0001' AND row::jsonb->>'id' = '2'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        pg.count("SELECT count(*) FROM pgspool.held_tables").await,
+        0
+    );
+    daemon.stop().await.expect("stop");
+}
+
+/// Fault: a BEFORE ROW trigger raises a serialization failure (40001, a transient class)
+/// for one row of `a3`, every time. Load: that row, then rows for `a2`. After three
+/// failures at the same place `a3` is held, so `a2`'s rows land; once the trigger is gone
+/// `a3`'s rows land too, nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_always_fails_transiently_holds_its_table_not_the_spool() {
+    let pg = Pg::start().await;
+    pg.exec(
+        "CREATE TABLE a2 (id int); CREATE TABLE a3 (id int, n text);
+         CREATE FUNCTION conflict() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.n = 'stuck' THEN
+                 RAISE EXCEPTION 'always conflicts' USING ERRCODE = '40001';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER c BEFORE INSERT ON a3 FOR EACH ROW EXECUTE FUNCTION conflict();",
+    )
+    .await;
+    let dir = short_tempdir();
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let mut c = client(daemon.socket()).await;
+    let stuck = "{\"id\":1,\"n\":\"ok\"}\n{\"id\":2,\"n\":\"stuck\"}\n";
+    assert_eq!(post_ndjson(&mut c, "a3", stuck).await.status, 202);
+    assert_eq!(post_ndjson(&mut c, "a2", "{\"id\":7}\n").await.status, 202);
+    wait_until("a2's row lands while a3 is held", || async {
+        pg.count("SELECT count(*) FROM a2").await == 1
+    })
+    .await;
+    assert_eq!(
+        pg.count(
+            "SELECT count(*) FROM pgspool.held_tables
+             WHERE table_name = 'public.a3' AND sqlstate = '40001'"
+        )
+        .await,
+        1
+    );
+    let wal = dir.path().join("wal");
+    let status = status_json(&wal);
+    assert_eq!(
+        status["tables"]["public.a3"]["pending_rows"], 2,
+        "{status:#}"
+    );
+    assert!(status["tables"]["public.a2"].is_null(), "{status:#}");
+    pg.exec("DROP TRIGGER c ON a3").await;
+    wait_until("a3's rows land", || async {
+        pg.count("SELECT count(*) FROM a3").await == 2
+    })
+    .await;
+    assert_eq!(
+        pg.count("SELECT count(*) FROM pgspool.dead_letters").await,
+        0
+    );
+    daemon.stop().await.expect("stop");
+}
