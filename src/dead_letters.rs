@@ -2,7 +2,7 @@
 //! refused, kept in `pgspool.dead_letters` by the flusher (see [`crate::flush::transaction`]).
 //!
 //! Both connect to PostgreSQL directly, like the flusher, whether the daemon runs or not.
-//! `retry` loads dead letters with the flusher's own code ([`transaction::prepare`],
+//! `retry` loads dead letters with the flusher's own code ([`prepare::prepare`],
 //! [`load::check_table`], [`load::load_units`]) and settles each chunk in one transaction:
 //!
 //! ```sql
@@ -37,7 +37,8 @@ use uuid::Uuid;
 use crate::cli::{ConfigArgs, DeadLettersListArgs, DeadLettersRetryArgs};
 use crate::flush::batch::BatchGroup;
 use crate::flush::load::{self, DeadLetter, Learned, Refusal, Stop};
-use crate::flush::transaction::{self, MAX_ATTEMPTS, Prepared};
+use crate::flush::prepare::{self, Prepared};
+use crate::flush::transaction::{self, MAX_ATTEMPTS};
 use crate::lsn::Lsn;
 use crate::rowgroup::{self, RowFormat};
 use crate::status::write_stdout;
@@ -541,7 +542,7 @@ async fn settle(
         units,
         refused: encoder_refused,
         held,
-    } = transaction::prepare(tx.client(), groups, None).await?;
+    } = prepare::prepare(tx.client(), groups, None).await?;
     refused.extend(encoder_refused);
     refusing.extend(held);
     for unit in &units {
@@ -596,7 +597,7 @@ async fn settle(
 
 /// The chunk's dead letters as the groups of a batch: one per (table, format, columns),
 /// each row keyed by its dead letter's id. Rows stored as COPY text are sent as they were;
-/// rows kept as JSON are encoded by [`transaction::prepare`] for the table as it is now.
+/// rows kept as JSON are encoded by [`prepare::prepare`] for the table as it is now.
 /// Returns the rows refused already (a COPY line without columns: not written by pgspool);
 /// a table name pgspool cannot parse is added to `refusing`.
 fn to_groups(

@@ -14,7 +14,9 @@
 
 pub mod batch;
 pub mod classify;
+mod held;
 pub mod load;
+pub mod prepare;
 pub mod report;
 pub mod transaction;
 
@@ -35,10 +37,10 @@ use crate::schema::SchemaCache;
 use crate::wal::{Checkpoint, WalDir, WalError, WalReader};
 pub use batch::Batch;
 use batch::FillError;
+use held::HeldState;
 use load::{DeadLetter, Refusal};
 use report::{FlushReport, TableError};
-use tokio_postgres::Client;
-use transaction::{Advance, FlushFailure, Hold, Settled, Watermark};
+use transaction::{Advance, FlushFailure, Settled, Watermark};
 
 /// Errors that stop the flusher (and the daemon): acknowledged data cannot be delivered
 /// without an operator.
@@ -126,21 +128,6 @@ pub struct FlushState {
     hold_next: Vec<(String, Refusal)>,
 }
 
-/// A held table, as the flusher tracks it.
-#[derive(Debug, Clone)]
-struct HeldState {
-    /// Its rows up to this LSN are settled.
-    lsn: Lsn,
-    /// The last error.
-    refusal: Refusal,
-    /// The next wait after a failed retry.
-    delay: Duration,
-    /// When to try its rows again.
-    retry_at: Instant,
-    /// When the error was last logged as a warning.
-    warned_at: Instant,
-}
-
 /// Successful commits after which a batch limit halved by a statement timeout is doubled
 /// again.
 const COMMITS_BEFORE_GROWING: u32 = 8;
@@ -148,12 +135,6 @@ const COMMITS_BEFORE_GROWING: u32 = 8;
 /// Attempts of one batch above which the next batches are made smaller (see
 /// [`load`]).
 const ATTEMPTS_BEFORE_SHRINKING: u32 = 2;
-
-/// Transient failures of one table's rows at one watermark after which the table is held.
-const REPEATS_BEFORE_HOLDING: u32 = 3;
-
-/// How often a table that stays held is logged as a warning.
-const HELD_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Flusher {
     /// Runs until `shutdown` is cancelled and the WAL is flushed up to the durable LSN as
@@ -396,138 +377,6 @@ impl Flusher {
         }
     }
 
-    /// Takes the holds read from PostgreSQL, keeping the backoff of tables still held.
-    fn load_holds(&mut self, holds: Vec<Hold>) {
-        let initial = self.postgres.retry_initial;
-        let mut held = BTreeMap::new();
-        for hold in holds {
-            let state = match self.state.held.remove(&hold.table) {
-                Some(mut known) => {
-                    known.lsn = hold.lsn;
-                    known
-                }
-                None => {
-                    warn!(table = %hold.table, after_lsn = %hold.lsn, error = %hold.refusal, "table held by an earlier error; its rows are retried");
-                    HeldState::new(hold.lsn, hold.refusal, initial)
-                }
-            };
-            held.insert(hold.table, state);
-        }
-        self.state.held = held;
-    }
-
-    /// Tries the rows of each held table whose retry is due, from its hold up to
-    /// `watermark`; a table whose rows all load is released.
-    ///
-    /// # Errors
-    /// A [`FatalError`] when the WAL cannot be read there; the inner error (why, for the
-    /// log) when PostgreSQL failed otherwise than by refusing the table's rows again.
-    async fn catch_up(
-        &mut self,
-        client: &mut Client,
-        watermark: Lsn,
-    ) -> Result<Result<(), String>, FatalError> {
-        let now = Instant::now();
-        let due: Vec<String> = self
-            .state
-            .held
-            .iter()
-            .filter(|(_, h)| h.retry_at <= now)
-            .map(|(t, _)| t.clone())
-            .collect();
-        for table in due {
-            let from = self.state.held[&table].lsn;
-            let dir = Arc::clone(&self.wal);
-            let mut reader = tokio::task::spawn_blocking(move || WalReader::open(dir, from.next()))
-                .await
-                .expect("opening a reader does not panic")?;
-            loop {
-                let expected = self.state.held[&table].lsn;
-                let limits = self.limits();
-                let mut batch = Batch::only(table.clone(), expected);
-                let (r, b, filled) = tokio::task::spawn_blocking(move || {
-                    let filled = batch.fill_from(&mut reader, watermark, &limits);
-                    (reader, batch, filled)
-                })
-                .await
-                .expect("filling a batch does not panic");
-                (reader, batch) = (r, b);
-                fill_result(filled)?;
-                let last = batch.last_lsn();
-                let release = last == watermark;
-                let advance = Advance::Hold {
-                    table: table.clone(),
-                    expected,
-                    release,
-                };
-                let spool_id = self.wal.spool_id();
-                let hints = self.state.hints.clone();
-                match transaction::commit(client, spool_id, batch, &advance, &self.schemas, &hints)
-                    .await
-                {
-                    Ok(settled) => {
-                        self.report_settled(&settled).await;
-                        if release {
-                            info!(table = %table, "the held table takes rows again; its rows are loaded");
-                            self.state.held.remove(&table);
-                            self.report(|r| r.table(&table).held_after_lsn = None).await;
-                            self.settled(watermark, &settled.dead_letters).await;
-                            break;
-                        }
-                        if let Some(held) = self.state.held.get_mut(&table) {
-                            held.lsn = last;
-                        }
-                        self.settled(watermark, &settled.dead_letters).await;
-                    }
-                    Err(e) => {
-                        self.note_failure(&e);
-                        let refusal = match &e {
-                            FlushFailure::StillHeld { refusal, .. } => Some(refusal.clone()),
-                            FlushFailure::InTable { error, .. } => Some(Refusal::from_error(error)),
-                            _ => None,
-                        };
-                        self.back_off(&table, refusal.as_ref()).await;
-                        if refusal.is_none() {
-                            return Ok(Err(format!(
-                                "rows of held table {table} after LSN {expected}: {e}"
-                            )));
-                        }
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(Ok(()))
-    }
-
-    /// Puts off the next try of held `table` (capped exponential backoff with jitter),
-    /// recording `refusal` when the table refused its rows again; warns at most once per
-    /// [`HELD_WARNING_INTERVAL`].
-    async fn back_off(&mut self, table: &str, refusal: Option<&Refusal>) {
-        let retry_max = self.postgres.retry_max;
-        let Some(held) = self.state.held.get_mut(table) else {
-            return;
-        };
-        held.retry_at = Instant::now() + jitter(held.delay);
-        held.delay = (held.delay * 2).min(retry_max);
-        let Some(refusal) = refusal else {
-            return;
-        };
-        held.refusal = refusal.clone();
-        if held.warned_at.elapsed() >= HELD_WARNING_INTERVAL {
-            held.warned_at = Instant::now();
-            warn!(table = %table, after_lsn = %held.lsn, error = %held.refusal, "table still refuses its rows; they stay in the WAL");
-        }
-        let error = TableError::new(refusal, held.lsn);
-        self.report(|r| {
-            let report = r.table(table);
-            if report.last_error.as_ref().map(|e| &e.message) != Some(&error.message) {
-                report.last_error = Some(error);
-            }
-        })
-        .await;
-    }
-
     /// Publishes the watermark, tells waiting requests what is settled, and records the
     /// local checkpoint at the lowest LSN below which every row is settled (the watermark,
     /// or the oldest hold).
@@ -578,29 +427,6 @@ impl Flusher {
             max_rows: (self.limits.max_rows >> self.state.shrink).max(1),
             max_bytes: (self.limits.max_bytes >> self.state.shrink).max(1),
             max_wait: self.limits.max_wait,
-        }
-    }
-
-    /// Counts a table's rows failing with a transient error at the same watermark. After
-    /// [`REPEATS_BEFORE_HOLDING`] in a row (for a statement timeout: once batches cannot
-    /// shrink further), the table is held with the next batch: a row that always times out
-    /// or always raises a serialization failure would otherwise stop every table.
-    fn note_repeat(&mut self, watermark: Lsn, e: &FlushFailure) {
-        let FlushFailure::InTable { table, error } = e else {
-            self.state.repeats = None;
-            return;
-        };
-        if classify::Class::is_timeout(error) && self.limits().max_rows > 1 {
-            return;
-        }
-        let count = match &self.state.repeats {
-            Some((at, t, n)) if *at == watermark && t == table => n + 1,
-            _ => 1,
-        };
-        self.state.repeats = Some((watermark, table.clone(), count));
-        if count >= REPEATS_BEFORE_HOLDING {
-            warn!(table = %table, after_lsn = %watermark, failures = count, error = %crate::pg::describe(error), "this table's rows fail again and again at the same place; holding them in the WAL so that other tables flow");
-            self.state.hold_next = vec![(table.clone(), Refusal::from_error(error))];
         }
     }
 
@@ -758,19 +584,6 @@ impl Flusher {
         }
         if let Err(e) = checkpointed {
             warn!(error = %e, "could not write the checkpoint");
-        }
-    }
-}
-
-impl HeldState {
-    fn new(lsn: Lsn, refusal: Refusal, delay: Duration) -> HeldState {
-        let now = Instant::now();
-        HeldState {
-            lsn,
-            refusal,
-            delay,
-            retry_at: now + jitter(delay),
-            warned_at: now,
         }
     }
 }
