@@ -1,13 +1,18 @@
 //! The flusher: reads the WAL from the watermark and loads it into PostgreSQL.
 //!
 //! Each session connects, creates pgspool's own tables if missing, reads this spool's
-//! watermark back from PostgreSQL, opens a WAL reader just past it, and then repeatedly
-//! fills a [`Batch`] and commits it with [`transaction::commit`]. After each commit the
-//! local checkpoint is written, then segments at or below the watermark are deleted.
+//! watermark and held tables back from PostgreSQL, opens a WAL reader just past the
+//! watermark, and then repeatedly fills a [`Batch`] and commits it with
+//! [`transaction::commit`], which puts the rows PostgreSQL refuses into dead letters
+//! ([`load`]) and holds the tables that take no rows. Between batches, held tables whose
+//! retry is due catch up ([`held`]). After each commit the flush report, the local
+//! checkpoint and the metrics are updated, then segments below every position still
+//! needed are deleted.
 //!
-//! Any failure ends the session: the flusher waits (capped exponential backoff with
-//! jitter) and starts a new one, which reads the watermark again, so a batch whose COMMIT
-//! outcome was lost is neither lost nor sent twice. Replay after a crash is the same path.
+//! A transient failure ends the session: the flusher waits (capped exponential backoff
+//! with jitter) and starts a new one, which reads the watermark again, so a batch whose
+//! COMMIT outcome was lost is neither lost nor sent twice. Replay after a crash is the
+//! same path.
 //! Only damage to the WAL, or a watermark the WAL cannot match, stops the flusher. Damage
 //! is recorded in the WAL directory (see [`crate::wal::damage`]) so that the daemon keeps
 //! refusing to start until an operator runs `pgspool quarantine` or restores the directory.
@@ -111,9 +116,10 @@ pub struct Flusher {
 /// What the flusher learns as it runs.
 #[derive(Debug, Default)]
 pub struct FlushState {
-    /// Tables held by a schema error, by name as their records give it.
+    /// Held tables, by name as their records give it.
     held: BTreeMap<String, HeldState>,
-    /// Halvings of the batch limits after statement timeouts (see [`Flusher::limits`]).
+    /// Halvings of the batch limits after statement timeouts or slow isolation (see
+    /// [`Flusher::limits`]).
     shrink: u32,
     /// Commits since the last halving.
     successes: u32,
