@@ -5,7 +5,7 @@
 //! watermark, and then repeatedly fills a [`Batch`] and commits it with
 //! [`transaction::commit`], which puts the rows PostgreSQL refuses into dead letters
 //! ([`load`]) and holds the tables that take no rows. Between batches, held tables whose
-//! retry is due catch up ([`held`]). After each commit the flush report, the local
+//! retry is due catch up (`held.rs`). After each commit the flush report, the local
 //! checkpoint and the metrics are updated, then segments below every position still
 //! needed are deleted.
 //!
