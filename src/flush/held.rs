@@ -27,7 +27,7 @@ const REPEATS_BEFORE_HOLDING: u32 = 3;
 const HELD_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A held table, as the flusher tracks it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct HeldState {
     /// Its rows up to this LSN are settled.
     pub(super) lsn: Lsn,
@@ -39,6 +39,8 @@ pub(super) struct HeldState {
     pub(super) retry_at: Instant,
     /// When the error was last logged as a warning.
     pub(super) warned_at: Instant,
+    /// While it catches up: the reader, just past `lsn`.
+    pub(super) reader: Option<WalReader>,
 }
 
 impl HeldState {
@@ -50,6 +52,7 @@ impl HeldState {
             delay,
             retry_at: now + jitter(delay),
             warned_at: now,
+            reader: None,
         }
     }
 }
@@ -75,8 +78,10 @@ impl Flusher {
         self.state.held = held;
     }
 
-    /// Tries the rows of each held table whose retry is due, from its hold up to
-    /// `watermark`; a table whose rows all load is released.
+    /// Sends one batch of each held table whose retry is due: its rows after its hold, up
+    /// to `watermark`. A table whose rows all load is released; one that refuses them
+    /// again backs off. One batch per turn, so that a long catch-up does not stop the other
+    /// tables: the main batches go on in between.
     ///
     /// # Errors
     /// A [`FatalError`] when the WAL cannot be read there; the inner error (why, for the
@@ -95,63 +100,70 @@ impl Flusher {
             .map(|(t, _)| t.clone())
             .collect();
         for table in due {
-            let from = self.state.held[&table].lsn;
-            let dir = Arc::clone(&self.wal);
-            let mut reader = tokio::task::spawn_blocking(move || WalReader::open(dir, from.next()))
+            let held = self
+                .state
+                .held
+                .get_mut(&table)
+                .expect("a due table is held");
+            let expected = held.lsn;
+            let mut reader = match held.reader.take() {
+                Some(reader) => reader,
+                None => {
+                    let dir = Arc::clone(&self.wal);
+                    tokio::task::spawn_blocking(move || WalReader::open(dir, expected.next()))
+                        .await
+                        .expect("opening a reader does not panic")?
+                }
+            };
+            let limits = self.limits();
+            let mut batch = Batch::only(table.clone(), expected);
+            let (reader, batch, filled) = tokio::task::spawn_blocking(move || {
+                let filled = batch.fill_from(&mut reader, watermark, &limits);
+                (reader, batch, filled)
+            })
+            .await
+            .expect("filling a batch does not panic");
+            fill_result(filled)?;
+            let last = batch.last_lsn();
+            let release = last == watermark;
+            let advance = Advance::Hold {
+                table: table.clone(),
+                expected,
+                release,
+            };
+            let spool_id = self.wal.spool_id();
+            let hints = self.state.hints.clone();
+            match transaction::commit(client, spool_id, batch, &advance, &self.schemas, &hints)
                 .await
-                .expect("opening a reader does not panic")?;
-            loop {
-                let expected = self.state.held[&table].lsn;
-                let limits = self.limits();
-                let mut batch = Batch::only(table.clone(), expected);
-                let (r, b, filled) = tokio::task::spawn_blocking(move || {
-                    let filled = batch.fill_from(&mut reader, watermark, &limits);
-                    (reader, batch, filled)
-                })
-                .await
-                .expect("filling a batch does not panic");
-                (reader, batch) = (r, b);
-                fill_result(filled)?;
-                let last = batch.last_lsn();
-                let release = last == watermark;
-                let advance = Advance::Hold {
-                    table: table.clone(),
-                    expected,
-                    release,
-                };
-                let spool_id = self.wal.spool_id();
-                let hints = self.state.hints.clone();
-                match transaction::commit(client, spool_id, batch, &advance, &self.schemas, &hints)
-                    .await
-                {
-                    Ok(settled) => {
-                        self.report_settled(&settled).await;
-                        if release {
-                            info!(table = %table, "the held table takes rows again; its rows are loaded");
-                            self.state.held.remove(&table);
-                            self.report(|r| r.table(&table).held_after_lsn = None).await;
-                            self.settled(watermark, &settled.dead_letters).await;
-                            break;
-                        }
-                        if let Some(held) = self.state.held.get_mut(&table) {
-                            held.lsn = last;
-                        }
-                        self.settled(watermark, &settled.dead_letters).await;
+            {
+                Ok(settled) => {
+                    self.report_settled(&settled).await;
+                    if release {
+                        info!(table = %table, "the held table takes rows again; its rows are loaded");
+                        self.state.held.remove(&table);
+                        self.report(|r| r.table(&table).held_after_lsn = None).await;
+                    } else if let Some(held) = self.state.held.get_mut(&table) {
+                        // Due again at once: the next batch follows the main one.
+                        held.lsn = last;
+                        held.reader = Some(reader);
                     }
-                    Err(e) => {
-                        self.note_failure(&e);
-                        let refusal = match &e {
-                            FlushFailure::StillHeld { refusal, .. } => Some(refusal.clone()),
-                            FlushFailure::InTable { error, .. } => Some(Refusal::from_error(error)),
-                            _ => None,
-                        };
-                        self.back_off(&table, refusal.as_ref()).await;
-                        if refusal.is_none() {
-                            return Ok(Err(format!(
-                                "rows of held table {table} after LSN {expected}: {e}"
-                            )));
+                    self.settled(watermark, &settled.dead_letters).await;
+                }
+                Err(e) => {
+                    // The table's own trouble: the other tables' batches keep their size.
+                    self.count_failure(&e);
+                    let refusal = match &e {
+                        FlushFailure::StillHeld { refusal, .. } => Some(refusal.clone()),
+                        FlushFailure::InTable { error, .. } if error.as_db_error().is_some() => {
+                            Some(Refusal::from_error(error))
                         }
-                        break;
+                        _ => None,
+                    };
+                    self.back_off(&table, refusal.as_ref()).await;
+                    if refusal.is_none() {
+                        return Ok(Err(format!(
+                            "rows of held table {table} after LSN {expected}: {e}"
+                        )));
                     }
                 }
             }
@@ -206,7 +218,17 @@ impl Flusher {
         self.state.repeats = Some((watermark, table.clone(), count));
         if count >= REPEATS_BEFORE_HOLDING {
             warn!(table = %table, after_lsn = %watermark, failures = count, error = %crate::pg::describe(error), "this table's rows fail again and again at the same place; holding them in the WAL so that other tables flow");
-            self.state.hold_next = vec![(table.clone(), Refusal::from_error(error))];
+            let refusal = if error.as_db_error().is_some() {
+                Refusal::from_error(error)
+            } else {
+                Refusal::by_pgspool(format!(
+                    "the connection dropped while this table's rows were sent, {count} times \
+                     at the same place ({}): PostgreSQL refuses its COPY before it starts; \
+                     its log says why",
+                    crate::pg::describe(error)
+                ))
+            };
+            self.state.hold_next = vec![(table.clone(), refusal)];
         }
     }
 }

@@ -470,8 +470,9 @@ fn bisect(pending: &mut Vec<(Range<usize>, Part)>, part: Range<usize>) {
     pending.push((part.start..mid, Part::FirstHalf));
 }
 
-/// Whether `unit`'s table takes rows now: it exists, has the unit's columns, and lets
-/// this role insert into them. Asked before COPY because COPY raises these errors before
+/// Whether `unit`'s table takes rows now: it exists, has the unit's columns, lets this
+/// role insert into them, and has no row-level security for this role (COPY FROM refuses
+/// that). Asked before COPY because COPY raises these errors before
 /// it enters COPY mode, where tokio-postgres loses protocol sync and drops the
 /// connection (rust-postgres/rust-postgres#1337); a table dropped between this check and
 /// the COPY costs a reconnect, after which the check sees it.
@@ -495,6 +496,7 @@ pub async fn check_table(
                  WHEN EXISTS (SELECT FROM missing) THEN '42703'
                  WHEN cardinality($2::text[]) = 0 AND NOT has_table_privilege(r.oid, 'INSERT')
                    OR EXISTS (SELECT FROM denied) THEN '42501'
+                 WHEN cardinality($2::text[]) > 0 AND row_security_active(r.oid) THEN '0A000'
                END,
                (SELECT col FROM missing LIMIT 1)
         FROM r";
@@ -509,6 +511,11 @@ pub async fn check_table(
         "42703" => format!(
             "column {:?} of relation {} does not exist",
             row.get::<_, Option<String>>(1).unwrap_or_default(),
+            unit.table
+        ),
+        "0A000" => format!(
+            "COPY FROM is not supported for {} while row-level security applies to this \
+             role: disable it for the table, or let the role bypass it (BYPASSRLS)",
             unit.table
         ),
         _ => format!("permission denied to insert into {}", unit.table),

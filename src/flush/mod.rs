@@ -149,6 +149,8 @@ impl Flusher {
     /// # Errors
     /// [`FatalError`].
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), FatalError> {
+        // What the last run reported stays until this one knows better.
+        self.state.report = FlushReport::read(self.wal.path()).unwrap_or_default();
         let result = self.flush(&shutdown).await;
         if let Err(FatalError::Wal(WalError::Corrupt { damage })) = &result
             && let Err(e) = crate::wal::damage::record(self.wal.path(), damage)
@@ -438,6 +440,16 @@ impl Flusher {
 
     /// A statement timeout halves the batch limits for the next batches.
     fn note_failure(&mut self, e: &FlushFailure) {
+        if self
+            .count_failure(e)
+            .is_some_and(classify::Class::is_timeout)
+        {
+            self.shrink("a batch took longer than PostgreSQL's statement_timeout");
+        }
+    }
+
+    /// Counts `e` in the metrics; returns PostgreSQL's error, if it is one.
+    fn count_failure<'e>(&self, e: &'e FlushFailure) -> Option<&'e tokio_postgres::Error> {
         let error = match e {
             FlushFailure::Postgres(error) | FlushFailure::InTable { error, .. } => Some(error),
             _ => None,
@@ -449,9 +461,7 @@ impl Flusher {
                 .map(|db| db.code().code()),
         };
         self.metrics.flush_error(sqlstate);
-        if error.is_some_and(classify::Class::is_timeout) {
-            self.shrink("a batch took longer than PostgreSQL's statement_timeout");
-        }
+        error
     }
 
     /// Halves the batch limits (down to one row) for the next batches, because `why`.

@@ -244,9 +244,10 @@ pub enum FlushFailure {
     /// statement pgspool runs on its own tables failed).
     #[error("{}", crate::pg::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
-    /// PostgreSQL answered a table's rows with an error of the transient class (a
-    /// statement timeout, a serialization failure a trigger raised, ...): the server and
-    /// the connection are fine, the rows may succeed later.
+    /// A table's rows failed with an error of the transient class (a statement timeout, a
+    /// serialization failure a trigger raised, ...), or the connection dropped while they
+    /// were sent (as it does when PostgreSQL refuses a COPY before it starts:
+    /// rust-postgres/rust-postgres#1337). The rows may succeed later.
     #[error("rows of table {table}: {}", crate::pg::describe(.error))]
     InTable {
         /// The table as its records name it.
@@ -361,7 +362,7 @@ pub async fn commit(
             Err(Stop::Failed {
                 unit: Some(u),
                 error,
-            }) if error.as_db_error().is_some() => {
+            }) => {
                 return Err(FlushFailure::InTable {
                     table: units[u].key.clone(),
                     error,

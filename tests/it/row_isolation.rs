@@ -22,7 +22,7 @@ async fn bad_rows_go_to_dead_letters_and_the_rest_commits() {
     let dir = short_tempdir();
     let mut cfg = config(dir.path(), &pg.url());
     cfg.batch.max_wait = Duration::from_secs(1);
-    let daemon = start_daemon(cfg).await;
+    let daemon = start_daemon(cfg.clone()).await;
     let mut c = client(daemon.socket()).await;
     let body: String = (1..=200)
         .map(|id| format!("{{\"id\":{id},\"note\":\"row {id}\"}}\n"))
@@ -50,6 +50,26 @@ async fn bad_rows_go_to_dead_letters_and_the_rest_commits() {
             .await,
         45
     );
+    let wal = dir.path().join("wal");
+    let report = &status_json(&wal)["flusher"]["tables"]["public.t"];
+    assert_eq!(report["dead_letters"], 45, "{report}");
+    assert_eq!(report["last_error"]["sqlstate"], "23505", "{report}");
+    let reply = c.get("/metrics").await.expect("GET /metrics");
+    let metrics = reply.body.as_str().expect("text");
+    for line in [
+        "pgspool_dead_letters_total{table=\"public.t\"} 45",
+        "pgspool_flush_errors_total{sqlstate_class=\"23\"} 45",
+        "pgspool_tables_held 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
+    daemon.stop().await.expect("stop");
+    // A new run keeps what the last one reported until it knows better.
+    let daemon = start_daemon(cfg).await;
+    flushed(&daemon).await;
+    let report = &status_json(&wal)["flusher"]["tables"]["public.t"];
+    assert_eq!(report["last_error"]["sqlstate"], "23505", "{report}");
+    assert_eq!(report["dead_letters"], 45, "{report}");
     daemon.stop().await.expect("stop");
 }
 
@@ -263,5 +283,95 @@ async fn a_row_that_always_fails_transiently_holds_its_table_not_the_spool() {
         pg.count("SELECT count(*) FROM pgspool.dead_letters").await,
         0
     );
+    daemon.stop().await.expect("stop");
+}
+
+/// Fault: row-level security applies to pgspool's role on `r`, so PostgreSQL refuses its
+/// COPY before it starts (0A000), which drops the connection with tokio-postgres. Load:
+/// rows for `r` and for `o`. `r` is held (asked before the COPY), `o` flows; once row
+/// security is off, `r`'s rows land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_under_row_level_security_is_held_and_the_others_flow() {
+    let pg = Pg::start().await;
+    pg.exec(
+        "CREATE ROLE spool LOGIN;
+         CREATE SCHEMA pgspool AUTHORIZATION spool;
+         CREATE TABLE r (id int); CREATE TABLE o (id int);
+         GRANT SELECT, INSERT ON r, o TO spool;
+         ALTER TABLE r ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY p ON r FOR ALL TO spool USING (true) WITH CHECK (true);",
+    )
+    .await;
+    let url = pg.url().replace("user=postgres", "user=spool");
+    assert_ne!(url, pg.url());
+    let dir = short_tempdir();
+    let daemon = start_daemon(config(dir.path(), &url)).await;
+    let mut c = client(daemon.socket()).await;
+    assert_eq!(post_ndjson(&mut c, "r", "{\"id\":1}\n").await.status, 202);
+    assert_eq!(post_ndjson(&mut c, "o", "{\"id\":2}\n").await.status, 202);
+    wait_until("o's row lands while r is held", || async {
+        pg.count("SELECT count(*) FROM o").await == 1
+    })
+    .await;
+    assert_eq!(
+        pg.count("SELECT count(*) FROM pgspool.held_tables WHERE sqlstate = '0A000'")
+            .await,
+        1
+    );
+    pg.exec("ALTER TABLE r DISABLE ROW LEVEL SECURITY").await;
+    wait_until("r's row lands", || async {
+        pg.count("SELECT count(*) FROM r").await == 1
+    })
+    .await;
+    daemon.stop().await.expect("stop");
+}
+
+/// Fault: table `a` is held while 20,000 of its rows arrive; batches are 50 rows. Load:
+/// once `a` is fixed and its catch-up under way, one row for `b` with `?ack=committed`.
+/// The catch-up goes one batch at a time between the main batches, so `b`'s row is
+/// committed before `a` has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_catch_up_does_not_stop_the_other_tables() {
+    let pg = Pg::start().await;
+    pg.exec("CREATE TABLE a (id int); CREATE TABLE b (id int);")
+        .await;
+    let dir = short_tempdir();
+    let mut cfg = config(dir.path(), &pg.url());
+    cfg.batch.max_rows = 50;
+    let daemon = start_daemon(cfg).await;
+    let mut c = client(daemon.socket()).await;
+    assert_eq!(post_ndjson(&mut c, "a", "{\"id\":0}\n").await.status, 202);
+    flushed(&daemon).await;
+    pg.exec("ALTER TABLE a RENAME TO a_away").await;
+    for chunk in 0..400 {
+        let body: String = (chunk * 50..(chunk + 1) * 50)
+            .map(|id| format!("{{\"id\":{}}}\n", id + 1))
+            .collect();
+        assert_eq!(post_ndjson(&mut c, "a", &body).await.status, 202);
+    }
+    flushed(&daemon).await;
+    assert_eq!(
+        pg.count("SELECT count(*) FROM pgspool.held_tables").await,
+        1
+    );
+    pg.exec("ALTER TABLE a_away RENAME TO a").await;
+    wait_until("a's catch-up is under way", || async {
+        pg.count("SELECT count(*) FROM a").await > 1
+    })
+    .await;
+    let reply = c
+        .post_rows_with("b", "ack=committed", "application/x-ndjson", "{\"id\":1}\n")
+        .await
+        .expect("request");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let loaded = pg.count("SELECT count(*) FROM a").await;
+    assert!(
+        loaded < 20_001,
+        "b waited for all of a's catch-up ({loaded} rows)"
+    );
+    wait_until("a has caught up", || async {
+        pg.count("SELECT count(*) FROM a").await == 20_001
+    })
+    .await;
     daemon.stop().await.expect("stop");
 }
