@@ -65,7 +65,10 @@ impl Flusher {
         for hold in holds {
             let state = match self.state.held.remove(&hold.table) {
                 Some(mut known) => {
+                    // PostgreSQL's hold is the truth: a reader kept from the last session
+                    // may stand elsewhere.
                     known.lsn = hold.lsn;
+                    known.reader = None;
                     known
                 }
                 None => {
