@@ -511,14 +511,7 @@ async fn bad_rows_of_every_kind_are_dead_lettered_and_the_rest_of_the_batch_comm
     flushed(&daemon).await;
     let took = started.elapsed();
 
-    let landed: Vec<i64> = pg
-        .client
-        .query("SELECT rid FROM strict WHERE rid >= 0 ORDER BY rid", &[])
-        .await
-        .expect("rids")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let landed = pg.ids("SELECT rid FROM strict WHERE rid >= 0").await;
     assert_eq!(landed, good, "exactly the good rows land");
 
     let dead = dead_letters(&pg).await;
@@ -809,15 +802,7 @@ async fn flights_with_one_percent_bad_rows_end_split_exactly_between_table_and_d
 
     assert_eq!(good.len() + bad.len(), flights.rows);
     assert_eq!(bad.len(), 3_368);
-    let mut landed: Vec<i64> = pg
-        .client
-        .query("SELECT id FROM flights WHERE id >= 0", &[])
-        .await
-        .expect("ids")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    landed.sort_unstable();
+    let landed = pg.ids("SELECT id FROM flights WHERE id >= 0").await;
     let landed_set: HashSet<i64> = landed.iter().copied().collect();
     let missing: Vec<i64> = good
         .iter()

@@ -233,15 +233,9 @@ async fn rejected_rows_mixed_with_valid_ones_end_in_dead_letters() {
     flushed(&daemon).await;
 
     // The valid rows land, the reject rows do not.
-    let mut landed: Vec<i64> = pg
-        .client
-        .query("SELECT id::bigint FROM edge_cases WHERE id >= 1000", &[])
-        .await
-        .expect("ids")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    landed.sort_unstable();
+    let landed = pg
+        .ids("SELECT id::bigint FROM edge_cases WHERE id >= 1000")
+        .await;
     valid_ids.sort_unstable();
     assert_eq!(landed, valid_ids, "the valid rows land");
     assert_eq!(

@@ -57,6 +57,20 @@ impl Pg {
             .get(0)
     }
 
+    /// The bigints a query returns, one per row, sorted.
+    pub async fn ids(&self, sql: &str) -> Vec<i64> {
+        let mut ids: Vec<i64> = self
+            .client
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Sets a server option for every session, existing and new: `ALTER SYSTEM SET`, then a
     /// configuration reload, then waits until a new session sees the value. For options a
     /// reload can change (`log_statement`, `statement_timeout`, ...), not those that need a
