@@ -1,11 +1,18 @@
 //! The daemon: start-up order, supervision, and shutdown.
 //!
-//! Start: validate the configuration; bind the socket; open and recover the WAL (which
+//! Start: validate the configuration; bind the socket (or take the one systemd passed);
+//! open and recover the WAL (which
 //! starts the writer); load the schema cache; start the flusher and let its first session
 //! check the WAL against PostgreSQL's watermark (a WAL that does not match the database
 //! refuses the start), or find PostgreSQL unreachable (then writes are accepted meanwhile,
 //! and the check comes when it is back); then start the HTTP server. The daemon is ready
-//! (writes are accepted) once [`Daemon::start`] returns.
+//! (writes are accepted) once [`Daemon::start`] returns; [`run_until_signalled`] then
+//! tells systemd `READY=1` (see [`crate::systemd`]).
+//!
+//! Reload ([`Daemon::reload`], SIGHUP): the batch limits, `[ingest] max_body_bytes`,
+//! `[wal] max_bytes`, `[shutdown] drain_timeout` and the log level change at once; the
+//! keys that need a restart are named in the log and keep their old values; a config that
+//! does not parse or validate changes nothing.
 //!
 //! Stop (the shutdown token is cancelled): stop accepting writes (503), let in-flight
 //! requests finish (those waiting with `?ack=committed` are answered by the flusher's
@@ -26,12 +33,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::acks::Acks;
-use crate::config::Config;
-use crate::flush::{FatalError, Flusher};
+use crate::config::{Config, ConfigError};
+use crate::flush::{FatalError, Flusher, Progress};
 use crate::ingest::{self, Ingest, IngestOptions};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::schema::{Catalog, SchemaCache};
+use crate::systemd::{self, NotifyState, Watchdog};
 use crate::wal::{Wal, WalOptions};
 
 /// A running daemon.
@@ -43,7 +51,21 @@ pub struct Daemon {
     committed: watch::Receiver<Lsn>,
     acks: Arc<Acks>,
     socket: PathBuf,
+    config: LiveConfig,
     supervisor: JoinHandle<anyhow::Result<()>>,
+}
+
+/// The running daemon's configuration, which a reload changes; clones share it.
+#[derive(Debug, Clone)]
+pub struct LiveConfig(Arc<watch::Sender<Config>>);
+
+/// What a [`Daemon::reload`] changed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reloaded {
+    /// The live keys whose value changed, as `key: old -> new`.
+    pub applied: Vec<String>,
+    /// The sections or keys that changed but take effect only after a restart.
+    pub need_restart: Vec<&'static str>,
 }
 
 impl Daemon {
@@ -54,24 +76,54 @@ impl Daemon {
     /// When the configuration is invalid, the WAL cannot be opened or recovered (locked by
     /// another daemon, damaged), or the socket cannot be bound.
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+        Daemon::start_on(config, None).await
+    }
+
+    /// Starts a daemon like [`Daemon::start`], listening on `activated` (the socket
+    /// systemd passed, see [`systemd::take_activated_socket`]) instead of binding
+    /// `[listen] socket` when it is given. That socket file belongs to systemd: it is left
+    /// in place at stop.
+    ///
+    /// # Errors
+    /// As [`Daemon::start`].
+    pub async fn start_on(
+        config: Config,
+        activated: Option<std::os::unix::net::UnixListener>,
+    ) -> anyhow::Result<Daemon> {
         config.validate()?;
         let url = config.postgres.url.as_deref().unwrap_or_default();
         let pg = crate::pg::parse_url(url, config.postgres.connect_timeout)
             .context("invalid PostgreSQL connection string")?;
         // The socket first: a live daemon on it, or a file in the way, is refused before
         // the WAL is touched.
-        let socket = config.listen.socket.clone();
-        let listener = ingest::bind(&socket).await?;
+        let (listener, socket) = match activated {
+            Some(listener) => {
+                let listener = tokio::net::UnixListener::from_std(listener)
+                    .context("cannot use the socket systemd passed")?;
+                let path = listener
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(PathBuf::from))
+                    .unwrap_or_else(|| config.listen.socket.clone());
+                info!(socket = %path.display(), "listening on the socket systemd passed");
+                (listener, Socket::Activated(path))
+            }
+            None => {
+                let path = config.listen.socket.clone();
+                (ingest::bind(&path).await?, Socket::Bound(path))
+            }
+        };
         let wal = match open_wal(&config).await {
             Ok(wal) => wal,
             Err(e) => {
-                let _ = std::fs::remove_file(&socket);
+                socket.remove();
                 return Err(e);
             }
         };
         let spool_id = wal.dir().spool_id();
         let schemas = Arc::new(SchemaCache::load(&config.wal.dir));
         let shutdown = CancellationToken::new();
+        let (config_tx, config_rx) = watch::channel(config.clone());
         let (committed_tx, committed) = watch::channel(Lsn::ZERO);
         // Requests with ?ack=committed, answered as the flusher reports its commits.
         let acks = Arc::new(Acks::new());
@@ -83,13 +135,15 @@ impl Daemon {
             wal: Arc::clone(wal.dir()),
             durable: wal.durable(),
             committed: committed_tx,
-            limits: config.batch.clone(),
+            config: config_rx.clone(),
             schemas: Arc::clone(&schemas),
             checked: Some(checked_tx),
             acks: Arc::clone(&acks),
             metrics: Arc::clone(&metrics),
             state: crate::flush::FlushState::default(),
+            progress: Progress::default(),
         };
+        let progress = flusher.progress.clone();
         let durable = wal.durable();
         let stop_flusher = CancellationToken::new();
         let mut flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
@@ -98,7 +152,7 @@ impl Daemon {
         let wait = config.postgres.connect_timeout + Duration::from_secs(1);
         if let Ok(Err(_)) = tokio::time::timeout(wait, checked).await {
             // The flusher stopped before the check: a WAL that does not match the database.
-            let _ = std::fs::remove_file(&socket);
+            socket.remove();
             let _ = wal.close().await;
             return Err(match (&mut flusher).await {
                 Ok(Err(e)) => {
@@ -113,8 +167,7 @@ impl Daemon {
             wal: Arc::clone(wal.dir()),
             schemas,
             catalog: Catalog::new(pg),
-            max_body_bytes: config.ingest.max_body_bytes,
-            max_wal_bytes: config.wal.max_bytes,
+            config: config_rx.clone(),
             acks: Arc::clone(&acks),
             metrics,
         }));
@@ -131,8 +184,13 @@ impl Daemon {
             wal,
             shutdown: shutdown.clone(),
             socket: socket.clone(),
-            drain_timeout: config.shutdown.drain_timeout,
+            config: config_rx,
+            service: vec![
+                tokio::spawn(ping_watchdog(progress)),
+                tokio::spawn(report_status(durable.clone(), committed.clone())),
+            ],
         };
+        let socket = socket.path().to_path_buf();
         info!(socket = %socket.display(), "accepting writes");
         Ok(Daemon {
             spool_id,
@@ -141,8 +199,15 @@ impl Daemon {
             committed,
             acks,
             socket,
+            config: LiveConfig(Arc::new(config_tx)),
             supervisor: tokio::spawn(running.supervise()),
         })
+    }
+
+    /// The configuration, to reload it while the daemon runs.
+    #[must_use]
+    pub fn config(&self) -> LiveConfig {
+        self.config.clone()
     }
 
     /// The spool's id (the key of its watermark in PostgreSQL).
@@ -208,6 +273,84 @@ impl Daemon {
     }
 }
 
+impl LiveConfig {
+    /// The configuration now.
+    #[must_use]
+    pub fn current(&self) -> Config {
+        self.0.borrow().clone()
+    }
+
+    /// Applies what can change live from `new` (see the module docs): the rest keeps its
+    /// old value and is named in [`Reloaded::need_restart`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when the configuration that would result is not valid;
+    /// nothing changes then.
+    pub fn reload(&self, new: &Config) -> Result<Reloaded, ConfigError> {
+        let old = self.current();
+        let mut next = old.clone();
+        next.batch = new.batch.clone();
+        next.ingest = new.ingest.clone();
+        next.wal.max_bytes = new.wal.max_bytes;
+        next.shutdown = new.shutdown.clone();
+        next.log.level.clone_from(&new.log.level);
+        next.validate()?;
+        let mut reloaded = Reloaded::default();
+        for (key, was, now) in [
+            (
+                "[batch] max_rows",
+                old.batch.max_rows.to_string(),
+                next.batch.max_rows.to_string(),
+            ),
+            (
+                "[batch] max_bytes",
+                old.batch.max_bytes.to_string(),
+                next.batch.max_bytes.to_string(),
+            ),
+            (
+                "[batch] max_wait",
+                format!("{:?}", old.batch.max_wait),
+                format!("{:?}", next.batch.max_wait),
+            ),
+            (
+                "[ingest] max_body_bytes",
+                old.ingest.max_body_bytes.to_string(),
+                next.ingest.max_body_bytes.to_string(),
+            ),
+            (
+                "[wal] max_bytes",
+                old.wal.max_bytes.to_string(),
+                next.wal.max_bytes.to_string(),
+            ),
+            (
+                "[shutdown] drain_timeout",
+                format!("{:?}", old.shutdown.drain_timeout),
+                format!("{:?}", next.shutdown.drain_timeout),
+            ),
+            ("[log] level", old.log.level.clone(), next.log.level.clone()),
+        ] {
+            if was != now {
+                reloaded.applied.push(format!("{key}: {was} -> {now}"));
+            }
+        }
+        for (key, differs) in [
+            ("[listen]", new.listen != old.listen),
+            ("[postgres]", new.postgres != old.postgres),
+            ("[wal] dir", new.wal.dir != old.wal.dir),
+            (
+                "[wal] segment_bytes",
+                new.wal.segment_bytes != old.wal.segment_bytes,
+            ),
+        ] {
+            if differs {
+                reloaded.need_restart.push(key);
+            }
+        }
+        self.0.send_replace(next);
+        Ok(reloaded)
+    }
+}
+
 /// Opens and recovers the WAL (which starts the writer) and logs what recovery found.
 async fn open_wal(config: &Config) -> anyhow::Result<Wal> {
     let options = WalOptions {
@@ -233,6 +376,75 @@ async fn open_wal(config: &Config) -> anyhow::Result<Wal> {
 /// How long, past the drain timeout, requests waiting for a commit get to send their 503.
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
+/// The socket the daemon listens on: bound by it (its file removed at stop), or passed by
+/// systemd (its file belongs to the socket unit).
+#[derive(Debug, Clone)]
+enum Socket {
+    Bound(PathBuf),
+    Activated(PathBuf),
+}
+
+impl Socket {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Socket::Bound(path) | Socket::Activated(path) => path,
+        }
+    }
+
+    /// Removes the socket file, if the daemon bound it.
+    fn remove(&self) {
+        if let Socket::Bound(path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Pings the systemd watchdog, if one is enabled, while the flusher shows progress.
+async fn ping_watchdog(progress: Progress) {
+    let Some(watchdog) = Watchdog::from_env() else {
+        return;
+    };
+    info!(interval = ?watchdog.interval, "systemd watchdog enabled");
+    let mut every = tokio::time::interval(watchdog.ping_every());
+    let mut stalled = false;
+    loop {
+        every.tick().await;
+        let since = progress.since();
+        if since <= watchdog.progress_within() {
+            systemd::notify(&[NotifyState::Watchdog]);
+            stalled = false;
+        } else if !stalled {
+            stalled = true;
+            warn!(
+                since = ?since,
+                "the flusher has shown no progress (a COPY or COMMIT that does not return?):                  not pinging the systemd watchdog, which restarts pgspool after WatchdogSec"
+            );
+        }
+    }
+}
+
+/// Sends systemd a `STATUS=` line with the backlog whenever it changes.
+async fn report_status(durable: watch::Receiver<Lsn>, committed: watch::Receiver<Lsn>) {
+    let mut sent = String::new();
+    let mut every = tokio::time::interval(systemd::STATUS_EVERY);
+    loop {
+        every.tick().await;
+        let status = status_line(*durable.borrow(), *committed.borrow());
+        if status != sent {
+            systemd::notify(&[NotifyState::Status(&status)]);
+            sent = status;
+        }
+    }
+}
+
+/// The `STATUS=` line: the backlog in rows (one LSN per row).
+fn status_line(durable: Lsn, committed: Lsn) -> String {
+    format!(
+        "accepting writes; backlog {} rows (durable LSN {durable}, watermark {committed})",
+        durable.0.saturating_sub(committed.0)
+    )
+}
+
 /// The parts of a running daemon, which [`Running::supervise`] stops in order.
 struct Running {
     wal: Wal,
@@ -242,8 +454,10 @@ struct Running {
     flusher: JoinHandle<Result<(), FatalError>>,
     stop_flusher: CancellationToken,
     shutdown: CancellationToken,
-    socket: PathBuf,
-    drain_timeout: Duration,
+    socket: Socket,
+    config: watch::Receiver<Config>,
+    /// The watchdog and status tasks, ended once stopped.
+    service: Vec<JoinHandle<()>>,
 }
 
 impl Running {
@@ -263,8 +477,10 @@ impl Running {
         if let Some(e) = &fatal {
             error!(error = format!("{e:#}"), "stopping on a fatal error");
         }
+        systemd::notify(&[NotifyState::Stopping]);
         info!("stopping: no new writes; finishing requests in flight");
-        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        let drain_timeout = self.config.borrow().shutdown.drain_timeout;
+        let deadline = tokio::time::Instant::now() + drain_timeout;
         self.ingest.stop_accepting();
         self.shutdown.cancel();
         if fatal.is_some() {
@@ -282,22 +498,25 @@ impl Running {
                 .await
                 .is_err()
             {
-                warn!(timeout = ?self.drain_timeout, "drain timeout: connections still open are abandoned");
+                warn!(timeout = ?drain_timeout, "drain timeout: connections still open are abandoned");
                 self.server.abort();
             }
         }
         self.acks.close();
-        let _ = std::fs::remove_file(&self.socket);
+        self.socket.remove();
         if !self.flusher.is_finished() {
             self.stop_flusher.cancel();
             match tokio::time::timeout_at(deadline, &mut self.flusher).await {
                 Ok(Ok(Err(e))) => warn!(error = %e, "the flusher stopped with an error"),
                 Ok(_) => {}
                 Err(_) => {
-                    warn!(timeout = ?self.drain_timeout, "drain timeout: rows not flushed stay in the WAL");
+                    warn!(timeout = ?drain_timeout, "drain timeout: rows not flushed stay in the WAL");
                     self.flusher.abort();
                 }
             }
+        }
+        for task in &self.service {
+            task.abort();
         }
         self.wal.close().await.context("closing the WAL")?;
         info!("stopped");
@@ -305,22 +524,54 @@ impl Running {
     }
 }
 
+/// How `pgspool run` runs the daemon as a service.
+pub struct Service {
+    /// The socket systemd passed (socket activation), if any.
+    pub activated: Option<std::os::unix::net::UnixListener>,
+    /// Reads the configuration again (the file, with the command line's flags) on SIGHUP.
+    pub reread: Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>,
+    /// Changes the log filter on SIGHUP.
+    ///
+    /// # Errors
+    /// A filter that cannot be applied: the message says why.
+    pub set_log_filter: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+}
+
 /// Runs a daemon until SIGTERM or SIGINT, then stops it gracefully; a second signal exits
-/// at once (the WAL keeps everything acknowledged).
+/// at once (the WAL keeps everything acknowledged). SIGHUP reloads the configuration
+/// (see the module docs). Tells systemd `READY=1` once writes are accepted, and
+/// `RELOADING=1` and `STOPPING=1` as they happen (see [`crate::systemd`]).
 ///
 /// # Errors
 /// When the daemon cannot start, or stops on a fatal error.
-pub async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
+pub async fn run_until_signalled(config: Config, service: Service) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
-    let daemon = Daemon::start(config).await?;
+    let mut hup = signal(SignalKind::hangup()).context("install the SIGHUP handler")?;
+    let Service {
+        activated,
+        reread,
+        set_log_filter,
+    } = service;
+    let daemon = Daemon::start_on(config, activated).await?;
+    systemd::notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&status_line(
+            *daemon.durable.borrow(),
+            *daemon.committed.borrow(),
+        )),
+    ]);
     let token = daemon.shutdown_token();
+    let live = daemon.config();
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            () = token.cancelled() => return,
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => reload(&live, &*reread, &*set_log_filter),
+                () = token.cancelled() => return,
+            }
         }
         info!("signal received: stopping gracefully (signal again to exit at once)");
         token.cancel();
@@ -332,4 +583,42 @@ pub async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         std::process::exit(1);
     });
     daemon.wait().await
+}
+
+/// Re-reads the configuration and applies what can change live; a configuration that
+/// cannot be read or is not valid leaves the old one running.
+fn reload(
+    live: &LiveConfig,
+    reread: &(dyn Fn() -> Result<Config, ConfigError> + Send + Sync),
+    set_log_filter: &(dyn Fn(&str) -> Result<(), String> + Send + Sync),
+) {
+    systemd::notify(&[NotifyState::Reloading]);
+    info!("SIGHUP: re-reading the configuration");
+    let reloaded = reread().and_then(|new| live.reload(&new));
+    match reloaded {
+        Err(e) => error!(
+            error = %e,
+            "the configuration was not reloaded; the old one stays in force (fix the file and \
+             send SIGHUP again)"
+        ),
+        Ok(reloaded) => {
+            if let Err(e) = set_log_filter(&live.current().log.level) {
+                warn!(error = %e, "the log level was not changed");
+            }
+            if reloaded.applied.is_empty() {
+                info!("configuration reloaded: nothing that can change live changed");
+            }
+            for change in &reloaded.applied {
+                info!(change = %change, "configuration reloaded");
+            }
+            for key in &reloaded.need_restart {
+                warn!(
+                    key,
+                    "this setting changed in the file but takes effect only after a restart \
+                     (systemctl restart pgspool); the old value stays in force"
+                );
+            }
+        }
+    }
+    systemd::notify(&[NotifyState::Ready]);
 }

@@ -30,5 +30,6 @@ pub mod rowgroup;
 pub mod rows;
 pub mod schema;
 pub mod status;
+pub mod systemd;
 pub mod table;
 pub mod wal;

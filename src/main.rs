@@ -20,6 +20,17 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // Before any thread starts: reading the socket systemd passed clears LISTEN_FDS.
+    let activated = match &cli.command {
+        Command::Run(_) => match pgspool::systemd::take_activated_socket() {
+            Ok(activated) => activated,
+            Err(e) => {
+                eprintln!("pgspool: error: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        },
+        _ => None,
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -27,7 +38,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, activated)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("pgspool: error: {e:#}");
@@ -40,13 +51,21 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn run(
+    cli: Cli,
+    activated: Option<std::os::unix::net::UnixListener>,
+) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
             let config = args.config()?;
             init_logging(&config.log.level);
             config.validate()?;
-            pgspool::app::run_until_signalled(config).await?;
+            let service = pgspool::app::Service {
+                activated,
+                reread: Box::new(move || args.config()),
+                set_log_filter: Box::new(|_| Ok(())),
+            };
+            pgspool::app::run_until_signalled(config, service).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(args) => {

@@ -26,7 +26,9 @@ pub mod report;
 pub mod transaction;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -35,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::acks::{Acks, DeadLetterAck, HeldTable};
-use crate::config::{BatchConfig, PostgresConfig};
+use crate::config::{BatchConfig, Config, PostgresConfig};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::schema::SchemaCache;
@@ -98,8 +100,9 @@ pub struct Flusher {
     pub durable: watch::Receiver<Lsn>,
     /// Where the committed watermark is published.
     pub committed: watch::Sender<Lsn>,
-    /// Batch limits.
-    pub limits: BatchConfig,
+    /// The configuration, changed live by a reload: the flusher follows its `[batch]`
+    /// limits.
+    pub config: watch::Receiver<Config>,
     /// Table schemas, for rows kept as JSON.
     pub schemas: Arc<SchemaCache>,
     /// Signalled once the first session has checked the WAL against PostgreSQL's
@@ -111,6 +114,63 @@ pub struct Flusher {
     pub metrics: Arc<Metrics>,
     /// What the flusher learns as it runs; [`FlushState::default`] to start.
     pub state: FlushState,
+    /// Where the flusher shows it goes round its loop, for the systemd watchdog.
+    pub progress: Progress,
+}
+
+/// When the flusher last showed progress: it went round its loop, or it waits (for rows,
+/// for a batch to be due, before a retry) and is not stuck. The systemd watchdog pings
+/// only while this is recent (see [`crate::systemd::Watchdog`]). A COPY or COMMIT under
+/// way shows nothing until it returns. Clones share the clock.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    origin: Instant,
+    /// Milliseconds from `origin` to the last sign of progress.
+    last_ms: Arc<AtomicU64>,
+}
+
+/// How often a waiting flusher shows progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            origin: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Progress {
+    /// Records progress now.
+    pub fn tick(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long ago the flusher last showed progress.
+    #[must_use]
+    pub fn since(&self) -> Duration {
+        self.origin
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Awaits `wait`, showing progress meanwhile: for waits that are the flusher's normal
+    /// idle (not for work that could hang).
+    async fn waiting<F: Future>(&self, wait: F) -> F::Output {
+        let mut wait = std::pin::pin!(wait);
+        let mut every = tokio::time::interval(PROGRESS_EVERY);
+        loop {
+            tokio::select! {
+                out = &mut wait => {
+                    self.tick();
+                    return out;
+                }
+                _ = every.tick() => self.tick(),
+            }
+        }
+    }
 }
 
 /// What the flusher learns as it runs.
@@ -172,12 +232,17 @@ impl Flusher {
                     let wait = jitter(delay);
                     warn!(error = %why, retry_in = ?wait, "flush failed; the rows stay in the WAL");
                     delay = (delay * 2).min(self.postgres.retry_max);
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = shutdown.cancelled() => {
-                            info!("stopping with rows left in the WAL; they are sent after the next start");
-                            return Ok(());
+                    let paused = self.progress.waiting(async {
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => true,
+                            () = shutdown.cancelled() => false,
                         }
+                    });
+                    if !paused.await {
+                        info!(
+                            "stopping with rows left in the WAL; they are sent after the next start"
+                        );
+                        return Ok(());
                     }
                 }
             }
@@ -266,6 +331,7 @@ impl Flusher {
         let backlog_rows = self.durable.borrow().0 - watermark.0;
         info!(watermark = %watermark, backlog_rows, held_tables = self.state.held.len(), "connected to PostgreSQL; flushing from the watermark");
         loop {
+            self.progress.tick();
             if let Err(e) = self.catch_up(&mut client, watermark).await? {
                 return retry(&e);
             }
@@ -431,10 +497,12 @@ impl Flusher {
 
     /// The batch limits, halved `shrink` times (to one row at least).
     fn limits(&self) -> BatchConfig {
+        let config = self.config.borrow();
+        let limits = &config.batch;
         BatchConfig {
-            max_rows: (self.limits.max_rows >> self.state.shrink).max(1),
-            max_bytes: (self.limits.max_bytes >> self.state.shrink).max(1),
-            max_wait: self.limits.max_wait,
+            max_rows: (limits.max_rows >> self.state.shrink).max(1),
+            max_bytes: (limits.max_bytes >> self.state.shrink).max(1),
+            max_wait: limits.max_wait,
         }
     }
 
@@ -499,6 +567,7 @@ impl Flusher {
     ) -> Result<(WalReader, Batch), FatalError> {
         let mut batch = Batch::default();
         loop {
+            self.progress.tick();
             let durable = *self.durable.borrow_and_update();
             let limits = self.limits();
             let fill_limits = limits.clone();
@@ -514,16 +583,20 @@ impl Flusher {
                 return Ok((reader, batch));
             }
             let due = batch.due();
-            tokio::select! {
-                changed = self.durable.changed() => {
-                    if changed.is_err() && !self.more_durable(durable) {
-                        // The writer stopped; nothing more will come.
-                        return Ok((reader, batch));
-                    }
+            let durable_rx = &mut self.durable;
+            let woke = self.progress.waiting(async {
+                tokio::select! {
+                    changed = durable_rx.changed() => Wake::Durable(changed.is_ok()),
+                    () = sleep_until(due) => Wake::Due,
+                    () = sleep_until(wake) => Wake::Due,
+                    () = shutdown.cancelled(), if !shutdown.is_cancelled() => Wake::Shutdown,
                 }
-                () = sleep_until(due) => return Ok((reader, batch)),
-                () = sleep_until(wake) => return Ok((reader, batch)),
-                () = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
+            });
+            match woke.await {
+                // The writer stopped; nothing more will come.
+                Wake::Durable(false) if !self.more_durable(durable) => return Ok((reader, batch)),
+                Wake::Due => return Ok((reader, batch)),
+                Wake::Durable(_) | Wake::Shutdown => {}
             }
         }
     }
@@ -630,6 +703,16 @@ fn fill_result(filled: Result<(), FillError>) -> Result<(), FatalError> {
         Err(FillError::Wal(e)) => Err(e.into()),
         Err(e @ FillError::Malformed { .. }) => Err(FatalError::Malformed(e.to_string())),
     }
+}
+
+/// Why a flusher waiting for rows woke up.
+enum Wake {
+    /// The durable LSN moved (`true`), or the writer stopped (`false`).
+    Durable(bool),
+    /// The batch is due, or a held table's retry.
+    Due,
+    /// Shutdown was asked for.
+    Shutdown,
 }
 
 async fn sleep_until(due: Option<std::time::Instant>) {

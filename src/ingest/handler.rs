@@ -35,9 +35,11 @@ use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use percent_encoding::percent_decode_str;
 use serde_json::json;
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::acks::{Acks, Outcome};
+use crate::config::Config;
 use crate::lsn::LsnRange;
 use crate::metrics::{Metrics, RefusalReason};
 use crate::rowgroup::RowGroup;
@@ -56,8 +58,7 @@ pub struct Ingest {
     wal: Arc<WalDir>,
     schemas: Arc<SchemaCache>,
     catalog: Catalog,
-    max_body_bytes: u64,
-    max_wal_bytes: u64,
+    config: watch::Receiver<Config>,
     metrics: Arc<Metrics>,
     acks: Arc<Acks>,
 }
@@ -73,10 +74,10 @@ pub struct IngestOptions {
     pub schemas: Arc<SchemaCache>,
     /// Reads table schemas from PostgreSQL.
     pub catalog: Catalog,
-    /// Bodies above this many bytes get 413.
-    pub max_body_bytes: u64,
-    /// Writes that would take the WAL above this many bytes get 503 (`[wal] max_bytes`).
-    pub max_wal_bytes: u64,
+    /// The configuration, changed live by a reload: bodies above `[ingest]
+    /// max_body_bytes` get 413, writes that would take the WAL above `[wal] max_bytes` get
+    /// 503.
+    pub config: watch::Receiver<Config>,
     /// Requests with `?ack=committed` wait here for the flusher's commits.
     pub acks: Arc<Acks>,
     /// The daemon's metrics, shared with the flusher.
@@ -102,8 +103,7 @@ impl Ingest {
             wal: options.wal,
             schemas: options.schemas,
             catalog: options.catalog,
-            max_body_bytes: options.max_body_bytes,
-            max_wal_bytes: options.max_wal_bytes,
+            config: options.config,
             acks: options.acks,
         }
     }
@@ -114,7 +114,8 @@ impl Ingest {
     /// appended at the same moment may take the WAL past the limit by their own size.
     fn check_backlog(&self, bytes: u64) -> Result<(), Refusal> {
         let held = self.wal.bytes();
-        if held + bytes <= self.max_wal_bytes {
+        let max_wal_bytes = self.config.borrow().wal.max_bytes;
+        if held + bytes <= max_wal_bytes {
             return Ok(());
         }
         self.metrics.refused(RefusalReason::BacklogFull);
@@ -124,7 +125,7 @@ impl Ingest {
                 "the WAL holds {held} bytes and [wal] max_bytes is {}: PostgreSQL is not \
                  keeping up (or is down). Nothing of this request was kept, and nothing held is \
                  evicted; retry later",
-                self.max_wal_bytes
+                max_wal_bytes
             ),
         ))
     }
@@ -355,13 +356,14 @@ impl Ingest {
     }
 
     async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, Refusal> {
+        let max_body_bytes = self.config.borrow().ingest.max_body_bytes;
         let too_large = || {
             Refusal::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
                     "the body is larger than the limit of {} bytes ([ingest] max_body_bytes); \
                      send fewer rows per request",
-                    self.max_body_bytes
+                    max_body_bytes
                 ),
             )
         };
@@ -370,10 +372,10 @@ impl Ingest {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body_bytes) {
+        if declared.is_some_and(|n| n > max_body_bytes) {
             return Err(too_large());
         }
-        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        let limit = usize::try_from(max_body_bytes).unwrap_or(usize::MAX);
         match Limited::new(request.into_body(), limit).collect().await {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),

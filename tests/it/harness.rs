@@ -217,6 +217,18 @@ impl DaemonProcess {
     /// and returns at once: call [`DaemonProcess::wait_ready`] before sending requests.
     /// The daemon's stderr is appended to `dir/daemon-<test pid>.log`.
     pub fn start(wrapper: &[&OsStr], dir: &Path, url: &str, extra: &[&str]) -> DaemonProcess {
+        DaemonProcess::start_with_env(wrapper, dir, url, extra, &[])
+    }
+
+    /// Spawns `pgspool run` like [`DaemonProcess::start`], with `env` added to its
+    /// environment.
+    pub fn start_with_env(
+        wrapper: &[&OsStr],
+        dir: &Path,
+        url: &str,
+        extra: &[&str],
+        env: &[(&str, &OsStr)],
+    ) -> DaemonProcess {
         let socket = dir.join("s.sock");
         let log = dir.join(format!("daemon-{}.log", std::process::id()));
         let log_file = std::fs::OpenOptions::new()
@@ -243,6 +255,7 @@ impl DaemonProcess {
             .arg(url)
             .args(extra)
             .env("RUST_LOG", "pgspool=debug,info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
