@@ -6,6 +6,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use uuid::Uuid;
 
 use crate::config::{Config, ConfigError};
+use crate::logging::LogFormat;
 
 /// pgspool: a write buffer for PostgreSQL. Applications send rows as JSON over a local Unix
 /// socket; pgspool makes them durable in its own write-ahead log before it answers, then
@@ -64,6 +65,10 @@ pub struct RunArgs {
     /// Log filter, e.g. info or pgspool=debug [config: log.level; RUST_LOG wins].
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Log lines as text (with timestamps, without them when stderr is the journal) or as
+    /// JSON objects for log shippers [config: log.format].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
 }
 
 impl RunArgs {
@@ -81,6 +86,9 @@ impl RunArgs {
         }
         if let Some(level) = &self.log_level {
             config.log.level.clone_from(level);
+        }
+        if let Some(format) = self.log_format {
+            config.log.format = format;
         }
         Ok(config)
     }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::logging::LogFormat;
+
 /// Errors in the configuration: exit code 78 (EX_CONFIG).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -188,12 +190,16 @@ pub struct LogConfig {
     /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or a
     /// `tracing_subscriber` directive list. `RUST_LOG` overrides it. Default `info`.
     pub level: String,
+    /// `text` (lines with a timestamp, without one when stderr is the journal) or `json`
+    /// (one object per line, for log shippers). Default `text`.
+    pub format: LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".to_string(),
+            format: LogFormat::Text,
         }
     }
 }

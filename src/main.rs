@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use pgspool::cli::{Cli, Command, DeadLettersCommand};
 use pgspool::config::ConfigError;
-use tracing_subscriber::EnvFilter;
+use pgspool::logging::{self, LogFormat};
 
 const EX_USAGE: u8 = 64;
 const EX_CONFIG: u8 = 78;
@@ -58,7 +58,7 @@ async fn run(
     match cli.command {
         Command::Run(args) => {
             let config = args.config()?;
-            init_logging(&config.log.level);
+            let _log = logging::init(&config.log.level, config.log.format);
             config.validate()?;
             let service = pgspool::app::Service {
                 activated,
@@ -69,35 +69,24 @@ async fn run(
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(args) => {
-            init_logging("warn");
+            logging::init("warn", LogFormat::Text);
             pgspool::status::run(&args)
         }
         Command::Quarantine(args) => {
-            init_logging("error");
+            logging::init("error", LogFormat::Text);
             pgspool::quarantine::run(&args)
         }
         Command::DeadLetters(args) => {
-            init_logging("warn");
+            logging::init("warn", LogFormat::Text);
             match &args.command {
                 DeadLettersCommand::List(args) => pgspool::dead_letters::list(args).await,
                 DeadLettersCommand::Retry(args) => pgspool::dead_letters::retry(args).await,
             }
         }
         Command::Demo(args) => {
-            init_logging("warn");
+            logging::init("warn", LogFormat::Text);
             pgspool::demo::run(&args).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-fn init_logging(level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }

@@ -215,7 +215,7 @@ impl DaemonProcess {
     /// Spawns `pgspool run` with the given arguments, run by `wrapper` (a program and its
     /// arguments, such as `fiu-run -x`, which then runs the binary) when it is not empty,
     /// and returns at once: call [`DaemonProcess::wait_ready`] before sending requests.
-    /// The daemon's stderr is appended to `dir/daemon-<test pid>.log`.
+    /// The daemon's stderr is appended to [`DaemonProcess::log_path`].
     pub fn start(wrapper: &[&OsStr], dir: &Path, url: &str, extra: &[&str]) -> DaemonProcess {
         DaemonProcess::start_with_env(wrapper, dir, url, extra, &[])
     }
@@ -230,7 +230,7 @@ impl DaemonProcess {
         env: &[(&str, &OsStr)],
     ) -> DaemonProcess {
         let socket = dir.join("s.sock");
-        let log = dir.join(format!("daemon-{}.log", std::process::id()));
+        let log = DaemonProcess::log_path(dir);
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -261,6 +261,11 @@ impl DaemonProcess {
             .spawn()
             .expect("spawn pgspool");
         DaemonProcess { child, socket, log }
+    }
+
+    /// The file [`DaemonProcess::start`] appends the daemon's stderr to, in `dir`.
+    pub fn log_path(dir: &Path) -> PathBuf {
+        dir.join(format!("daemon-{}.log", std::process::id()))
     }
 
     /// Waits until `/healthz` answers; panics if the process exits first or after
