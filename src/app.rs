@@ -36,6 +36,7 @@ use crate::acks::Acks;
 use crate::config::{Config, ConfigError};
 use crate::flush::{FatalError, Flusher, Progress};
 use crate::ingest::{self, Ingest, IngestOptions};
+use crate::logging::LogHandle;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::schema::{Catalog, SchemaCache};
@@ -341,6 +342,7 @@ impl LiveConfig {
                 "[wal] segment_bytes",
                 new.wal.segment_bytes != old.wal.segment_bytes,
             ),
+            ("[log] format", new.log.format != old.log.format),
         ] {
             if differs {
                 reloaded.need_restart.push(key);
@@ -530,11 +532,8 @@ pub struct Service {
     pub activated: Option<std::os::unix::net::UnixListener>,
     /// Reads the configuration again (the file, with the command line's flags) on SIGHUP.
     pub reread: Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>,
-    /// Changes the log filter on SIGHUP.
-    ///
-    /// # Errors
-    /// A filter that cannot be applied: the message says why.
-    pub set_log_filter: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    /// The logger, whose filter SIGHUP changes.
+    pub log: LogHandle,
 }
 
 /// Runs a daemon until SIGTERM or SIGINT, then stops it gracefully; a second signal exits
@@ -552,7 +551,7 @@ pub async fn run_until_signalled(config: Config, service: Service) -> anyhow::Re
     let Service {
         activated,
         reread,
-        set_log_filter,
+        log,
     } = service;
     let daemon = Daemon::start_on(config, activated).await?;
     systemd::notify(&[
@@ -569,7 +568,7 @@ pub async fn run_until_signalled(config: Config, service: Service) -> anyhow::Re
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => reload(&live, &*reread, &*set_log_filter),
+                _ = hup.recv() => reload(&live, &*reread, &log),
                 () = token.cancelled() => return,
             }
         }
@@ -590,7 +589,7 @@ pub async fn run_until_signalled(config: Config, service: Service) -> anyhow::Re
 fn reload(
     live: &LiveConfig,
     reread: &(dyn Fn() -> Result<Config, ConfigError> + Send + Sync),
-    set_log_filter: &(dyn Fn(&str) -> Result<(), String> + Send + Sync),
+    log: &LogHandle,
 ) {
     systemd::notify(&[NotifyState::Reloading]);
     info!("SIGHUP: re-reading the configuration");
@@ -602,7 +601,7 @@ fn reload(
              send SIGHUP again)"
         ),
         Ok(reloaded) => {
-            if let Err(e) = set_log_filter(&live.current().log.level) {
+            if let Err(e) = log.set_filter(&live.current().log.level) {
                 warn!(error = %e, "the log level was not changed");
             }
             if reloaded.applied.is_empty() {

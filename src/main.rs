@@ -58,12 +58,12 @@ async fn run(
     match cli.command {
         Command::Run(args) => {
             let config = args.config()?;
-            let _log = logging::init(&config.log.level, config.log.format);
+            let log = logging::init(&config.log.level, config.log.format);
             config.validate()?;
             let service = pgspool::app::Service {
                 activated,
                 reread: Box::new(move || args.config()),
-                set_log_filter: Box::new(|_| Ok(())),
+                log,
             };
             pgspool::app::run_until_signalled(config, service).await?;
             Ok(ExitCode::SUCCESS)
