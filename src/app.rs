@@ -30,9 +30,9 @@ use crate::config::Config;
 use crate::flush::{FatalError, Flusher};
 use crate::ingest::{self, Ingest, IngestOptions};
 use crate::lsn::Lsn;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WalMetrics};
 use crate::schema::{Catalog, SchemaCache};
-use crate::wal::{Wal, WalOptions};
+use crate::wal::{CommitObserver, Wal, WalOptions};
 
 /// A running daemon.
 #[derive(Debug)]
@@ -62,7 +62,9 @@ impl Daemon {
         // the WAL is touched.
         let socket = config.listen.socket.clone();
         let listener = ingest::bind(&socket).await?;
-        let wal = match open_wal(&config).await {
+        // The writer's metrics exist before the WAL, which starts the writer.
+        let wal_metrics = WalMetrics::default();
+        let wal = match open_wal(&config, Arc::new(wal_metrics.clone())).await {
             Ok(wal) => wal,
             Err(e) => {
                 let _ = std::fs::remove_file(&socket);
@@ -75,7 +77,7 @@ impl Daemon {
         let (committed_tx, committed) = watch::channel(Lsn::ZERO);
         // Requests with ?ack=committed, answered as the flusher reports its commits.
         let acks = Arc::new(Acks::new());
-        let metrics = Arc::new(Metrics::new(Arc::clone(wal.dir())));
+        let metrics = Arc::new(Metrics::new(&wal, wal_metrics));
         let (checked_tx, checked) = oneshot::channel();
         let flusher = Flusher {
             pg: pg.clone(),
@@ -208,11 +210,13 @@ impl Daemon {
     }
 }
 
-/// Opens and recovers the WAL (which starts the writer) and logs what recovery found.
-async fn open_wal(config: &Config) -> anyhow::Result<Wal> {
+/// Opens and recovers the WAL (which starts the writer, telling `observer` of its group
+/// commits) and logs what recovery found.
+async fn open_wal(config: &Config, observer: Arc<dyn CommitObserver>) -> anyhow::Result<Wal> {
     let options = WalOptions {
         dir: config.wal.dir.clone(),
         segment_bytes: config.wal.segment_bytes,
+        observer: Some(observer),
     };
     let wal = tokio::task::spawn_blocking(move || Wal::open(&options))
         .await

@@ -13,6 +13,7 @@ mod fdatasync_failure;
 mod harness;
 mod http_api;
 mod load;
+mod metrics;
 mod pg_faults;
 mod pgtemp;
 mod recovery;
