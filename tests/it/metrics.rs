@@ -253,15 +253,27 @@ fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {
     }
 }
 
+/// Segment files in the WAL directory `wal`.
+fn segment_files(wal: &Path) -> f64 {
+    pgspool::wal::segment::list(wal)
+        .expect("list segments")
+        .len() as f64
+}
+
 /// `pgspool_postgres_up` is 0 before the flusher ever connects, 1 once it did, and 0 again
-/// once PostgreSQL is gone and a session fails; rows written meanwhile are pending.
+/// once PostgreSQL is gone and a session fails; rows written meanwhile are pending and
+/// fill new segments, which are counted as they come and go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_up_follows_postgresql() {
     let mut pg = Pg::start().await;
-    pg.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    pg.exec("CREATE TABLE t (id int PRIMARY KEY, note text)")
+        .await;
     pg.stop(StopMode::Fast);
     let dir = short_tempdir();
-    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let wal = dir.path().join("wal");
+    let mut cfg = config(dir.path(), &pg.url());
+    cfg.wal.segment_bytes = 64 << 10;
+    let daemon = start_daemon(cfg).await;
     let socket = daemon.socket().to_path_buf();
     let m = scrape(&socket).await;
     assert_eq!(m.value("pgspool_postgres_up"), 0.0, "{}", m.text);
@@ -290,14 +302,36 @@ async fn postgres_up_follows_postgresql() {
     assert!(m.value("pgspool_flush_retries_total") >= 1.0, "{}", m.text);
     promtool_check(&m.text);
 
+    // Four requests of about 30 kB each: more than one segment of 64 kB.
+    let note = "n".repeat(300);
+    for request in 0..4 {
+        let body: String = (0..100)
+            .map(|i| {
+                format!(
+                    "{{\"id\":{},\"note\":\"{note}\"}}\n",
+                    10 + request * 100 + i
+                )
+            })
+            .collect();
+        assert_eq!(post_ndjson(&mut c, "t", &body).await.status, 202);
+    }
+    let m = scrape(&socket).await;
+    assert_eq!(m.value("pgspool_wal_rows_pending"), 401.0, "{}", m.text);
+    assert!(m.value("pgspool_wal_segments") >= 2.0, "{}", m.text);
+    assert_eq!(m.value("pgspool_wal_segments"), segment_files(&wal));
+
     pg.restart().await;
     wait_until(
-        "the second row is flushed after PostgreSQL is back",
+        "the rows are flushed and their segments deleted",
         || async {
             let m = scrape(&socket).await;
-            m.value("pgspool_postgres_up") == 1.0 && m.value("pgspool_wal_rows_pending") == 0.0
+            m.value("pgspool_postgres_up") == 1.0
+                && m.value("pgspool_wal_rows_pending") == 0.0
+                && m.value("pgspool_wal_segments") == 1.0
         },
     )
     .await;
+    assert_eq!(segment_files(&wal), 1.0);
+    assert_eq!(pg.count("SELECT count(*) FROM t").await, 402);
     daemon.stop().await.expect("stop");
 }
