@@ -38,10 +38,10 @@ use crate::flush::{FatalError, Flusher, Progress};
 use crate::ingest::{self, Ingest, IngestOptions};
 use crate::logging::LogHandle;
 use crate::lsn::Lsn;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WalMetrics};
 use crate::schema::{Catalog, SchemaCache};
 use crate::systemd::{self, NotifyState, Watchdog};
-use crate::wal::{Wal, WalOptions};
+use crate::wal::{CommitObserver, Wal, WalOptions};
 
 /// A running daemon.
 #[derive(Debug)]
@@ -114,7 +114,9 @@ impl Daemon {
                 (ingest::bind(&path).await?, Socket::Bound(path))
             }
         };
-        let wal = match open_wal(&config).await {
+        // The writer's metrics exist before the WAL, which starts the writer.
+        let wal_metrics = WalMetrics::default();
+        let wal = match open_wal(&config, Arc::new(wal_metrics.clone())).await {
             Ok(wal) => wal,
             Err(e) => {
                 socket.remove();
@@ -128,7 +130,7 @@ impl Daemon {
         let (committed_tx, committed) = watch::channel(Lsn::ZERO);
         // Requests with ?ack=committed, answered as the flusher reports its commits.
         let acks = Arc::new(Acks::new());
-        let metrics = Arc::new(Metrics::new(Arc::clone(wal.dir())));
+        let metrics = Arc::new(Metrics::new(&wal, wal_metrics));
         let (checked_tx, checked) = oneshot::channel();
         let flusher = Flusher {
             pg: pg.clone(),
@@ -353,11 +355,13 @@ impl LiveConfig {
     }
 }
 
-/// Opens and recovers the WAL (which starts the writer) and logs what recovery found.
-async fn open_wal(config: &Config) -> anyhow::Result<Wal> {
+/// Opens and recovers the WAL (which starts the writer, telling `observer` of its group
+/// commits) and logs what recovery found.
+async fn open_wal(config: &Config, observer: Arc<dyn CommitObserver>) -> anyhow::Result<Wal> {
     let options = WalOptions {
         dir: config.wal.dir.clone(),
         segment_bytes: config.wal.segment_bytes,
+        observer: Some(observer),
     };
     let wal = tokio::task::spawn_blocking(move || Wal::open(&options))
         .await

@@ -136,10 +136,12 @@ impl Flusher {
             };
             let spool_id = self.wal.spool_id();
             let hints = self.state.hints.clone();
+            let (rows, started) = (batch.rows(), Instant::now());
             match transaction::commit(client, spool_id, batch, &advance, &self.schemas, &hints)
                 .await
             {
                 Ok(settled) => {
+                    self.metrics.batch_committed(rows, started.elapsed());
                     self.report_settled(&settled).await;
                     if release {
                         info!(table = %table, "the held table takes rows again; its rows are loaded");

@@ -227,6 +227,7 @@ impl Flusher {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Retry(why) => {
                     self.checked();
+                    self.metrics.postgres_up(false);
                     self.metrics.flush_retry();
                     self.report(|r| r.postgres_error = Some(why.clone())).await;
                     let wait = jitter(delay);
@@ -271,6 +272,7 @@ impl Flusher {
                 crate::pg::describe(&e)
             ));
         }
+        self.metrics.postgres_up(true);
         let spool_id = self.wal.spool_id();
         let state = async {
             let watermark = transaction::read_watermark(&client, spool_id).await?;
@@ -373,6 +375,7 @@ impl Flusher {
                 }
             };
             watermark = last;
+            self.metrics.batch_committed(rows, started.elapsed());
             debug!(rows, bytes, watermark = %last, attempts = settled.attempts, elapsed = ?started.elapsed(), "batch committed");
             *delay = self.postgres.retry_initial;
             self.state.repeats = None;

@@ -9,7 +9,7 @@
 //! | `... /rows?invalid=reject` | a request with a row pgspool cannot store is refused whole (the default; statuses below) |
 //! | `... /rows?invalid=dead_letter` | such rows are kept as refused rows for `pgspool.dead_letters` and the others stored; the answer adds `"refused": [{"index","error"}]` (index from 0 among the body's rows); each refused row takes an LSN |
 //! | `GET /healthz` | 200 once the WAL is recovered and writes are accepted, 503 while stopping |
-//! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]) |
+//! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]); every request is counted there by route and status |
 //!
 //! `ack` and `invalid` combine. Errors are `{"error": "..."}`: 400 an unknown query
 //! parameter or value (the message lists the allowed ones), malformed body, not UTF-8, a
@@ -26,7 +26,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -41,7 +41,7 @@ use tracing::{debug, warn};
 use crate::acks::{Acks, Outcome};
 use crate::config::Config;
 use crate::lsn::LsnRange;
-use crate::metrics::{Metrics, RefusalReason};
+use crate::metrics::{AckLevel, Metrics, RefusalReason, Route};
 use crate::rowgroup::RowGroup;
 use crate::rows::{self, BodyFormat, Encoded, Invalid, Parsed, RowError};
 use crate::schema::{Catalog, Found, OWN_SCHEMA, SchemaCache, TableSchema};
@@ -150,8 +150,15 @@ impl Ingest {
             })
     }
 
-    /// Answers one request.
+    /// Answers one request, and counts it in the metrics.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let route = route(request.uri().path());
+        let response = self.answer(request).await;
+        self.metrics.request(route, response.status().as_u16());
+        response
+    }
+
+    async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_string();
         let segments: Vec<&str> = path.split('/').collect();
         let result = match (segments.as_slice(), request.method()) {
@@ -211,6 +218,7 @@ impl Ingest {
         table: &str,
         request: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
+        let started = Instant::now();
         self.appender()?;
         let options = PostOptions::parse(request.uri().query())?;
         let peer = request.extensions().get::<Peer>().cloned();
@@ -286,6 +294,7 @@ impl Ingest {
             warn!(error = %e, table = %table, "a write was not acknowledged");
             Refusal::new(status, e.to_string())
         })?;
+        self.metrics.rows_received(lsns.rows());
         let mut answer =
             json!({ "rows": lsns.rows(), "first_lsn": lsns.first, "last_lsn": lsns.last });
         if options.invalid == Invalid::DeadLetter {
@@ -294,10 +303,15 @@ impl Ingest {
                 .map(|(index, error)| json!({ "index": index, "error": error.to_string() }))
                 .collect();
         }
-        if options.ack != Ack::Committed {
-            return Ok(json_response(StatusCode::ACCEPTED, &answer));
+        let response = if options.ack == Ack::Committed {
+            self.wait_committed(table_key, lsns, answer, peer).await
+        } else {
+            json_response(StatusCode::ACCEPTED, &answer)
+        };
+        if response.status().is_success() {
+            self.metrics.acked(options.ack.level(), started.elapsed());
         }
-        Ok(self.wait_committed(table_key, lsns, answer, peer).await)
+        Ok(response)
     }
 
     /// Waits until the flusher's commits settle the request's rows (see [`crate::acks`]),
@@ -377,7 +391,11 @@ impl Ingest {
         }
         let limit = usize::try_from(max_body_bytes).unwrap_or(usize::MAX);
         match Limited::new(request.into_body(), limit).collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
+            Ok(collected) => {
+                let body = collected.to_bytes();
+                self.metrics.received_bytes(body.len() as u64);
+                Ok(body)
+            }
             Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
             Err(e) => Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
@@ -511,6 +529,17 @@ enum Ack {
     Committed,
 }
 
+impl Ack {
+    /// The level as the metrics label it.
+    fn level(self) -> AckLevel {
+        match self {
+            Ack::None => AckLevel::None,
+            Ack::Durable => AckLevel::Durable,
+            Ack::Committed => AckLevel::Committed,
+        }
+    }
+}
+
 /// The query parameters of `POST /v1/tables/{table}/rows`.
 #[derive(Debug, Default)]
 struct PostOptions {
@@ -604,6 +633,19 @@ impl Peer {
                 return;
             }
         }
+    }
+}
+
+/// The route of a request for the metrics: known paths by name, whatever the method, and
+/// every other path as one.
+fn route(path: &str) -> Route {
+    let segments: Vec<&str> = path.split('/').collect();
+    match segments.as_slice() {
+        ["", "v1", "tables", _, "rows"] => Route::Rows,
+        ["", "healthz"] => Route::Healthz,
+        ["", "metrics"] => Route::Metrics,
+        ["", "v1", "status"] => Route::Status,
+        _ => Route::Other,
     }
 }
 

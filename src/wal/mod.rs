@@ -37,6 +37,8 @@
 //! fsync). A segment therefore exceeds `segment_bytes` only when a single request does.
 //!
 //! The writer publishes the last durable LSN on a watch channel; readers never read past it.
+//! After each durable group commit it tells the [`CommitObserver`] given in [`WalOptions`]
+//! (the daemon's metrics) the group's size and how long its `fdatasync` took.
 //!
 //! # Reading
 //! The flusher reads with a [`WalReader`] from the watermark PostgreSQL holds: the log is
@@ -66,11 +68,13 @@ pub mod segment;
 mod writer;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
@@ -214,6 +218,31 @@ pub struct WalOptions {
     pub dir: PathBuf,
     /// Size in bytes at which the writer starts a new segment.
     pub segment_bytes: u64,
+    /// Told of every group commit once it is durable (the daemon's metrics); `None`: no
+    /// one is.
+    pub observer: Option<Arc<dyn CommitObserver>>,
+}
+
+/// One group commit, as the writer reports it to a [`CommitObserver`] after its
+/// `fdatasync` returned successfully.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupCommit {
+    /// Appends (requests) the group answered.
+    pub requests: usize,
+    /// Rows (LSNs) the group wrote.
+    pub rows: u64,
+    /// Bytes the group wrote to the segment.
+    pub bytes: u64,
+    /// How long its `fdatasync` took.
+    pub fdatasync: Duration,
+}
+
+/// Something told of the writer's group commits, such as the daemon's metrics: the WAL
+/// knows nothing of how they are exposed.
+pub trait CommitObserver: Send + Sync + fmt::Debug {
+    /// Called on the writer thread after each durable group commit, before the requests
+    /// that wait for durability are answered: it must be quick and must not block.
+    fn committed(&self, commit: &GroupCommit);
 }
 
 /// The locked WAL directory: shared by the writer, the readers and the flusher.
@@ -223,6 +252,8 @@ pub struct WalDir {
     spool_id: Uuid,
     /// Bytes in the segment files, kept up to date by the writer and by deletion.
     bytes: AtomicU64,
+    /// Segment files, kept up to date like `bytes`.
+    segments: AtomicU64,
     _lock: File,
 }
 
@@ -251,6 +282,16 @@ impl WalDir {
         self.bytes.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Segment files in the directory (at least one while the WAL is open).
+    #[must_use]
+    pub fn segments(&self) -> u64 {
+        self.segments.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn add_segment(&self) {
+        self.segments.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Deletes the segments whose rows are all at or below `committed`, oldest first, and
     /// never the last one. Returns how many were deleted.
     ///
@@ -271,6 +312,11 @@ impl WalDir {
                 .bytes
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
                     Some(b.saturating_sub(len))
+                });
+            let _ = self
+                .segments
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(1))
                 });
             removed += 1;
         }
@@ -452,7 +498,12 @@ impl Wal {
     pub fn open(options: &WalOptions) -> Result<Wal, WalError> {
         let (dir, tail, report) = recovery::recover(&options.dir)?;
         let dir = Arc::new(dir);
-        let writer = writer::start(Arc::clone(&dir), tail, options.segment_bytes)?;
+        let writer = writer::start(
+            Arc::clone(&dir),
+            tail,
+            options.segment_bytes,
+            options.observer.clone(),
+        )?;
         Ok(Wal {
             dir,
             appender: writer.appender,

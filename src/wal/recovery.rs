@@ -63,6 +63,7 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
         path: dir.to_path_buf(),
         spool_id,
         bytes: AtomicU64::new(0),
+        segments: AtomicU64::new(0),
         _lock: lock,
     };
     let ends = LogEnd { clean_stop };
@@ -102,14 +103,16 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
             (tail, report)
         }
     };
-    // Counted once recovery cut what it cuts; the writer and deletion keep it up to date.
+    // Counted once recovery cut what it cuts; the writer and deletion keep them up to date.
     let mut bytes = 0;
-    for seg in segment::list(dir).map_err(WalError::io(format!("list {}", dir.display())))? {
+    let segments = segment::list(dir).map_err(WalError::io(format!("list {}", dir.display())))?;
+    for seg in &segments {
         bytes += fs::metadata(&seg.path)
             .map_err(WalError::io(format!("read {}", seg.path.display())))?
             .len();
     }
     wal.bytes.store(bytes, Ordering::Relaxed);
+    wal.segments.store(segments.len() as u64, Ordering::Relaxed);
     // From here on the log grows again; a crash must not be judged by the old stop.
     if clean_stop.is_some() {
         let path = dir.join(super::CLEAN_STOP_FILE);

@@ -5,13 +5,14 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::thread;
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info};
 
 use super::record::{AppendRecord, GroupStamp};
 use super::segment::{self, SEGMENT_HEADER_BYTES, SegmentFile};
-use super::{Tail, WalDir, WalError};
+use super::{CommitObserver, GroupCommit, Tail, WalDir, WalError};
 use crate::fsutil::{self, AtomicWriteError};
 use crate::lsn::{Lsn, LsnRange};
 
@@ -120,7 +121,12 @@ pub(super) struct Started {
 }
 
 /// Starts the writer thread on the recovered tail.
-pub(super) fn start(dir: Arc<WalDir>, tail: Tail, segment_bytes: u64) -> Result<Started, WalError> {
+pub(super) fn start(
+    dir: Arc<WalDir>,
+    tail: Tail,
+    segment_bytes: u64,
+    observer: Option<Arc<dyn CommitObserver>>,
+) -> Result<Started, WalError> {
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let (durable_tx, durable_rx) = watch::channel(tail.next_lsn.prev());
     let (exit_tx, exit_rx) = oneshot::channel();
@@ -134,6 +140,7 @@ pub(super) fn start(dir: Arc<WalDir>, tail: Tail, segment_bytes: u64) -> Result<
         durable: durable_tx,
         buf: Vec::new(),
         rotate_next: false,
+        observer,
     };
     thread::Builder::new()
         .name("pgspool-wal".into())
@@ -166,6 +173,7 @@ struct Writer {
     /// flushed the active segment can be deleted and its space freed (the last segment never
     /// is).
     rotate_next: bool,
+    observer: Option<Arc<dyn CommitObserver>>,
 }
 
 impl Writer {
@@ -261,10 +269,12 @@ impl Writer {
             .into_iter()
             .zip(ranges)
             .partition(|(request, _)| request.nowait);
+        let answered = written.len();
         for (request, range) in written {
             let _ = request.reply.send(Ok(range));
         }
         let (group, ranges): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+        let syncing = Instant::now();
         if let Err(e) = self.file.sync_data() {
             // Drop the group from the file so that a restart does not find it; this cannot
             // be made durable any more, hence the answer says the outcome is unknown.
@@ -279,6 +289,14 @@ impl Writer {
         self.dir.add_bytes(self.buf.len() as u64);
         self.next_lsn = lsn;
         self.durable.send_replace(lsn.prev());
+        if let Some(observer) = &self.observer {
+            observer.committed(&GroupCommit {
+                requests: group.len() + answered,
+                rows: lsn.0 - stamp.first_lsn.0,
+                bytes: self.buf.len() as u64,
+                fdatasync: syncing.elapsed(),
+            });
+        }
         for (request, range) in group.into_iter().zip(ranges) {
             let _ = request.reply.send(Ok(range));
         }
@@ -293,6 +311,7 @@ impl Writer {
         self.segment = segment;
         self.len = SEGMENT_HEADER_BYTES;
         self.dir.add_bytes(SEGMENT_HEADER_BYTES);
+        self.dir.add_segment();
         self.rotate_next = false;
         Ok(())
     }
@@ -337,6 +356,7 @@ mod tests {
         let wal = Wal::open(&WalOptions {
             dir: dir.path().join("wal"),
             segment_bytes: 1 << 20,
+            observer: None,
         })
         .expect("open");
         let appender = wal.appender();

@@ -17,6 +17,7 @@ fn options(dir: &Path) -> WalOptions {
     WalOptions {
         dir: dir.to_path_buf(),
         segment_bytes: SEGMENT_BYTES,
+        observer: None,
     }
 }
 

@@ -14,6 +14,7 @@ mod harness;
 mod http_api;
 mod load;
 mod log_formats;
+mod metrics;
 mod pg_faults;
 mod pgtemp;
 mod recovery;

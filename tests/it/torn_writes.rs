@@ -28,6 +28,7 @@ fn options(dir: &Path) -> WalOptions {
     WalOptions {
         dir: dir.to_path_buf(),
         segment_bytes: 1 << 20,
+        observer: None,
     }
 }
 
