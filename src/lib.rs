@@ -29,6 +29,7 @@ pub mod quarantine;
 pub mod rowgroup;
 pub mod rows;
 pub mod schema;
+pub mod send;
 pub mod status;
 pub mod table;
 pub mod wal;

@@ -64,6 +64,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 DeadLettersCommand::Retry(args) => pgspool::dead_letters::retry(args).await,
             }
         }
+        Command::Send(args) => {
+            init_logging("warn");
+            pgspool::send::run(&args).await
+        }
         Command::Demo(args) => {
             init_logging("warn");
             pgspool::demo::run(&args).await?;

@@ -17,6 +17,7 @@ mod pg_faults;
 mod pgtemp;
 mod recovery;
 mod row_isolation;
+mod send;
 mod status;
 mod torn_writes;
 mod torture;
