@@ -261,7 +261,8 @@ Formats (--format, else from the file's extension, else NDJSON):
   csv     CSV with a header row naming the columns (.csv); every field is sent as a
           string, which the column's type parses (as COPY does); a field equal to
           --null, quoted or not, is NULL. The default --null is the empty string, so
-          empty fields are NULL; use e.g. --null NA to send empty strings.
+          empty fields are NULL; use e.g. --null NA to send empty strings. A json or
+          jsonb column gets the field as a JSON string, not parsed.
 Keys and header names are column names, exactly. A gzip-compressed input (.gz, or
 any input starting with gzip's magic bytes) is decompressed. The input is read as it is
 sent, so memory stays bounded whatever its size.

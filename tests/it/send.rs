@@ -5,7 +5,13 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use crate::harness::{Pg, config, flushed, short_tempdir, start_daemon};
+use pgspool::pgtemp::StopMode;
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::{
+    DEADLINE, Pg, client, config, flushed, post_ndjson, short_tempdir, start_daemon,
+};
+use crate::wal_limits::{refused, small};
 
 /// Runs `pgspool send --socket SOCKET ARGS`, with `stdin` as its input: exit code, stdout,
 /// stderr.
@@ -215,8 +221,10 @@ async fn a_refused_batch_fails_the_run_and_the_others_land() {
     );
     assert_eq!(code, Some(1), "{out}\n{err}");
     assert!(
-        err.contains("rows 11-20 of t refused: 422 Unprocessable Entity")
-            && err.contains("line 5: column \"colour\" does not exist in table"),
+        err.contains(
+            "rows 11-20 of t refused (422 Unprocessable Entity): row 15: column \"colour\" \
+             does not exist in table public.t"
+        ),
         "{err}"
     );
     let json: serde_json::Value = serde_json::from_str(&out).expect("JSON summary");
@@ -252,6 +260,89 @@ async fn malformed_input_sends_the_rows_before_it_and_fails() {
     assert!(out.contains("rows read     2"), "{out}");
     flushed(&daemon).await;
     assert_eq!(pg.ids("SELECT id::bigint FROM t").await, [1, 2]);
+    daemon.stop().await.expect("stop the daemon");
+}
+
+/// A WAL at `[wal] max_bytes` (PostgreSQL down) answers 503 with Retry-After: with
+/// `--retries 0` the batch fails with the daemon's reason; with retries, `send` waits, and
+/// once PostgreSQL is back and the backlog drains, its rows land, once, and `--ack
+/// committed` reports them committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_wal_is_waited_out() {
+    let mut pg = Pg::start().await;
+    pg.exec("CREATE TABLE ev (id bigint PRIMARY KEY, pad text)")
+        .await;
+    tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
+    let dir = short_tempdir();
+    let mut cfg = small(dir.path(), &pg);
+    cfg.wal.max_bytes = 256 << 10;
+    let daemon = start_daemon(cfg).await;
+    let mut c = client(daemon.socket()).await;
+    let row = |id: i64| format!("{{\"id\":{id},\"pad\":\"{}\"}}\n", "x".repeat(21_000));
+    let mut acked = Vec::new();
+    loop {
+        let id = acked.len() as i64 + 1;
+        let reply = post_ndjson(&mut c, "ev", &row(id)).await;
+        if reply.status == 503 {
+            break;
+        }
+        assert_eq!(reply.status, 202, "{}", reply.body);
+        acked.push(id);
+        assert!(acked.len() < 100, "the WAL never filled up");
+    }
+    let input: String = (1001..=1003).map(row).collect();
+    let args = ["--table", "ev", "--rows-per-request", "1"];
+
+    let (code, out, err) = send(
+        daemon.socket(),
+        &[&args[..], &["--retries", "0"]].concat(),
+        input.as_bytes(),
+    );
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains("refused (503 Service Unavailable)") && err.contains("max_bytes"),
+        "{err}"
+    );
+    assert!(out.contains("failed        3 rows in 3 requests"), "{out}");
+
+    let before = refused(&mut c, "backlog_full").await;
+    let mut sender = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgspool"))
+        .arg("send")
+        .arg("--socket")
+        .arg(daemon.socket())
+        .args(args)
+        .args(["--ack", "committed", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run pgspool send");
+    let mut stdin = sender.stdin.take().expect("stdin");
+    stdin
+        .write_all(input.as_bytes())
+        .await
+        .expect("write stdin");
+    drop(stdin);
+    crate::harness::wait_until("send's batches are refused for the full WAL", || async {
+        refused(&mut client(daemon.socket()).await, "backlog_full").await > before
+    })
+    .await;
+    pg.restart().await;
+    let out = tokio::time::timeout(DEADLINE, sender.wait_with_output())
+        .await
+        .expect("send did not finish")
+        .expect("wait for send");
+    let json = summary((
+        out.status.code(),
+        String::from_utf8(out.stdout).expect("utf-8"),
+        String::from_utf8(out.stderr).expect("utf-8"),
+    ));
+    assert_eq!(json["rows_acknowledged"], 3, "{json}");
+    assert_eq!(json["rows_committed"], 3, "{json}");
+    assert_eq!(json["batches_failed"], 0, "{json}");
+    flushed(&daemon).await;
+    acked.extend(1001..=1003);
+    assert_eq!(pg.ids("SELECT id FROM ev").await, acked);
     daemon.stop().await.expect("stop the daemon");
 }
 
