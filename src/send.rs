@@ -525,7 +525,7 @@ pub struct Report {
     pub failures: Vec<String>,
     /// Whether sending stopped early because the daemon could not be reached.
     pub unreachable: bool,
-    /// From the first request to the last answer.
+    /// From the start of [`deliver`] to the last answer.
     pub elapsed: Duration,
     /// Each acknowledged request's time from sending to its answer, retries included.
     pub latencies: Vec<Duration>,
