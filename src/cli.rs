@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::config::{Config, ConfigError};
 use crate::logging::LogFormat;
+use crate::send::{AckLevel, InputFormat, InvalidRows};
 
 /// pgspool: a write buffer for PostgreSQL. Applications send rows as JSON over a local Unix
 /// socket; pgspool makes them durable in its own write-ahead log before it answers, then
@@ -45,6 +46,9 @@ pub enum Command {
     /// PostgreSQL directly, whether the daemon runs or not.
     #[command(name = "dead-letters")]
     DeadLetters(DeadLettersArgs),
+    /// Send rows from a file or stdin (NDJSON, JSON or CSV) to the daemon's socket.
+    #[command(long_about = SEND_ABOUT)]
+    Send(SendArgs),
     /// Load the bundled nycflights13 data through a throwaway daemon and PostgreSQL, and
     /// check that every row arrived exactly once.
     Demo(DemoArgs),
@@ -251,6 +255,88 @@ pub struct DeadLettersRetryArgs {
     /// and what would be refused again. Nothing changes (sequences still advance).
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// The long help of `pgspool send`.
+const SEND_ABOUT: &str = "\
+Send rows from a file or stdin to the daemon's socket, in batches, over several
+connections at once, and print what landed.
+
+Formats (--format, else from the file's extension, else NDJSON):
+  ndjson  one JSON object per line (.ndjson, .jsonl); blank lines are skipped
+  json    a JSON array of objects (.json), streamed element by element, or JSON
+          objects one after another
+  csv     CSV with a header row naming the columns (.csv); every field is sent as a
+          string, which the column's type parses (as COPY does); a field equal to
+          --null, quoted or not, is NULL. The default --null is the empty string, so
+          empty fields are NULL; use e.g. --null NA to send empty strings. A json or
+          jsonb column gets the field as a JSON string, not parsed.
+Keys and header names are column names, exactly. A gzip-compressed input (.gz, or
+any input starting with gzip's magic bytes) is decompressed. The input is read as it is
+sent, so memory stays bounded whatever its size.
+
+Each batch of --rows-per-request rows is one request, all or nothing: a batch the
+daemon refuses (a row with an unknown column, a bad value, ...) fails with the
+daemon's message (the first 10 are printed), and the other batches go on. A 503
+with Retry-After (the WAL is full, the daemon is stopping) kept nothing and is retried
+with backoff, --retries times. A batch whose connection breaks before the answer
+fails and is not sent again: its rows may have been stored, each at most once.
+
+A progress bar shows on a terminal (stderr). The summary goes to stdout: rows read,
+acknowledged (with rows/s and latency), failed, not sent; --json prints one object
+with the keys table, rows_read, rows_acknowledged, rows_failed, rows_not_sent,
+rows_refused, rows_committed, rows_dead_lettered, rows_not_committed,
+batches_acknowledged, batches_failed, seconds, rows_per_second, latency_p50_ms,
+latency_p99_ms, failures, input_error.
+
+Exit codes: 0 every row acknowledged; 1 some rows were not (a batch failed, or the
+input is malformed or unreadable at some point: the rows before it are sent); 2 the
+daemon cannot be reached, nothing was sent; 64 bad usage.";
+
+/// `pgspool send`
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The daemon's Unix socket.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "PGSPOOL_SOCKET",
+        default_value = "/run/pgspool/pgspool.sock"
+    )]
+    pub socket: PathBuf,
+    /// The table: name or schema.name, exactly as written (case-sensitive).
+    #[arg(long, value_name = "TABLE")]
+    pub table: String,
+    /// The input file; - or none reads stdin.
+    #[arg(value_name = "FILE|-")]
+    pub input: Option<PathBuf>,
+    /// The input's format [default: from the file's extension, else ndjson].
+    #[arg(long, value_enum)]
+    pub format: Option<InputFormat>,
+    /// CSV: the field that stands for NULL (quoted or not).
+    #[arg(long, value_name = "STRING", default_value = "")]
+    pub null: String,
+    /// Rows per request.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rows_per_request: u32,
+    /// Concurrent connections.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub clients: u16,
+    /// When the daemon answers: durable (fdatasync'd in its WAL), committed (in
+    /// PostgreSQL), none (written, before fdatasync).
+    #[arg(long, value_enum, default_value = "durable")]
+    pub ack: AckLevel,
+    /// A row the daemon cannot store: reject its whole batch, or dead_letter it (kept in
+    /// pgspool.dead_letters, the rest of the batch stored).
+    #[arg(long, value_enum, default_value = "reject")]
+    pub invalid: InvalidRows,
+    /// Retries of a batch answered 503 with Retry-After, or of a connection that cannot
+    /// be made, before it fails.
+    #[arg(long, value_name = "N", default_value_t = crate::send::DEFAULT_RETRIES)]
+    pub retries: u32,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `pgspool demo`

@@ -1,5 +1,5 @@
-//! A client for the daemon's HTTP API over its Unix socket, used by `pgspool demo` and the
-//! tests (and by anything in Rust that wants to send rows).
+//! A client for the daemon's HTTP API over its Unix socket, used by `pgspool send`, `pgspool
+//! demo` and the tests (and by anything in Rust that wants to send rows).
 
 use std::path::Path;
 
@@ -45,6 +45,12 @@ impl SpoolClient {
             let _ = connection.await;
         });
         Ok(SpoolClient { sender })
+    }
+
+    /// Whether the daemon closed this connection (it closes one idle for 30 s, and all of
+    /// them when it stops): a request on it would fail before being sent, so connect again.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
     }
 
     /// Posts rows to `table` (`name` or `schema.name`): `content_type` is

@@ -3,41 +3,25 @@
 //! Starts a throwaway PostgreSQL (or uses `--database-url`), creates the nycflights13
 //! tables in a schema of its own, runs a daemon in this process on a temporary socket and
 //! WAL directory, and streams the bundled data through the socket as HTTP clients do
-//! (NDJSON, several concurrent clients). Once every row is acknowledged and committed it
+//! (NDJSON, several concurrent clients, with the machinery of `pgspool send`). Once every row is acknowledged and committed it
 //! loads the same data again straight through PostgreSQL (`jsonb_populate_record`, not
 //! pgspool's encoder) and compares the tables row for row. Then it cleans up.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 
 use crate::app::Daemon;
 use crate::cli::DemoArgs;
-use crate::client::SpoolClient;
 use crate::config::Config;
-use crate::dataset::{self, DataTable, NYCFLIGHTS13};
+use crate::dataset::{self, NYCFLIGHTS13};
 use crate::pgtemp::TempPostgres;
+use crate::send::{self, AckLevel, Batcher, Delivery, InvalidRows, Layout, ProgressUnit, Report};
 use crate::table::quote_ident;
 
 /// How long the demo waits for acknowledged rows to be committed.
 const COMMIT_DEADLINE: Duration = Duration::from_secs(300);
-
-/// One request's worth of rows.
-struct Chunk {
-    table: String,
-    rows: u64,
-    body: Bytes,
-}
-
-/// What the clients measured.
-struct LoadStats {
-    rows: u64,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
-}
 
 /// Runs the demo.
 ///
@@ -152,20 +136,18 @@ async fn load_and_verify(
             }
         );
     }
-    let mut latencies = stats.latencies;
-    latencies.sort_unstable();
     println!(
         "\n{} rows acknowledged in {:.2} s: {:.0} rows/s; ack latency p50 {:.1} ms, p99 {:.1} ms",
-        stats.rows,
+        stats.rows_acknowledged,
         stats.elapsed.as_secs_f64(),
-        stats.rows as f64 / stats.elapsed.as_secs_f64(),
-        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        stats.rows_per_second(),
+        stats.latency(0.50).as_secs_f64() * 1e3,
+        stats.latency(0.99).as_secs_f64() * 1e3,
     );
     println!(
         "all rows committed in PostgreSQL after {:.2} s: {:.0} rows/s end to end",
         committed_after.as_secs_f64(),
-        stats.rows as f64 / committed_after.as_secs_f64()
+        stats.rows_acknowledged as f64 / committed_after.as_secs_f64()
     );
     if !all_equal {
         bail!("some tables differ from their source (see above)");
@@ -174,19 +156,36 @@ async fn load_and_verify(
     Ok(())
 }
 
-/// Streams every table through `clients` concurrent connections.
+/// Streams every table through `clients` concurrent connections, with the machinery of
+/// `pgspool send`.
 async fn load(
     daemon: &Daemon,
     schema: &str,
     args: &DemoArgs,
     total: u64,
-) -> anyhow::Result<LoadStats> {
-    let (tx, rx) = mpsc::channel::<Chunk>(usize::from(args.clients) * 2);
+) -> anyhow::Result<Report> {
+    let delivery = Delivery {
+        socket: daemon.socket().to_path_buf(),
+        clients: usize::from(args.clients),
+        ack: AckLevel::Durable,
+        invalid: InvalidRows::Reject,
+        retries: send::DEFAULT_RETRIES,
+    };
+    let (tx, rx) = mpsc::channel(delivery.clients * 2);
     let rows_per_request = u64::from(args.rows_per_request);
     let schema = schema.to_string();
-    let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+    let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         for table in &NYCFLIGHTS13 {
-            chunk_table(table, &schema, rows_per_request, &tx)?;
+            let name = format!("{schema}.{}", table.name);
+            let mut batcher = Batcher::new(
+                &name,
+                rows_per_request,
+                Layout::Ndjson,
+                ProgressUnit::Rows,
+                tx.clone(),
+            );
+            send::read_ndjson(table.reader(), &mut batcher)?;
+            batcher.finish()?;
         }
         Ok(())
     });
@@ -196,87 +195,16 @@ async fn load(
         )
         .expect("the template is valid"),
     );
-    let rx = Arc::new(Mutex::new(rx));
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..args.clients {
-        let rx = Arc::clone(&rx);
-        let bar = bar.clone();
-        let socket = daemon.socket().to_path_buf();
-        workers.push(tokio::spawn(async move {
-            let mut client = SpoolClient::connect(&socket).await?;
-            let mut latencies = Vec::new();
-            loop {
-                let Some(chunk) = rx.lock().await.recv().await else {
-                    return anyhow::Ok(latencies);
-                };
-                let sent = Instant::now();
-                let reply = client
-                    .post_rows(&chunk.table, "application/x-ndjson", chunk.body)
-                    .await?;
-                latencies.push(sent.elapsed());
-                if reply.status != hyper::StatusCode::ACCEPTED {
-                    bail!(
-                        "{} refused a request: {} {}",
-                        chunk.table,
-                        reply.status,
-                        reply.body
-                    );
-                }
-                bar.inc(chunk.rows);
-            }
-        }));
-    }
-    let mut latencies = Vec::new();
-    for worker in workers {
-        latencies.extend(worker.await.context("a client panicked")??);
-    }
-    producer.await.context("reading the data panicked")??;
-    let elapsed = started.elapsed();
+    let report = send::deliver(&delivery, rx, &bar).await;
     bar.finish();
-    Ok(LoadStats {
-        rows: bar.position(),
-        elapsed,
-        latencies,
-    })
-}
-
-/// Splits a table's NDJSON into request bodies of `rows_per_request` rows.
-fn chunk_table(
-    table: &DataTable,
-    schema: &str,
-    rows_per_request: u64,
-    tx: &mpsc::Sender<Chunk>,
-) -> anyhow::Result<()> {
-    let name = format!("{schema}.{}", table.name);
-    let mut body = Vec::new();
-    let mut rows = 0;
-    let send = |body: &mut Vec<u8>, rows: &mut u64| -> anyhow::Result<()> {
-        let chunk = Chunk {
-            table: name.clone(),
-            rows: std::mem::take(rows),
-            body: Bytes::from(std::mem::take(body)),
-        };
-        tx.blocking_send(chunk).context("the clients stopped")
-    };
-    for line in table.lines() {
-        body.extend_from_slice(line?.as_bytes());
-        body.push(b'\n');
-        rows += 1;
-        if rows == rows_per_request {
-            send(&mut body, &mut rows)?;
-        }
+    let read = reader.await.context("reading the data panicked")?;
+    if report.batches_failed > 0 {
+        bail!(
+            "{} of {} requests failed (the first are printed above)",
+            report.batches_failed,
+            report.batches_failed + report.batches_acknowledged
+        );
     }
-    if rows > 0 {
-        send(&mut body, &mut rows)?;
-    }
-    Ok(())
-}
-
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
+    read?;
+    Ok(report)
 }

@@ -30,6 +30,7 @@ pub mod quarantine;
 pub mod rowgroup;
 pub mod rows;
 pub mod schema;
+pub mod send;
 pub mod status;
 pub mod systemd;
 pub mod table;

@@ -83,6 +83,10 @@ async fn run(
                 DeadLettersCommand::Retry(args) => pgspool::dead_letters::retry(args).await,
             }
         }
+        Command::Send(args) => {
+            init_logging("warn");
+            pgspool::send::run(&args).await
+        }
         Command::Demo(args) => {
             logging::init("warn", LogFormat::Text);
             pgspool::demo::run(&args).await?;

@@ -19,6 +19,7 @@ mod pg_faults;
 mod pgtemp;
 mod recovery;
 mod row_isolation;
+mod send;
 mod service;
 mod status;
 mod systemd_units;

@@ -65,7 +65,7 @@ async fn drained(pg: &Pg, daemon: Daemon, c: &mut SpoolClient, mut next: i64, mu
 }
 
 /// The value of the `pgspool_writes_refused_total` series for `reason`.
-async fn refused(c: &mut SpoolClient, reason: &str) -> u64 {
+pub async fn refused(c: &mut SpoolClient, reason: &str) -> u64 {
     let reply = c.get("/metrics").await.expect("GET /metrics");
     assert_eq!(reply.status, 200);
     let text = reply.body.as_str().expect("text").to_string();
@@ -76,7 +76,7 @@ async fn refused(c: &mut SpoolClient, reason: &str) -> u64 {
 }
 
 /// Small segments and requests, so that a small WAL holds several segments.
-fn small(dir: &Path, pg: &Pg) -> Config {
+pub fn small(dir: &Path, pg: &Pg) -> Config {
     let mut cfg = config(dir, &pg.url());
     cfg.wal.segment_bytes = 64 << 10;
     cfg.ingest.max_body_bytes = 64 << 10;
