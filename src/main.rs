@@ -84,7 +84,7 @@ async fn run(
             }
         }
         Command::Send(args) => {
-            init_logging("warn");
+            logging::init("warn", LogFormat::Text);
             pgspool::send::run(&args).await
         }
         Command::Demo(args) => {
