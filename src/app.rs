@@ -9,7 +9,7 @@
 //! (writes are accepted) once [`Daemon::start`] returns; [`run_until_signalled`] then
 //! tells systemd `READY=1` (see [`crate::systemd`]).
 //!
-//! Reload ([`Daemon::reload`], SIGHUP): the batch limits, `[ingest] max_body_bytes`,
+//! Reload ([`LiveConfig::reload`], SIGHUP): the batch limits, `[ingest] max_body_bytes`,
 //! `[wal] max_bytes`, `[shutdown] drain_timeout` and the log level change at once; the
 //! keys that need a restart are named in the log and keep their old values; a config that
 //! does not parse or validate changes nothing.
@@ -60,7 +60,7 @@ pub struct Daemon {
 #[derive(Debug, Clone)]
 pub struct LiveConfig(Arc<watch::Sender<Config>>);
 
-/// What a [`Daemon::reload`] changed.
+/// What a [`LiveConfig::reload`] changed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Reloaded {
     /// The live keys whose value changed, as `key: old -> new`.
