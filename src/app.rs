@@ -77,6 +77,13 @@ impl Daemon {
         let acks = Arc::new(Acks::new());
         let metrics = Arc::new(Metrics::new(Arc::clone(wal.dir())));
         let (checked_tx, checked) = oneshot::channel();
+        let (live, flusher_view) = crate::live::FlusherStatus::new();
+        let monitor = crate::live::Monitor::start(
+            Arc::clone(wal.dir()),
+            wal.durable(),
+            flusher_view,
+            config.batch.max_wait,
+        );
         let flusher = Flusher {
             pg: pg.clone(),
             postgres: config.postgres.clone(),
@@ -88,6 +95,7 @@ impl Daemon {
             checked: Some(checked_tx),
             acks: Arc::clone(&acks),
             metrics: Arc::clone(&metrics),
+            live,
             state: crate::flush::FlushState::default(),
         };
         let durable = wal.durable();
@@ -117,6 +125,7 @@ impl Daemon {
             max_wal_bytes: config.wal.max_bytes,
             acks: Arc::clone(&acks),
             metrics,
+            monitor,
         }));
         let running = Running {
             flusher,

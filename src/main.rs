@@ -51,7 +51,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => {
             init_logging("warn");
-            pgspool::status::run(&args)
+            pgspool::status::run(&args).await
         }
         Command::Quarantine(args) => {
             init_logging("error");

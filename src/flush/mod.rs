@@ -109,6 +109,8 @@ pub struct Flusher {
     pub acks: Arc<Acks>,
     /// The daemon's metrics.
     pub metrics: Arc<Metrics>,
+    /// Where `GET /v1/status` learns what the flusher knows.
+    pub live: crate::live::FlusherStatus,
     /// What the flusher learns as it runs; [`FlushState::default`] to start.
     pub state: FlushState,
 }
@@ -151,6 +153,7 @@ impl Flusher {
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), FatalError> {
         // What the last run reported stays until this one knows better.
         self.state.report = FlushReport::read(self.wal.path()).unwrap_or_default();
+        self.live.report(&self.state.report);
         let result = self.flush(&shutdown).await;
         if let Err(FatalError::Wal(WalError::Corrupt { damage })) = &result
             && let Err(e) = crate::wal::damage::record(self.wal.path(), damage)
@@ -168,6 +171,7 @@ impl Flusher {
                 SessionEnd::Retry(why) => {
                     self.checked();
                     self.metrics.flush_retry();
+                    self.live.failed(&why);
                     self.report(|r| r.postgres_error = Some(why.clone())).await;
                     let wait = jitter(delay);
                     warn!(error = %why, retry_in = ?wait, "flush failed; the rows stay in the WAL");
@@ -244,6 +248,7 @@ impl Flusher {
             .iter()
             .map(|(t, h)| (t.clone(), h.lsn, h.refusal.clone()))
             .collect();
+        self.live.connected();
         self.report(|r| {
             r.postgres_error = None;
             for table in r.tables.values_mut() {
@@ -341,6 +346,7 @@ impl Flusher {
     /// Logs what a commit dead-lettered or held, and reports it.
     async fn report_settled(&mut self, settled: &Settled) {
         self.state.hints.clone_from(&settled.hints);
+        self.live.settled(&settled.rows);
         log_dead_letters(settled);
         for d in &settled.dead_letters {
             self.metrics
@@ -375,6 +381,7 @@ impl Flusher {
         if self.state.report == before {
             return;
         }
+        self.live.report(&self.state.report);
         let mut report = self.state.report.clone();
         let dir = Arc::clone(&self.wal);
         let written = tokio::task::spawn_blocking(move || report.write(dir.path()))

@@ -18,6 +18,7 @@ mod pgtemp;
 mod recovery;
 mod row_isolation;
 mod status;
+mod status_live;
 mod torn_writes;
 mod torture;
 mod wal_damage;
