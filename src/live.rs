@@ -13,6 +13,7 @@
 //! polling the status keep a core busy reading the WAL (a tenth of one at most).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -136,6 +137,9 @@ struct Count {
 pub struct Monitor {
     started: Instant,
     wal: Arc<WalDir>,
+    /// The WAL directory's absolute path, which the report gives (clients compare it with
+    /// the directory they were told to look at).
+    wal_path: PathBuf,
     durable: watch::Receiver<Lsn>,
     flusher: watch::Receiver<FlusherView>,
     backlog_age_limit: Duration,
@@ -157,9 +161,11 @@ impl Monitor {
         flusher: watch::Receiver<FlusherView>,
         max_wait: Duration,
     ) -> Arc<Monitor> {
+        let wal_path = std::path::absolute(wal.path()).unwrap_or_else(|_| wal.path().into());
         let monitor = Arc::new(Monitor {
             started: Instant::now(),
             wal,
+            wal_path,
             durable,
             flusher,
             backlog_age_limit: (max_wait * 10).max(Duration::from_secs(2)),
@@ -203,6 +209,7 @@ impl Monitor {
             table.flushed_rows.get_or_insert(0);
         }
         wal.flusher = Some(view.report);
+        wal.wal_dir.clone_from(&self.wal_path);
         let now = self.sample();
         let live = Live {
             uptime_seconds: Some(self.started.elapsed().as_secs_f64()),

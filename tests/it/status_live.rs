@@ -145,6 +145,15 @@ async fn live_status_is_healthy_then_postgresql_down_then_healthy_again() {
     let text = human(&socket, &wal, 0);
     assert!(text.starts_with("healthy: nothing pending\n"), "{text}");
     assert!(text.contains("  PostgreSQL      connected"), "{text}");
+    // A daemon that serves another WAL directory does not answer for this one (which
+    // cannot be read either: nothing can be read).
+    let (code, stdout, stderr) = run_status(&["--json"], &socket, dir.path());
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!("serves {}, not", wal.display()))
+            && stderr.contains("not a pgspool WAL directory"),
+        "{stderr}"
+    );
 
     // PostgreSQL stops; the rows written meanwhile wait, and status says why.
     tokio::task::block_in_place(|| pg.stop(StopMode::Fast));
