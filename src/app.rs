@@ -132,6 +132,13 @@ impl Daemon {
         let acks = Arc::new(Acks::new());
         let metrics = Arc::new(Metrics::new(&wal, wal_metrics));
         let (checked_tx, checked) = oneshot::channel();
+        let (live, flusher_view) = crate::live::FlusherStatus::new();
+        let monitor = crate::live::Monitor::start(
+            Arc::clone(wal.dir()),
+            wal.durable(),
+            flusher_view,
+            config.batch.max_wait,
+        );
         let flusher = Flusher {
             pg: pg.clone(),
             postgres: config.postgres.clone(),
@@ -143,6 +150,7 @@ impl Daemon {
             checked: Some(checked_tx),
             acks: Arc::clone(&acks),
             metrics: Arc::clone(&metrics),
+            live,
             state: crate::flush::FlushState::default(),
             progress: Progress::default(),
         };
@@ -173,6 +181,7 @@ impl Daemon {
             config: config_rx.clone(),
             acks: Arc::clone(&acks),
             metrics,
+            monitor,
         }));
         let running = Running {
             flusher,

@@ -26,7 +26,13 @@ pub enum Command {
     /// Run the daemon: accept rows on the socket, keep them in the WAL, load them into
     /// PostgreSQL.
     Run(RunArgs),
-    /// Inspect a WAL directory (works whether the daemon runs or not).
+    /// Show how the spool stands: live from the daemon, else from the WAL directory.
+    ///
+    /// Asks the daemon on its socket (GET /v1/status); when nothing answers, reads the WAL
+    /// directory itself (--wal-dir, or the config file's wal.dir), which works whether the
+    /// daemon runs or not. The first line is the verdict: healthy (exit code 0); degraded
+    /// (exit code 1): PostgreSQL down, tables held, backlog growing, or stopping; daemon
+    /// not running or corrupt WAL (exit code 2, also when nothing can be read).
     Status(StatusArgs),
     /// Move damaged WAL records aside so that the daemon can start again, without their rows.
     ///
@@ -163,12 +169,23 @@ impl WalDirArgs {
 /// `pgspool status`
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Which WAL directory.
-    #[command(flatten)]
-    pub dir: WalDirArgs,
-    /// Print one JSON object instead of a table.
+    /// The daemon's socket [config: listen.socket; default /run/pgspool/pgspool.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// The WAL directory, read when the daemon does not answer [config: wal.dir; default
+    /// /var/lib/pgspool]. A daemon answering for another directory does not count.
+    #[arg(long, value_name = "DIR")]
+    pub wal_dir: Option<PathBuf>,
+    /// Take the socket and the WAL directory from this config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print one JSON object (keys documented in src/status/mod.rs) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Redraw every second (with --json: one object per line) until interrupted; the exit
+    /// code is then the last verdict's.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 /// `pgspool quarantine`

@@ -21,6 +21,7 @@ pub mod demo;
 pub mod flush;
 pub mod fsutil;
 pub mod ingest;
+pub mod live;
 pub mod logging;
 pub mod lsn;
 pub mod metrics;

@@ -70,7 +70,7 @@ async fn run(
         }
         Command::Status(args) => {
             logging::init("warn", LogFormat::Text);
-            pgspool::status::run(&args)
+            pgspool::status::run(&args).await
         }
         Command::Quarantine(args) => {
             logging::init("error", LogFormat::Text);

@@ -112,6 +112,8 @@ pub struct Flusher {
     pub acks: Arc<Acks>,
     /// The daemon's metrics.
     pub metrics: Arc<Metrics>,
+    /// Where `GET /v1/status` learns what the flusher knows.
+    pub live: crate::live::FlusherStatus,
     /// What the flusher learns as it runs; [`FlushState::default`] to start.
     pub state: FlushState,
     /// Where the flusher shows it goes round its loop, for the systemd watchdog.
@@ -211,6 +213,7 @@ impl Flusher {
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), FatalError> {
         // What the last run reported stays until this one knows better.
         self.state.report = FlushReport::read(self.wal.path()).unwrap_or_default();
+        self.live.report(&self.state.report);
         let result = self.flush(&shutdown).await;
         if let Err(FatalError::Wal(WalError::Corrupt { damage })) = &result
             && let Err(e) = crate::wal::damage::record(self.wal.path(), damage)
@@ -229,6 +232,7 @@ impl Flusher {
                     self.checked();
                     self.metrics.postgres_up(false);
                     self.metrics.flush_retry();
+                    self.live.failed(&why);
                     self.report(|r| r.postgres_error = Some(why.clone())).await;
                     let wait = jitter(delay);
                     warn!(error = %why, retry_in = ?wait, "flush failed; the rows stay in the WAL");
@@ -311,6 +315,7 @@ impl Flusher {
             .iter()
             .map(|(t, h)| (t.clone(), h.lsn, h.refusal.clone()))
             .collect();
+        self.live.connected();
         self.report(|r| {
             r.postgres_error = None;
             for table in r.tables.values_mut() {
@@ -410,6 +415,7 @@ impl Flusher {
     /// Logs what a commit dead-lettered or held, and reports it.
     async fn report_settled(&mut self, settled: &Settled) {
         self.state.hints.clone_from(&settled.hints);
+        self.live.settled(&settled.rows);
         log_dead_letters(settled);
         for d in &settled.dead_letters {
             self.metrics
@@ -444,6 +450,7 @@ impl Flusher {
         if self.state.report == before {
             return;
         }
+        self.live.report(&self.state.report);
         let mut report = self.state.report.clone();
         let dir = Arc::clone(&self.wal);
         let written = tokio::task::spawn_blocking(move || report.write(dir.path()))

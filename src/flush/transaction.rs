@@ -19,7 +19,7 @@
 //! later session check that its WAL still holds that very record at that LSN. How rows
 //! are loaded and refused rows isolated is [`super::load`]'s part.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
@@ -206,6 +206,8 @@ pub struct Settled {
     pub attempts: u32,
     /// What the batch teaches the next one.
     pub hints: Hints,
+    /// Rows settled per table (as its records name it): loaded, or put into dead letters.
+    pub rows: BTreeMap<String, u64>,
 }
 
 /// Where a committed batch moves the spool's position.
@@ -371,6 +373,13 @@ pub async fn commit(
             Err(Stop::Failed { error, .. }) => return Err(error.into()),
         }
         refused.retain(|d| !skip.contains(d.table.as_str()));
+        let mut rows = BTreeMap::new();
+        for unit in units.iter().filter(|u| !skip.contains(u.key.as_str())) {
+            *rows.entry(unit.key.clone()).or_default() += unit.rows();
+        }
+        for d in &refused {
+            *rows.entry(d.table.clone()).or_default() += 1;
+        }
         refused.extend(learned.dead_letters(&skip));
         refused.sort_by_key(|d| d.lsn);
         write_dead_letters(&tx, spool_id, &refused).await?;
@@ -381,6 +390,7 @@ pub async fn commit(
             held: newly_held,
             attempts: attempt,
             hints: learned.hints(&units),
+            rows,
         });
     }
     Err(FlushFailure::Unsettled {

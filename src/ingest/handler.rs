@@ -10,6 +10,7 @@
 //! | `... /rows?invalid=dead_letter` | such rows are kept as refused rows for `pgspool.dead_letters` and the others stored; the answer adds `"refused": [{"index","error"}]` (index from 0 among the body's rows); each refused row takes an LSN |
 //! | `GET /healthz` | 200 once the WAL is recovered and writes are accepted, 503 while stopping |
 //! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]); every request is counted there by route and status |
+//! | `GET /v1/status` | 200 the live status report (see [`crate::status`] for its keys); 500 if the WAL directory cannot be read |
 //!
 //! `ack` and `invalid` combine. Errors are `{"error": "..."}`: 400 an unknown query
 //! parameter or value (the message lists the allowed ones), malformed body, not UTF-8, a
@@ -40,6 +41,7 @@ use tracing::{debug, warn};
 
 use crate::acks::{Acks, Outcome};
 use crate::config::Config;
+use crate::live::Monitor;
 use crate::lsn::LsnRange;
 use crate::metrics::{AckLevel, Metrics, RefusalReason, Route};
 use crate::rowgroup::RowGroup;
@@ -61,6 +63,7 @@ pub struct Ingest {
     config: watch::Receiver<Config>,
     metrics: Arc<Metrics>,
     acks: Arc<Acks>,
+    monitor: Arc<Monitor>,
 }
 
 /// What the request handlers need.
@@ -82,6 +85,8 @@ pub struct IngestOptions {
     pub acks: Arc<Acks>,
     /// The daemon's metrics, shared with the flusher.
     pub metrics: Arc<Metrics>,
+    /// The live state `GET /v1/status` reports.
+    pub monitor: Arc<Monitor>,
 }
 
 /// A refusal: status and message.
@@ -105,6 +110,7 @@ impl Ingest {
             catalog: options.catalog,
             config: options.config,
             acks: options.acks,
+            monitor: options.monitor,
         }
     }
 
@@ -164,10 +170,13 @@ impl Ingest {
         let result = match (segments.as_slice(), request.method()) {
             (["", "healthz"], &Method::GET) => self.health(),
             (["", "metrics"], &Method::GET) => Ok(self.metrics()),
+            (["", "v1", "status"], &Method::GET) => self.status().await,
             (["", "v1", "tables", table, "rows"], &Method::POST) => {
                 self.post_rows(table, request).await
             }
-            (["", "healthz" | "metrics"], _) => Err(method_not_allowed("GET")),
+            (["", "healthz" | "metrics"] | ["", "v1", "status"], _) => {
+                Err(method_not_allowed("GET"))
+            }
             (["", "v1", "tables", _, "rows"], _) => Err(method_not_allowed("POST")),
             _ => Err(Refusal::new(
                 StatusCode::NOT_FOUND,
@@ -180,7 +189,7 @@ impl Ingest {
                 debug!(%status, %message, "request refused");
                 let mut response = json_response(status, &json!({ "error": message }));
                 if status == StatusCode::METHOD_NOT_ALLOWED {
-                    let allow = if path.starts_with("/v1/") {
+                    let allow = if path.starts_with("/v1/tables/") {
                         "POST"
                     } else {
                         "GET"
@@ -206,6 +215,18 @@ impl Ingest {
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         );
         response
+    }
+
+    async fn status(&self) -> Result<Response<Full<Bytes>>, Refusal> {
+        let ready = self.appender.read().expect("lock poisoned").is_some();
+        let report = self.monitor.report(ready).await.map_err(|e| {
+            Refusal::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the WAL directory: {e}"),
+            )
+        })?;
+        let body = serde_json::to_value(&report).expect("the report serializes");
+        Ok(json_response(StatusCode::OK, &body))
     }
 
     fn health(&self) -> Result<Response<Full<Bytes>>, Refusal> {

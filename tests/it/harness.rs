@@ -165,22 +165,35 @@ pub async fn post_ndjson(client: &mut SpoolClient, table: &str, body: &str) -> R
         .expect("request")
 }
 
-/// `pgspool status --json` of the WAL directory `wal`: its exit code and its JSON (null
-/// if it printed none).
-pub fn status(wal: &Path) -> (Option<i32>, serde_json::Value) {
+/// `pgspool status --json` of the WAL directory `wal`, with no daemon answering on the
+/// socket it asks: the verdict's state (`unreachable` when the WAL is intact, `corrupt`
+/// when damaged) and the JSON. Panics unless the exit code is the verdict's.
+pub fn status(wal: &Path) -> (String, serde_json::Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_pgspool"))
-        .args(["status", "--json", "--wal-dir"])
+        .args(["status", "--json", "--socket"])
+        .arg(wal.with_file_name("no-daemon.sock"))
+        .arg("--wal-dir")
         .arg(wal)
         .output()
         .expect("run status");
     let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.code(), json)
+    let verdict = &json["verdict"];
+    assert_eq!(
+        out.status.code().map(i64::from),
+        verdict["exit_code"].as_i64(),
+        "{json:#}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = verdict["state"].as_str().unwrap_or_default().to_string();
+    (state, json)
 }
 
-/// `pgspool status --json` of the WAL directory `wal`; panics unless it exits 0 (intact).
+/// `pgspool status --json` of the WAL directory `wal`, with no daemon answering; panics
+/// unless the WAL is intact.
 pub fn status_json(wal: &Path) -> serde_json::Value {
-    let (code, json) = status(wal);
-    assert_eq!(code, Some(0), "{json:#}");
+    let (state, json) = status(wal);
+    assert_eq!(state, "unreachable", "{json:#}");
+    assert_eq!(json["intact"], true, "{json:#}");
     json
 }
 

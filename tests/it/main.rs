@@ -22,6 +22,7 @@ mod row_isolation;
 mod send;
 mod service;
 mod status;
+mod status_live;
 mod systemd_units;
 mod torn_writes;
 mod torture;

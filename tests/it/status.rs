@@ -62,13 +62,17 @@ async fn status_reports_the_backlog_then_nothing_pending_after_the_flush() {
     assert_eq!(s["checksums_ok"], true);
 
     let human = Command::new(env!("CARGO_BIN_EXE_pgspool"))
-        .args(["status", "--wal-dir"])
+        .args(["status", "--socket"])
+        .arg(dir.path().join("s.sock"))
+        .arg("--wal-dir")
         .arg(&wal)
         .output()
         .expect("run status");
     let text = String::from_utf8_lossy(&human.stdout);
+    assert_eq!(human.status.code(), Some(2), "{text}");
+    assert!(text.starts_with("daemon not running: "), "{text}");
     assert!(
-        text.starts_with("ok: every record verified, nothing pending"),
+        text.contains("\n  pending         0 rows, 0 bytes\n"),
         "{text}"
     );
 }
@@ -124,7 +128,7 @@ fn exit_codes_tell_usage_from_configuration_from_runtime_errors() {
     assert_eq!(bad_config.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&bad_config.stderr).contains("max_rowz"));
     let not_wal = run(&["status", "--wal-dir", dir.path().to_str().expect("utf-8")]);
-    assert_eq!(not_wal.status.code(), Some(1));
+    assert_eq!(not_wal.status.code(), Some(2), "nothing can be read");
     assert!(String::from_utf8_lossy(&not_wal.stderr).contains("not a pgspool WAL directory"));
     assert_eq!(run(&["--help"]).status.code(), Some(0));
 }

@@ -80,8 +80,8 @@ async fn a_flipped_bit_with_valid_records_after_it_is_refused_until_quarantined(
     std::fs::write(&segment, &bytes).expect("write");
     let damaged = format!("{}, bytes 64..", segment.display());
 
-    let (code, s) = status(&wal);
-    assert_eq!(code, Some(2), "{s:#}");
+    let (state, s) = status(&wal);
+    assert_eq!(state, "corrupt", "{s:#}");
     assert_eq!(s["intact"], false);
     let problem = s["problems"][0].as_str().unwrap_or_default();
     assert!(
@@ -124,10 +124,10 @@ async fn a_flipped_bit_with_valid_records_after_it_is_refused_until_quarantined(
         saved[0].len() > 40,
         "a whole record (header and payload) is kept"
     );
-    let (code, s) = status(&wal);
+    let (state, s) = status(&wal);
     assert_eq!(
-        (code, &s["quarantined_rows"]),
-        (Some(0), &2.into()),
+        (state.as_str(), &s["quarantined_rows"]),
+        ("unreachable", &2.into()),
         "{s:#}"
     );
 
@@ -183,8 +183,8 @@ async fn damage_the_flusher_finds_in_an_older_segment_stops_the_daemon_and_every
     // Every later start refuses at once, and status says why.
     let err = start_error(dir.path(), &pg).await;
     assert!(err.contains(&damage), "{err}");
-    let (code, s) = status(&wal);
-    assert_eq!(code, Some(2), "{s:#}");
+    let (state, s) = status(&wal);
+    assert_eq!(state, "corrupt", "{s:#}");
     assert!(
         s["problems"].to_string().contains("found while flushing"),
         "{s:#}"
@@ -211,7 +211,7 @@ async fn a_segment_with_a_damaged_header_is_refused_until_quarantined_whole() {
             && err.contains("pgspool quarantine --wal-dir"),
         "{err}"
     );
-    assert_eq!(status(&wal).0, Some(2));
+    assert_eq!(status(&wal).0, "corrupt");
     quarantine_and_load(&dir, &pg, 2, "moved aside").await;
 }
 
@@ -242,8 +242,8 @@ async fn a_log_shorter_than_at_its_clean_stop_is_refused_until_quarantined() {
     let segments = one_row_per_segment(dir.path(), &mut pg, 4).await;
     // Without the last segment the log would look whole, ending at LSN 3.
     std::fs::remove_file(&segments[3]).expect("remove the last segment");
-    let (code, s) = status(&dir.path().join("wal"));
-    assert_eq!(code, Some(2), "{s:#}");
+    let (state, s) = status(&dir.path().join("wal"));
+    assert_eq!(state, "corrupt", "{s:#}");
     assert!(
         s["problems"].to_string().contains("last stopped cleanly"),
         "{s:#}"
@@ -330,10 +330,10 @@ async fn quarantine_and_load(dir: &tempfile::TempDir, pg: &Pg, lsn: u64, what: &
         report.contains(what) && report.contains(&format!("LSNs {lsn} ..= {lsn} (1 row)")),
         "{report}"
     );
-    let (code, s) = status(&wal);
+    let (state, s) = status(&wal);
     assert_eq!(
-        (code, &s["quarantined_rows"]),
-        (Some(0), &1.into()),
+        (state.as_str(), &s["quarantined_rows"]),
+        ("unreachable", &1.into()),
         "{s:#}"
     );
     let daemon = start_daemon(config(dir.path(), &pg.url())).await;
@@ -393,8 +393,8 @@ async fn a_log_that_ends_before_its_checkpoint_is_refused() {
         .and_then(|f| f.set_len(64))
         .expect("truncate");
 
-    let (code, s) = status(&dir.path().join("wal"));
-    assert_eq!(code, Some(2), "{s:#}");
+    let (state, s) = status(&dir.path().join("wal"));
+    assert_eq!(state, "corrupt", "{s:#}");
     // The daemon had stopped cleanly, so the log must reach where it ended then.
     let err = start_error(dir.path(), &pg).await;
     assert!(
@@ -424,16 +424,16 @@ async fn status_names_pending_lsns_that_no_segment_holds() {
     let dir = short_tempdir();
     let wal = dir.path().join("wal");
     let segments = one_row_per_segment(dir.path(), &mut pg, 4).await;
-    assert_eq!(status(&wal).0, Some(0));
+    assert_eq!(status(&wal).0, "unreachable");
 
     std::fs::remove_file(&segments[1]).expect("remove a middle segment");
-    let (code, s) = status(&wal);
-    assert_eq!(code, Some(2), "{s:#}");
+    let (state, s) = status(&wal);
+    assert_eq!(state, "corrupt", "{s:#}");
     let problem = s["problems"][0].as_str().unwrap_or_default();
     assert!(problem.contains("LSNs 2 .. 2 are in no segment"), "{s:#}");
     std::fs::remove_file(&segments[0]).expect("remove the oldest segment");
-    let (code, s) = status(&wal);
-    assert_eq!(code, Some(2), "{s:#}");
+    let (state, s) = status(&wal);
+    assert_eq!(state, "corrupt", "{s:#}");
     let problem = s["problems"][0].as_str().unwrap_or_default();
     assert!(
         problem.contains("LSNs 1 .. 2 are pending but in no segment"),
@@ -445,10 +445,10 @@ async fn status_names_pending_lsns_that_no_segment_holds() {
         report.contains("passed over: ") && report.contains("LSNs 1 ..= 2 (2 rows)"),
         "{report}"
     );
-    let (code, s) = status(&wal);
+    let (state, s) = status(&wal);
     assert_eq!(
-        (code, &s["quarantined_rows"]),
-        (Some(0), &2.into()),
+        (state.as_str(), &s["quarantined_rows"]),
+        ("unreachable", &2.into()),
         "{s:#}"
     );
     pg.restart().await;

@@ -1,42 +1,26 @@
-//! `pgspool status`: what a WAL directory holds, read from the files themselves, so it
-//! works whether the daemon runs or not (it takes no lock and changes nothing).
+//! What a WAL directory holds, read from the files themselves, so it works whether the
+//! daemon runs or not (it takes no lock and changes nothing).
 //!
 //! Every record of every segment is read and its checksum verified. Rows above the
 //! flushed watermark (the local checkpoint the flusher writes after each commit; PostgreSQL
 //! may be slightly ahead of it after a crash) are pending, counted per table.
-//!
-//! `--json` prints one object with these keys (stable; new keys may be added):
-//! `wal_dir`, `spool_id`, `segments`, `bytes`, `first_lsn`, `last_lsn`, `flushed_lsn`,
-//! `pending_rows`, `pending_bytes`, `oldest_pending_age_seconds` (null when nothing is
-//! pending), `intact`, `checksums_ok`, `torn_tail_bytes`, `quarantined_rows` (LSNs moved
-//! aside by `pgspool quarantine`), `problems` (list of strings), and
-//! `tables` (table name → `{pending_rows, pending_bytes}`; a table the daemon had not seen
-//! yet is listed under the name the client gave), and `flusher` (null before the flusher's
-//! first report, else `{updated_at_us, postgres_error, tables}` with, per table,
-//! `{dead_letters, held_after_lsn, last_error: {sqlstate, message, lsn, at_us}}`: see
-//! [`crate::flush::report`]). `flushed_lsn` is the LSN up to which every row is settled
-//! (committed or dead-lettered): the watermark, or the LSN a held table waits after;
-//! `watermark_lsn` is PostgreSQL's watermark, up to which the rows of tables not held are
-//! settled. Pending rows are counted against the one that applies to their table.
+//! `flushed_lsn` is the LSN up to which every row is settled (committed or
+//! dead-lettered): the watermark, or the LSN a held table waits after; `watermark_lsn` is
+//! PostgreSQL's watermark, up to which the rows of tables not held are settled. Pending
+//! rows are counted against the one that applies to their table.
 //!
 //! A bad record at the very end of the last segment with nothing written by a later group
 //! after it is a torn write (`torn_tail_bytes`; the daemon cuts it at its next start, or it
 //! is a write in progress); anywhere else it is damage to acknowledged data, listed with
 //! its segment, byte range and LSNs (see [`crate::wal::damage`]), as is damage the daemon
 //! recorded while flushing.
-//!
-//! Exit code: 0 when the log is intact, 2 when it is damaged, 1 when the directory cannot
-//! be read at all.
 
 use std::collections::BTreeMap;
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, IsTerminal};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
-use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::cli::StatusArgs;
 use crate::flush::report::FlushReport;
 use crate::fsutil;
 use crate::lsn::Lsn;
@@ -45,16 +29,19 @@ use crate::wal::segment::{self, SegmentCursor};
 use crate::wal::{self, Checkpoint, Record, RecordKind, WalError};
 
 /// Backlog of one table.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableBacklog {
     /// Rows above the flushed watermark.
     pub pending_rows: u64,
     /// Bytes of those rows as stored.
     pub pending_bytes: u64,
+    /// Rows the running daemon settled (loaded, or put into dead letters) since it
+    /// started; `None` when the directory was read without the daemon.
+    pub flushed_rows: Option<u64>,
 }
 
-/// What a WAL directory holds (see the module docs for the JSON keys).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// What a WAL directory holds (see [`crate::status`] for the JSON keys).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WalStatus {
     /// The directory.
     pub wal_dir: PathBuf,
@@ -271,46 +258,6 @@ impl WalStatus {
     }
 }
 
-/// Runs `pgspool status`.
-///
-/// # Errors
-/// When the config file cannot be read or `--wal-dir` is not a WAL directory.
-pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let dir = args.dir.resolve()?;
-    let bar = progress_bar(&dir, "verifying");
-    let status = inspect(&dir, &mut |done| {
-        if let Some(bar) = &bar {
-            bar.set_position(done);
-        }
-    })
-    .with_context(|| format!("cannot inspect {}", dir.display()))?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    let text = if args.json {
-        serde_json::to_string_pretty(&status)? + "\n"
-    } else {
-        render(&status)
-    };
-    write_stdout(&text)?;
-    Ok(if status.intact {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
-    })
-}
-
-/// Writes `text` to stdout; a reader that stops early (`| head`) is not an error.
-///
-/// # Errors
-/// When stdout cannot be written for another reason.
-pub(crate) fn write_stdout(text: &str) -> io::Result<()> {
-    match io::stdout().lock().write_all(text.as_bytes()) {
-        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e),
-        _ => Ok(()),
-    }
-}
-
 /// A progress bar over the bytes of `dir`'s segments, labelled `what`, when stderr is a
 /// terminal and there is enough to read for it to matter.
 pub(crate) fn progress_bar(dir: &Path, what: &str) -> Option<indicatif::ProgressBar> {
@@ -331,148 +278,4 @@ pub(crate) fn progress_bar(dir: &Path, what: &str) -> Option<indicatif::Progress
             .expect("the template is valid"),
         )
     })
-}
-
-/// The human-readable report: a one-line verdict, then aligned key/value lines, a table
-/// of pending rows and dead letters, and the flusher's last errors.
-#[must_use]
-pub fn render(s: &WalStatus) -> String {
-    use std::fmt::Write;
-    let report = s.flusher.clone().unwrap_or_default();
-    let held: Vec<&String> = report
-        .tables
-        .iter()
-        .filter(|(_, t)| t.held_after_lsn.is_some())
-        .map(|(name, _)| name)
-        .collect();
-    let verdict = if !s.intact {
-        "DAMAGED: acknowledged data is damaged or missing (see problems below)".to_string()
-    } else if !held.is_empty() {
-        format!(
-            "degraded: PostgreSQL refuses every row of {}; those rows wait in the WAL (see last errors below)",
-            held.iter()
-                .map(|t| t.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    } else if s.torn_tail_bytes > 0 {
-        "ok: every complete record verified; a torn write ends the log (cut at the next start)"
-            .to_string()
-    } else if s.pending_rows == 0 {
-        "ok: every record verified, nothing pending".to_string()
-    } else {
-        "ok: every record verified, rows pending".to_string()
-    };
-    let mut out = String::new();
-    let _ = writeln!(out, "{verdict}");
-    let age = s
-        .oldest_pending_age_seconds
-        .map_or_else(|| "-".to_string(), |a| format!("{a:.1} s"));
-    let lsns = if s.segments == 0 {
-        "none (no segments)".to_string()
-    } else if s.last_lsn < s.first_lsn {
-        format!("none held (the next is {})", s.last_lsn.next())
-    } else {
-        format!("{} .. {}", s.first_lsn, s.last_lsn)
-    };
-    let dead_letters: u64 = report.tables.values().map(|t| t.dead_letters).sum();
-    for (key, value) in [
-        ("wal dir", s.wal_dir.display().to_string()),
-        ("spool id", s.spool_id.to_string()),
-        ("segments", format!("{} ({} bytes)", s.segments, s.bytes)),
-        ("LSNs", lsns),
-        (
-            "flushed LSN",
-            if s.flushed_lsn < s.watermark_lsn {
-                format!(
-                    "{} (held tables' rows: from {})",
-                    s.watermark_lsn,
-                    s.flushed_lsn.next()
-                )
-            } else {
-                s.watermark_lsn.to_string()
-            },
-        ),
-        (
-            "pending",
-            format!("{} rows, {} bytes", s.pending_rows, s.pending_bytes),
-        ),
-        ("oldest pending", age),
-        ("torn tail", format!("{} bytes", s.torn_tail_bytes)),
-        ("quarantined", rows(s.quarantined_rows)),
-        ("dead letters", rows(dead_letters)),
-    ] {
-        let _ = writeln!(out, "  {key:<15} {value}");
-    }
-    if let Some(error) = &report.postgres_error {
-        let _ = writeln!(out, "  {:<15} {}", "PostgreSQL", clip(error, 82));
-    }
-    let mut names: Vec<&String> = s.tables.keys().chain(report.tables.keys()).collect();
-    names.sort();
-    names.dedup();
-    if !names.is_empty() {
-        let width = names
-            .iter()
-            .map(|n| n.len())
-            .max()
-            .unwrap_or(5)
-            .clamp(5, 40);
-        let _ = writeln!(
-            out,
-            "\n  {:<width$} {:>12} {:>14} {:>12}  state",
-            "table", "pending rows", "pending bytes", "dead letters"
-        );
-        for name in &names {
-            let backlog = s.tables.get(*name).cloned().unwrap_or_default();
-            let flushed = report.tables.get(*name).cloned().unwrap_or_default();
-            let state = flushed.held_after_lsn.map_or_else(
-                || "flowing".to_string(),
-                |lsn| format!("held after LSN {lsn}"),
-            );
-            let _ = writeln!(
-                out,
-                "  {:<width$} {:>12} {:>14} {:>12}  {state}",
-                clip(name, width),
-                backlog.pending_rows,
-                backlog.pending_bytes,
-                flushed.dead_letters
-            );
-        }
-    }
-    let errors: Vec<_> = report
-        .tables
-        .iter()
-        .filter_map(|(name, t)| t.last_error.as_ref().map(|e| (name, e)))
-        .collect();
-    if !errors.is_empty() {
-        let _ = writeln!(out, "\n  last errors");
-        for (name, e) in errors {
-            let code = e.sqlstate.as_deref().unwrap_or("pgspool");
-            let line = format!("{name} (LSN {}, {code}): {}", e.lsn, e.message);
-            let _ = writeln!(out, "  {}", clip(&line, 96));
-        }
-    }
-    for problem in &s.problems {
-        let _ = writeln!(out, "  problem: {problem}");
-    }
-    out
-}
-
-/// `n rows`, or `1 row`.
-fn rows(n: u64) -> String {
-    if n == 1 {
-        "1 row".to_string()
-    } else {
-        format!("{n} rows")
-    }
-}
-
-/// `text` cut to `width` characters, with an ellipsis when cut.
-fn clip(text: &str, width: usize) -> String {
-    if text.chars().count() <= width {
-        return text.to_string();
-    }
-    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
-    cut.push('…');
-    cut
 }
