@@ -36,10 +36,12 @@ use crate::acks::Acks;
 use crate::config::{Config, ConfigError};
 use crate::flush::{FatalError, Flusher, Progress};
 use crate::ingest::{self, Ingest, IngestOptions};
+use crate::live::FlusherView;
 use crate::logging::LogHandle;
 use crate::lsn::Lsn;
 use crate::metrics::{Metrics, WalMetrics};
 use crate::schema::{Catalog, SchemaCache};
+use crate::status::{Connection, PostgresState};
 use crate::systemd::{self, NotifyState, Watchdog};
 use crate::wal::{CommitObserver, Wal, WalOptions};
 
@@ -133,11 +135,16 @@ impl Daemon {
         let metrics = Arc::new(Metrics::new(&wal, wal_metrics));
         let (checked_tx, checked) = oneshot::channel();
         let (live, flusher_view) = crate::live::FlusherStatus::new();
+        let status = tokio::spawn(report_status(
+            wal.durable(),
+            committed.clone(),
+            flusher_view.clone(),
+        ));
         let monitor = crate::live::Monitor::start(
             Arc::clone(wal.dir()),
             wal.durable(),
             flusher_view,
-            config.batch.max_wait,
+            config_rx.clone(),
         );
         let flusher = Flusher {
             pg: pg.clone(),
@@ -197,10 +204,7 @@ impl Daemon {
             shutdown: shutdown.clone(),
             socket: socket.clone(),
             config: config_rx,
-            service: vec![
-                tokio::spawn(ping_watchdog(progress)),
-                tokio::spawn(report_status(durable.clone(), committed.clone())),
-            ],
+            service: vec![tokio::spawn(ping_watchdog(progress)), status],
         };
         let socket = socket.path().to_path_buf();
         info!(socket = %socket.display(), "accepting writes");
@@ -438,13 +442,22 @@ async fn ping_watchdog(progress: Progress) {
     }
 }
 
-/// Sends systemd a `STATUS=` line with the backlog whenever it changes.
-async fn report_status(durable: watch::Receiver<Lsn>, committed: watch::Receiver<Lsn>) {
+/// Sends systemd a `STATUS=` line with the backlog and PostgreSQL's state whenever they
+/// change.
+async fn report_status(
+    durable: watch::Receiver<Lsn>,
+    committed: watch::Receiver<Lsn>,
+    flusher: watch::Receiver<FlusherView>,
+) {
     let mut sent = String::new();
     let mut every = tokio::time::interval(systemd::STATUS_EVERY);
     loop {
         every.tick().await;
-        let status = status_line(*durable.borrow(), *committed.borrow());
+        let status = status_line(
+            *durable.borrow(),
+            *committed.borrow(),
+            &flusher.borrow().postgres,
+        );
         if status != sent {
             systemd::notify(&[NotifyState::Status(&status)]);
             sent = status;
@@ -452,12 +465,25 @@ async fn report_status(durable: watch::Receiver<Lsn>, committed: watch::Receiver
     }
 }
 
-/// The `STATUS=` line: the backlog in rows (one LSN per row).
-fn status_line(durable: Lsn, committed: Lsn) -> String {
-    format!(
-        "accepting writes; backlog {} rows (durable LSN {durable}, watermark {committed})",
-        durable.0.saturating_sub(committed.0)
-    )
+/// The `STATUS=` line: the backlog in rows (one LSN per row) and PostgreSQL's state, as
+/// `systemctl status` shows it.
+fn status_line(durable: Lsn, committed: Lsn, postgres: &PostgresState) -> String {
+    let backlog = durable.0.saturating_sub(committed.0);
+    let postgres = match postgres.state {
+        Connection::Connecting => "PostgreSQL: connecting".to_string(),
+        Connection::Connected => "PostgreSQL: up".to_string(),
+        Connection::Down => format!(
+            "PostgreSQL: down ({})",
+            postgres.error.as_deref().unwrap_or("no answer")
+        ),
+    };
+    let mut line = format!("backlog {backlog} rows; {postgres}");
+    // systemctl status shows it on one line: long PostgreSQL errors are cut.
+    if let Some((cut, _)) = line.char_indices().nth(200) {
+        line.truncate(cut);
+        line.push('…');
+    }
+    line
 }
 
 /// The parts of a running daemon, which [`Running::supervise`] stops in order.
@@ -567,13 +593,7 @@ pub async fn run_until_signalled(config: Config, service: Service) -> anyhow::Re
         log,
     } = service;
     let daemon = Daemon::start_on(config, activated).await?;
-    systemd::notify(&[
-        NotifyState::Ready,
-        NotifyState::Status(&status_line(
-            *daemon.durable.borrow(),
-            *daemon.committed.borrow(),
-        )),
-    ]);
+    systemd::notify(&[NotifyState::Ready]);
     let token = daemon.shutdown_token();
     let live = daemon.config();
     tokio::spawn(async move {

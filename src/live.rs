@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::config::Config;
 use crate::flush::report::FlushReport;
 use crate::fsutil;
 use crate::lsn::Lsn;
@@ -142,7 +143,9 @@ pub struct Monitor {
     wal_path: PathBuf,
     durable: watch::Receiver<Lsn>,
     flusher: watch::Receiver<FlusherView>,
-    backlog_age_limit: Duration,
+    /// The configuration, changed live by a reload: `[batch] max_wait` sets the backlog age
+    /// limit.
+    config: watch::Receiver<Config>,
     /// Oldest first, a minute and a little more.
     samples: Mutex<VecDeque<Sample>>,
     /// Held while counting, so that concurrent requests share one count.
@@ -151,15 +154,14 @@ pub struct Monitor {
 
 impl Monitor {
     /// A monitor of the WAL in `wal` whose writer publishes `durable` and whose flusher
-    /// publishes `flusher`; `max_wait` is `[batch] max_wait` (the backlog age limit is 10
-    /// times as long, at least 2 s). Starts the sampler, which ends once the monitor is
-    /// dropped.
+    /// publishes `flusher`; the backlog age limit is 10 times `[batch] max_wait` of
+    /// `config`, at least 2 s. Starts the sampler, which ends once the monitor is dropped.
     #[must_use]
     pub fn start(
         wal: Arc<WalDir>,
         durable: watch::Receiver<Lsn>,
         flusher: watch::Receiver<FlusherView>,
-        max_wait: Duration,
+        config: watch::Receiver<Config>,
     ) -> Arc<Monitor> {
         let wal_path = std::path::absolute(wal.path()).unwrap_or_else(|_| wal.path().into());
         let monitor = Arc::new(Monitor {
@@ -168,7 +170,7 @@ impl Monitor {
             wal_path,
             durable,
             flusher,
-            backlog_age_limit: (max_wait * 10).max(Duration::from_secs(2)),
+            config,
             samples: Mutex::new(VecDeque::new()),
             count: tokio::sync::Mutex::new(None),
         });
@@ -195,6 +197,11 @@ impl Monitor {
         monitor
     }
 
+    /// How old the oldest pending row may be before a growing backlog is reported.
+    fn backlog_age_limit(&self) -> Duration {
+        (self.config.borrow().batch.max_wait * 10).max(Duration::from_secs(2))
+    }
+
     /// The live report; `ready` tells whether writes are accepted.
     ///
     /// # Errors
@@ -217,7 +224,7 @@ impl Monitor {
             durable_lsn: Some(Lsn(now.durable)),
             postgres: Some(view.postgres),
             rates: Some(self.rates(now)),
-            backlog_age_limit_seconds: Some(self.backlog_age_limit.as_secs_f64()),
+            backlog_age_limit_seconds: Some(self.backlog_age_limit().as_secs_f64()),
         };
         Ok(Report::live(wal, counted_at_us, live))
     }
