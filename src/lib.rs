@@ -32,6 +32,7 @@ pub mod rowgroup;
 pub mod rows;
 pub mod schema;
 pub mod send;
+pub mod service;
 pub mod status;
 pub mod systemd;
 pub mod table;

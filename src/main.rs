@@ -60,12 +60,12 @@ async fn run(
             let config = args.config()?;
             let log = logging::init(&config.log.level, config.log.format);
             config.validate()?;
-            let service = pgspool::app::Service {
+            let service = pgspool::service::Service {
                 activated,
                 reread: Box::new(move || args.config()),
                 log,
             };
-            pgspool::app::run_until_signalled(config, service).await?;
+            pgspool::service::run_until_signalled(config, service).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(args) => {

@@ -1,0 +1,279 @@
+//! `pgspool run` as a service: signals, reloading the configuration, and the tasks that
+//! speak the systemd protocol for a running daemon (see [`crate::systemd`]).
+//!
+//! Reload ([`LiveConfig::reload`], SIGHUP): the batch limits, `[ingest] max_body_bytes`,
+//! `[wal] max_bytes`, `[shutdown] drain_timeout` and the log level change at once (the
+//! flusher and the handlers read them through a watch channel); the keys that need a
+//! restart are named in the log and keep their old values; a config that does not parse or
+//! validate changes nothing.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::app::Daemon;
+use crate::config::{Config, ConfigError};
+use crate::flush::Progress;
+use crate::live::FlusherView;
+use crate::logging::LogHandle;
+use crate::lsn::Lsn;
+use crate::status::{Connection, PostgresState};
+use crate::systemd::{self, NotifyState, Watchdog};
+
+/// The running daemon's configuration, which a reload changes; clones share it.
+#[derive(Debug, Clone)]
+pub struct LiveConfig(Arc<watch::Sender<Config>>);
+
+/// What a [`LiveConfig::reload`] changed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reloaded {
+    /// The live keys whose value changed, as `key: old -> new`.
+    pub applied: Vec<String>,
+    /// The sections or keys that changed but take effect only after a restart.
+    pub need_restart: Vec<&'static str>,
+}
+
+impl LiveConfig {
+    /// The configuration `config` publishes.
+    #[must_use]
+    pub fn new(config: watch::Sender<Config>) -> LiveConfig {
+        LiveConfig(Arc::new(config))
+    }
+
+    /// The configuration now.
+    #[must_use]
+    pub fn current(&self) -> Config {
+        self.0.borrow().clone()
+    }
+
+    /// Applies what can change live from `new` (see the module docs): the rest keeps its
+    /// old value and is named in [`Reloaded::need_restart`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] when the configuration that would result is not valid;
+    /// nothing changes then.
+    pub fn reload(&self, new: &Config) -> Result<Reloaded, ConfigError> {
+        let old = self.current();
+        let mut next = old.clone();
+        next.batch = new.batch.clone();
+        next.ingest = new.ingest.clone();
+        next.wal.max_bytes = new.wal.max_bytes;
+        next.shutdown = new.shutdown.clone();
+        next.log.level.clone_from(&new.log.level);
+        next.validate()?;
+        let mut reloaded = Reloaded::default();
+        for (key, was, now) in [
+            (
+                "[batch] max_rows",
+                old.batch.max_rows.to_string(),
+                next.batch.max_rows.to_string(),
+            ),
+            (
+                "[batch] max_bytes",
+                old.batch.max_bytes.to_string(),
+                next.batch.max_bytes.to_string(),
+            ),
+            (
+                "[batch] max_wait",
+                format!("{:?}", old.batch.max_wait),
+                format!("{:?}", next.batch.max_wait),
+            ),
+            (
+                "[ingest] max_body_bytes",
+                old.ingest.max_body_bytes.to_string(),
+                next.ingest.max_body_bytes.to_string(),
+            ),
+            (
+                "[wal] max_bytes",
+                old.wal.max_bytes.to_string(),
+                next.wal.max_bytes.to_string(),
+            ),
+            (
+                "[shutdown] drain_timeout",
+                format!("{:?}", old.shutdown.drain_timeout),
+                format!("{:?}", next.shutdown.drain_timeout),
+            ),
+            ("[log] level", old.log.level.clone(), next.log.level.clone()),
+        ] {
+            if was != now {
+                reloaded.applied.push(format!("{key}: {was} -> {now}"));
+            }
+        }
+        for (key, differs) in [
+            ("[listen]", new.listen != old.listen),
+            ("[postgres]", new.postgres != old.postgres),
+            ("[wal] dir", new.wal.dir != old.wal.dir),
+            (
+                "[wal] segment_bytes",
+                new.wal.segment_bytes != old.wal.segment_bytes,
+            ),
+            ("[log] format", new.log.format != old.log.format),
+        ] {
+            if differs {
+                reloaded.need_restart.push(key);
+            }
+        }
+        self.0.send_replace(next);
+        Ok(reloaded)
+    }
+}
+
+/// Pings the systemd watchdog, if one is enabled, while the flusher shows progress.
+pub(crate) async fn ping_watchdog(progress: Progress) {
+    let Some(watchdog) = Watchdog::from_env() else {
+        return;
+    };
+    info!(interval = ?watchdog.interval, "systemd watchdog enabled");
+    let mut every = tokio::time::interval(watchdog.ping_every());
+    let mut stalled = false;
+    loop {
+        every.tick().await;
+        let since = progress.since();
+        if since <= watchdog.progress_within() {
+            systemd::notify(&[NotifyState::Watchdog]);
+            stalled = false;
+        } else if !stalled {
+            stalled = true;
+            warn!(
+                since = ?since,
+                "the flusher has shown no progress (a COPY or COMMIT that does not return?):                  not pinging the systemd watchdog, which restarts pgspool after WatchdogSec"
+            );
+        }
+    }
+}
+
+/// Sends systemd a `STATUS=` line with the backlog and PostgreSQL's state whenever they
+/// change.
+pub(crate) async fn report_status(
+    durable: watch::Receiver<Lsn>,
+    committed: watch::Receiver<Lsn>,
+    flusher: watch::Receiver<FlusherView>,
+) {
+    let mut sent = String::new();
+    let mut every = tokio::time::interval(systemd::STATUS_EVERY);
+    loop {
+        every.tick().await;
+        let status = status_line(
+            *durable.borrow(),
+            *committed.borrow(),
+            &flusher.borrow().postgres,
+        );
+        if status != sent {
+            systemd::notify(&[NotifyState::Status(&status)]);
+            sent = status;
+        }
+    }
+}
+
+/// The `STATUS=` line: the backlog in rows (one LSN per row) and PostgreSQL's state, as
+/// `systemctl status` shows it.
+fn status_line(durable: Lsn, committed: Lsn, postgres: &PostgresState) -> String {
+    let backlog = durable.0.saturating_sub(committed.0);
+    let postgres = match postgres.state {
+        Connection::Connecting => "PostgreSQL: connecting".to_string(),
+        Connection::Connected => "PostgreSQL: up".to_string(),
+        Connection::Down => format!(
+            "PostgreSQL: down ({})",
+            postgres.error.as_deref().unwrap_or("no answer")
+        ),
+    };
+    let mut line = format!("backlog {backlog} rows; {postgres}");
+    // systemctl status shows it on one line: long PostgreSQL errors are cut.
+    if let Some((cut, _)) = line.char_indices().nth(200) {
+        line.truncate(cut);
+        line.push('…');
+    }
+    line
+}
+
+/// How `pgspool run` runs the daemon as a service.
+pub struct Service {
+    /// The socket systemd passed (socket activation), if any.
+    pub activated: Option<std::os::unix::net::UnixListener>,
+    /// Reads the configuration again (the file, with the command line's flags) on SIGHUP.
+    pub reread: Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>,
+    /// The logger, whose filter SIGHUP changes.
+    pub log: LogHandle,
+}
+
+/// Runs a daemon until SIGTERM or SIGINT, then stops it gracefully; a second signal exits
+/// at once (the WAL keeps everything acknowledged). SIGHUP reloads the configuration
+/// (see the module docs). Tells systemd `READY=1` once writes are accepted, and
+/// `RELOADING=1` and `STOPPING=1` as they happen (see [`crate::systemd`]).
+///
+/// # Errors
+/// When the daemon cannot start, or stops on a fatal error.
+pub async fn run_until_signalled(config: Config, service: Service) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("install the SIGHUP handler")?;
+    let Service {
+        activated,
+        reread,
+        log,
+    } = service;
+    let daemon = Daemon::start_on(config, activated).await?;
+    systemd::notify(&[NotifyState::Ready]);
+    let token = daemon.shutdown_token();
+    let live = daemon.config();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => reload(&live, &*reread, &log),
+                () = token.cancelled() => return,
+            }
+        }
+        info!("signal received: stopping gracefully (signal again to exit at once)");
+        token.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        warn!("second signal: exiting at once; the WAL keeps every acknowledged row");
+        std::process::exit(1);
+    });
+    daemon.wait().await
+}
+
+/// Re-reads the configuration and applies what can change live; a configuration that
+/// cannot be read or is not valid leaves the old one running.
+fn reload(
+    live: &LiveConfig,
+    reread: &(dyn Fn() -> Result<Config, ConfigError> + Send + Sync),
+    log: &LogHandle,
+) {
+    systemd::notify(&[NotifyState::Reloading]);
+    info!("SIGHUP: re-reading the configuration");
+    let reloaded = reread().and_then(|new| live.reload(&new));
+    match reloaded {
+        Err(e) => error!(
+            error = %e,
+            "the configuration was not reloaded; the old one stays in force (fix the file and \
+             send SIGHUP again)"
+        ),
+        Ok(reloaded) => {
+            if let Err(e) = log.set_filter(&live.current().log.level) {
+                warn!(error = %e, "the log level was not changed");
+            }
+            if reloaded.applied.is_empty() {
+                info!("configuration reloaded: nothing that can change live changed");
+            }
+            for change in &reloaded.applied {
+                info!(change = %change, "configuration reloaded");
+            }
+            for key in &reloaded.need_restart {
+                warn!(
+                    key,
+                    "this setting changed in the file but takes effect only after a restart \
+                     (systemctl restart pgspool); the old value stays in force"
+                );
+            }
+        }
+    }
+    systemd::notify(&[NotifyState::Ready]);
+}
