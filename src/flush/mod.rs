@@ -260,7 +260,8 @@ impl Flusher {
         delay: &mut Duration,
     ) -> Result<SessionEnd, FatalError> {
         let retry = |e: &dyn std::fmt::Display| Ok(SessionEnd::Retry(e.to_string()));
-        let mut client = match crate::pg::connect(&self.pg).await {
+        // Bounded by connect_timeout: a normal wait, not a hang.
+        let mut client = match self.progress.waiting(crate::pg::connect(&self.pg)).await {
             Ok(client) => client,
             Err(e) => {
                 return retry(&format!(

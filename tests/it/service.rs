@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use pgspool::pgtemp::StopMode;
 use tokio::net::UnixDatagram;
 
 use crate::harness::{DEADLINE, DaemonProcess, Pg, client, post_ndjson, short_tempdir, wait_until};
@@ -39,18 +40,35 @@ impl NotifySocket {
             if let Some(i) = self.find(line, 0) {
                 return i;
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mut buf = vec![0; 4096];
-            match tokio::time::timeout(left, self.socket.recv(&mut buf)).await {
-                Ok(Ok(n)) => self
-                    .received
-                    .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
-                Ok(Err(e)) => panic!("receiving on the notify socket: {e}"),
-                Err(_) => panic!(
-                    "no {line} within {DEADLINE:?}; received {:?}",
-                    self.received
-                ),
-            }
+            self.receive(deadline, line).await;
+        }
+    }
+
+    /// Receives messages until one has a line that starts with `prefix`.
+    async fn wait_for_prefix(&mut self, prefix: &str) {
+        let deadline = Instant::now() + DEADLINE;
+        while !self
+            .received
+            .iter()
+            .any(|m| m.lines().any(|l| l.starts_with(prefix)))
+        {
+            self.receive(deadline, prefix).await;
+        }
+    }
+
+    /// Receives one message, or panics at `deadline`, naming what was waited for.
+    async fn receive(&mut self, deadline: Instant, waited_for: &str) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut buf = vec![0; 4096];
+        match tokio::time::timeout(left, self.socket.recv(&mut buf)).await {
+            Ok(Ok(n)) => self
+                .received
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Ok(Err(e)) => panic!("receiving on the notify socket: {e}"),
+            Err(_) => panic!(
+                "no {waited_for} within {DEADLINE:?}; received {:?}",
+                self.received
+            ),
         }
     }
 
@@ -109,6 +127,18 @@ async fn ready_after_recovery_watchdog_while_flushing_stopping_on_sigterm() {
         pg.count("SELECT count(*) FROM t").await == 400
     })
     .await;
+    // PostgreSQL down is not a hang: the flusher's retries keep the pings coming, and
+    // systemctl status says so.
+    let mut pg = pg;
+    pg.stop(StopMode::Fast);
+    assert_eq!(post_ndjson(&mut c, "t", &rows(400, 10)).await.status, 202);
+    notify
+        .wait_for_prefix("STATUS=backlog 10 rows; PostgreSQL: down")
+        .await;
+    for _ in 0..3 {
+        notify.clear();
+        notify.wait_for("WATCHDOG=1").await;
+    }
     let mut daemon = daemon;
     notify.clear();
     signal(&daemon, Signal::SIGTERM);
