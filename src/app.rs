@@ -9,7 +9,9 @@
 //! returns; [`crate::service::run_until_signalled`] then tells systemd `READY=1`. Signals
 //! and reloads are [`crate::service`]'s.
 //!
-//! Stop (the shutdown token is cancelled): stop accepting writes (503), let in-flight
+//! Stop (the shutdown token is cancelled): stop accepting writes (503, with `Connection:
+//! close`; connections stay open up to half a second so that clients sending on them get
+//! that answer rather than a reset), let in-flight
 //! requests finish (those waiting with `?ack=committed` are answered by the flusher's
 //! commits meanwhile, or 503 at the drain timeout, or at once on a fatal error: their rows
 //! stay durable in the WAL), let the flusher send what is durable within `[shutdown]
@@ -109,7 +111,9 @@ impl Daemon {
         let schemas = Arc::new(SchemaCache::load(&config.wal.dir));
         let shutdown = CancellationToken::new();
         let (config_tx, config_rx) = watch::channel(config.clone());
-        let (committed_tx, committed) = watch::channel(Lsn::ZERO);
+        // Until the flusher reads PostgreSQL's watermark, the last one recorded.
+        let recorded = crate::wal::recorded_watermark(wal.dir().path()).unwrap_or(Lsn::ZERO);
+        let (committed_tx, committed) = watch::channel(recorded);
         // Requests with ?ack=committed, answered as the flusher reports its commits.
         let acks = Arc::new(Acks::new());
         let metrics = Arc::new(Metrics::new(&wal, wal_metrics));
@@ -170,14 +174,16 @@ impl Daemon {
             metrics,
             monitor,
         }));
+        let stop_server = CancellationToken::new();
         let running = Running {
             flusher,
             stop_flusher,
             server: tokio::spawn(ingest::serve(
                 listener,
                 Arc::clone(&ingest),
-                shutdown.clone(),
+                stop_server.clone(),
             )),
+            stop_server,
             ingest,
             acks: Arc::clone(&acks),
             wal,
@@ -293,6 +299,9 @@ async fn open_wal(config: &Config, observer: Arc<dyn CommitObserver>) -> anyhow:
     Ok(wal)
 }
 
+/// How long, at a stop, connections stay open to answer 503 to requests sent on them.
+const LINGER: Duration = Duration::from_millis(500);
+
 /// How long, past the drain timeout, requests waiting for a commit get to send their 503.
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
@@ -325,6 +334,8 @@ struct Running {
     ingest: Arc<Ingest>,
     acks: Arc<Acks>,
     server: JoinHandle<()>,
+    /// Stops the server: it stops accepting, and closes connections once idle.
+    stop_server: CancellationToken,
     flusher: JoinHandle<Result<(), FatalError>>,
     stop_flusher: CancellationToken,
     shutdown: CancellationToken,
@@ -361,6 +372,14 @@ impl Running {
             // No commit will come: requests waiting for one are answered now.
             self.acks.close();
         }
+        // Connections stay open a moment: a request sent on one now gets 503 with
+        // `Connection: close` and `Retry-After`, where closing it at once would leave a
+        // client that was sending with no answer, not knowing whether its rows were kept.
+        let linger = (tokio::time::Instant::now() + LINGER).min(deadline);
+        while self.ingest.open_connections() > 0 && tokio::time::Instant::now() < linger {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.stop_server.cancel();
         if tokio::time::timeout_at(deadline, &mut self.server)
             .await
             .is_err()

@@ -130,7 +130,8 @@ impl Default for PostgresConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
-    /// Rows in a batch. Default 10,000.
+    /// Rows in a batch. Default 10,000. A WAL record (the rows of one request, up to about
+    /// 1 MiB of them) is never split, so a batch holds at least one whole record.
     pub max_rows: u64,
     /// Bytes of row data in a batch. Default 8 MiB.
     pub max_bytes: u64,
@@ -305,7 +306,7 @@ impl Config {
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return invalid(format!(
-                "[log] level = {:?} is not a log filter: {e}",
+                "[log] level (or --log-level) = {:?} is not a log filter: {e}",
                 self.log.level
             ));
         }

@@ -62,7 +62,10 @@ async fn run(
             config.validate()?;
             let service = pgspool::service::Service {
                 activated,
-                reread: Box::new(move || args.config()),
+                reread: match args.source.config {
+                    Some(_) => Some(Box::new(move || args.config())),
+                    None => None,
+                },
                 log,
             };
             pgspool::service::run_until_signalled(config, service).await?;

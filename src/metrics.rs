@@ -333,10 +333,8 @@ impl Metrics {
             tables_held.clone(),
         );
         let watermark = Gauge::default();
-        if let Ok(Some(checkpoint)) = crate::wal::read_checkpoint_whole(wal.dir().path()) {
-            watermark.set(gauge_value(
-                checkpoint.watermark.unwrap_or(checkpoint.flushed_lsn).0,
-            ));
+        if let Some(recorded) = crate::wal::recorded_watermark(wal.dir().path()) {
+            watermark.set(gauge_value(recorded.0));
         }
         registry.register(
             "watermark_lsn",

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use nix::sys::signal::Signal;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -138,7 +139,9 @@ pub(crate) async fn ping_watchdog(progress: Progress) {
             stalled = true;
             warn!(
                 since = ?since,
-                "the flusher has shown no progress (a COPY or COMMIT that does not return?):                  not pinging the systemd watchdog, which restarts pgspool after WatchdogSec"
+                "the flusher has shown no progress (a COPY or COMMIT that does not return? a lock \
+                 held by another session, say): not pinging the systemd watchdog, which \
+                 restarts pgspool after WatchdogSec"
             );
         }
     }
@@ -192,14 +195,16 @@ fn status_line(durable: Lsn, committed: Lsn, postgres: &PostgresState) -> String
 pub struct Service {
     /// The socket systemd passed (socket activation), if any.
     pub activated: Option<std::os::unix::net::UnixListener>,
-    /// Reads the configuration again (the file, with the command line's flags) on SIGHUP.
-    pub reread: Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>,
+    /// Reads the configuration again (the file, with the command line's flags) on SIGHUP;
+    /// `None` when the daemon was started without a config file (nothing to re-read).
+    pub reread: Option<Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>>,
     /// The logger, whose filter SIGHUP changes.
     pub log: LogHandle,
 }
 
 /// Runs a daemon until SIGTERM or SIGINT, then stops it gracefully; a second signal exits
-/// at once (the WAL keeps everything acknowledged). SIGHUP reloads the configuration
+/// at once with 128 + its number (143 for SIGTERM, 130 for SIGINT, as a shell reports a
+/// process killed by it; the WAL keeps everything acknowledged). SIGHUP reloads the configuration
 /// (see the module docs). Tells systemd `READY=1` once writes are accepted, and
 /// `RELOADING=1` and `STOPPING=1` as they happen (see [`crate::systemd`]).
 ///
@@ -224,18 +229,18 @@ pub async fn run_until_signalled(config: Config, service: Service) -> anyhow::Re
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => reload(&live, &*reread, &log),
+                _ = hup.recv() => reload(&live, reread.as_deref(), &log),
                 () = token.cancelled() => return,
             }
         }
         info!("signal received: stopping gracefully (signal again to exit at once)");
         token.cancel();
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        let signal = tokio::select! {
+            _ = term.recv() => Signal::SIGTERM as i32,
+            _ = int.recv() => Signal::SIGINT as i32,
+        };
         warn!("second signal: exiting at once; the WAL keeps every acknowledged row");
-        std::process::exit(1);
+        std::process::exit(128 + signal);
     });
     daemon.wait().await
 }
@@ -244,15 +249,23 @@ pub async fn run_until_signalled(config: Config, service: Service) -> anyhow::Re
 /// cannot be read or is not valid leaves the old one running.
 fn reload(
     live: &LiveConfig,
-    reread: &(dyn Fn() -> Result<Config, ConfigError> + Send + Sync),
+    reread: Option<&(dyn Fn() -> Result<Config, ConfigError> + Send + Sync)>,
     log: &LogHandle,
 ) {
+    let Some(reread) = reread else {
+        warn!(
+            "SIGHUP: pgspool was started without --config, so there is no file to re-read; \
+             the configuration stays as the command line set it"
+        );
+        return;
+    };
     systemd::notify(&[NotifyState::Reloading]);
     info!("SIGHUP: re-reading the configuration");
     let reloaded = reread().and_then(|new| live.reload(&new));
     match reloaded {
+        // One line: the journal shows one event per line.
         Err(e) => error!(
-            error = %e,
+            error = %e.to_string().replace('\n', " "),
             "the configuration was not reloaded; the old one stays in force (fix the file and \
              send SIGHUP again)"
         ),

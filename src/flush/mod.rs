@@ -297,8 +297,7 @@ impl Flusher {
         let mut reader = self.open_reader(watermark).await?;
         self.checked();
         let mut watermark = watermark.lsn;
-        if let Ok(Some(local)) = crate::wal::read_checkpoint_whole(self.wal.path())
-            .map(|c| c.map(|c| c.watermark.unwrap_or(c.flushed_lsn)))
+        if let Some(local) = crate::wal::recorded_watermark(self.wal.path())
             && watermark < local
         {
             warn!(

@@ -26,13 +26,14 @@
 //! is full. Refusals for a full WAL or disk are counted in `pgspool_writes_refused_total`.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use percent_encoding::percent_decode_str;
 use serde_json::json;
@@ -64,6 +65,8 @@ pub struct Ingest {
     metrics: Arc<Metrics>,
     acks: Arc<Acks>,
     monitor: Arc<Monitor>,
+    /// Connections open (see [`Ingest::connection_opened`]).
+    connections: AtomicUsize,
 }
 
 /// What the request handlers need.
@@ -89,6 +92,16 @@ pub struct IngestOptions {
     pub monitor: Arc<Monitor>,
 }
 
+/// An open connection, counted in [`Ingest::open_connections`] until dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard(Arc<Ingest>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A refusal: status and message.
 struct Refusal(StatusCode, String);
 
@@ -111,6 +124,7 @@ impl Ingest {
             config: options.config,
             acks: options.acks,
             monitor: options.monitor,
+            connections: AtomicUsize::new(0),
         }
     }
 
@@ -159,9 +173,28 @@ impl Ingest {
     /// Answers one request, and counts it in the metrics.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let route = route(request.uri().path());
-        let response = self.answer(request).await;
+        let mut response = self.answer(request).await;
         self.metrics.request(route, response.status().as_u16());
+        if self.appender.read().expect("lock poisoned").is_none() {
+            // Stopping: the client closes this connection after the answer, rather than
+            // sending its next request into a connection about to close.
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         response
+    }
+
+    /// Counts a connection opened; the count falls when the guard is dropped.
+    pub fn connection_opened(self: &Arc<Self>) -> ConnectionGuard {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(Arc::clone(self))
+    }
+
+    /// Connections open now.
+    #[must_use]
+    pub fn open_connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
     }
 
     async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {

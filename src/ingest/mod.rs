@@ -96,6 +96,7 @@ pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: Cancel
                 continue;
             }
         };
+        let open = ingest.connection_opened();
         let ingest = Arc::clone(&ingest);
         let peer = Peer::new(&stream)
             .inspect_err(|e| debug!(error = %e, "cannot watch for the client going away"))
@@ -120,6 +121,7 @@ pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: Cancel
             if let Err(e) = connection.await {
                 debug!(error = %e, "connection ended with an error");
             }
+            drop(open);
         });
     }
     drop(listener);

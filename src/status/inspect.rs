@@ -115,7 +115,7 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
         first_lsn: segments.first().map_or(Lsn::ZERO, |s| s.first_lsn),
         last_lsn: Lsn::ZERO,
         flushed_lsn: flushed,
-        watermark_lsn: positions.watermark.unwrap_or(flushed),
+        watermark_lsn: positions.watermark_lsn(),
         pending_rows: 0,
         pending_bytes: 0,
         oldest_pending_age_seconds: None,

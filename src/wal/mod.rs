@@ -372,6 +372,12 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// PostgreSQL's watermark as recorded.
+    #[must_use]
+    pub fn watermark_lsn(&self) -> Lsn {
+        self.watermark.unwrap_or(self.flushed_lsn)
+    }
+
     /// The LSN up to which the rows of `table` are settled.
     #[must_use]
     pub fn settled_for(&self, table: &str) -> Lsn {
@@ -400,6 +406,16 @@ pub fn read_checkpoint_whole(dir: &Path) -> Result<Option<Checkpoint>, WalError>
     read_json::<Checkpoint>(&dir.join(CHECKPOINT_FILE), |e| {
         format!("not a checkpoint: {e}")
     })
+}
+
+/// PostgreSQL's watermark as the last checkpoint in `dir` recorded it, if one can be read:
+/// what the daemon knows before the flusher asks PostgreSQL.
+#[must_use]
+pub fn recorded_watermark(dir: &Path) -> Option<Lsn> {
+    read_checkpoint_whole(dir)
+        .ok()
+        .flatten()
+        .map(|c| c.watermark_lsn())
 }
 
 /// The LSN the next row would have got when the daemon last stopped cleanly (the writer

@@ -249,3 +249,36 @@ async fn rows_that_expand_past_a_wal_record_get_413_not_a_crash() {
     assert_eq!(reply.status, 202, "the daemon still serves: {}", reply.body);
     daemon.stop().await.expect("stop");
 }
+
+/// At a stop, a client sending on a connection it opened before gets an answer (503 with
+/// `Retry-After` and `Connection: close`), not a connection closed under its request, after
+/// which it could not know whether its rows were kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_an_open_connection_during_a_stop_gets_503_not_a_reset() {
+    let pg = Pg::start().await;
+    pg.exec("CREATE TABLE t (id bigint)").await;
+    let dir = short_tempdir();
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let mut first = client(daemon.socket()).await;
+    let mut second = client(daemon.socket()).await;
+    assert_eq!(
+        post_ndjson(&mut first, "t", "{\"id\":1}\n").await.status,
+        202
+    );
+    assert_eq!(
+        post_ndjson(&mut second, "t", "{\"id\":2}\n").await.status,
+        202
+    );
+    daemon.shutdown_token().cancel();
+    let stopping = first
+        .get("/healthz")
+        .await
+        .expect("an answer on an open connection");
+    assert_eq!(stopping.status, 503, "{:?}", stopping.body);
+    let reply = post_ndjson(&mut second, "t", "{\"id\":3}\n").await;
+    assert_eq!(reply.status, 503, "{:?}", reply.body);
+    assert_eq!(reply.headers["retry-after"], "1");
+    assert_eq!(reply.headers["connection"], "close");
+    daemon.wait().await.expect("clean stop");
+    assert_eq!(pg.ids("SELECT id FROM t").await, [1, 2]);
+}

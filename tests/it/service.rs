@@ -102,8 +102,9 @@ async fn ready_after_recovery_watchdog_while_flushing_stopping_on_sigterm() {
     pg.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
     let dir = short_tempdir();
     let mut notify = NotifySocket::bind(dir.path());
+    let notify_path = notify.path.clone();
     let env: [(&str, &OsStr); 2] = [
-        ("NOTIFY_SOCKET", notify.path.as_os_str()),
+        ("NOTIFY_SOCKET", notify_path.as_os_str()),
         ("WATCHDOG_USEC", OsStr::new("1500000")),
     ];
     let daemon = DaemonProcess::start_with_env(&[], dir.path(), &pg.url(), &[], &env);
@@ -145,6 +146,21 @@ async fn ready_after_recovery_watchdog_while_flushing_stopping_on_sigterm() {
     notify.wait_for("STOPPING=1").await;
     let status = daemon.wait_exit().await;
     assert_eq!(status.code(), Some(0), "{}", daemon.log_tail());
+    // Started again with PostgreSQL still down, it counts its backlog from the watermark
+    // it last saw committed, not from zero.
+    notify.clear();
+    let _again = DaemonProcess::start_with_env(&[], dir.path(), &pg.url(), &[], &env);
+    notify
+        .wait_for_prefix("STATUS=backlog 10 rows; PostgreSQL: ")
+        .await;
+    assert!(
+        !notify
+            .received
+            .iter()
+            .any(|m| m.contains("STATUS=backlog 410 rows")),
+        "{:?}",
+        notify.received
+    );
 }
 
 /// The pings come from the flusher's progress, not from a timer: a COMMIT that waits on a
