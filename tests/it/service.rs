@@ -323,3 +323,33 @@ async fn sighup_applies_live_settings_and_keeps_the_old_config_on_errors() {
     })
     .await;
 }
+
+/// A stop that cannot drain (PostgreSQL is down) waits for `drain_timeout`; a second
+/// signal ends it at once, with 128 + its number as a shell reports it, and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once_and_keeps_what_was_acknowledged() {
+    let mut pg = Pg::start().await;
+    pg.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let dir = short_tempdir();
+    let file = dir.path().join("pgspool.toml");
+    std::fs::write(&file, "[shutdown]\ndrain_timeout = \"1h\"\n").expect("config");
+    let config_arg = file.to_str().expect("utf-8 path");
+    let mut daemon = DaemonProcess::spawn(dir.path(), &pg.url(), &["--config", config_arg]).await;
+    pg.stop(StopMode::Fast);
+    let mut c = client(&daemon.socket).await;
+    assert_eq!(post_ndjson(&mut c, "t", &rows(0, 100)).await.status, 202);
+    signal(&daemon, Signal::SIGTERM);
+    wait_until("the daemon is draining", || async {
+        daemon.log_text().contains("stopping: no new writes")
+    })
+    .await;
+    signal(&daemon, Signal::SIGINT);
+    let status = daemon.wait_exit().await;
+    assert_eq!(status.code(), Some(130), "{}", daemon.log_tail());
+    pg.restart().await;
+    let _again = DaemonProcess::spawn(dir.path(), &pg.url(), &[]).await;
+    wait_until("the acknowledged rows are in PostgreSQL", || async {
+        pg.count("SELECT count(*) FROM t").await == 100
+    })
+    .await;
+}
