@@ -42,12 +42,17 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("pgspool: error: {e:#}");
-            if e.downcast_ref::<ConfigError>().is_some() {
-                ExitCode::from(EX_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
+            exit_code(&e)
         }
+    }
+}
+
+/// 78 for a configuration error, else 1.
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    if e.downcast_ref::<ConfigError>().is_some() {
+        ExitCode::from(EX_CONFIG)
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -59,7 +64,6 @@ async fn run(
         Command::Run(args) => {
             let config = args.config()?;
             let log = logging::init(&config.log.level, config.log.format);
-            config.validate()?;
             let service = pgspool::service::Service {
                 activated,
                 reread: match args.source.config {
@@ -68,8 +72,18 @@ async fn run(
                 },
                 log,
             };
-            pgspool::service::run_until_signalled(config, service).await?;
-            Ok(ExitCode::SUCCESS)
+            let ran = match config.validate() {
+                Ok(()) => pgspool::service::run_until_signalled(config, service).await,
+                Err(e) => Err(e.into()),
+            };
+            // Through the log, in its format (JSON for log shippers, the journal's lines).
+            Ok(ran.map_or_else(
+                |e| {
+                    tracing::error!(error = format!("{e:#}"), "pgspool run failed");
+                    exit_code(&e)
+                },
+                |()| ExitCode::SUCCESS,
+            ))
         }
         Command::Status(args) => {
             logging::init("warn", LogFormat::Text);

@@ -121,6 +121,24 @@ fn exit_codes_tell_usage_from_configuration_from_runtime_errors() {
     let no_url = run(&["run", "--socket", "/tmp/x.sock", "--wal-dir", "/tmp/x"]);
     assert_eq!(no_url.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&no_url.stderr).contains("PGSPOOL_DATABASE_URL"));
+    // With --log-format json the error is a JSON line too, for log shippers.
+    let json = run(&[
+        "run",
+        "--log-format",
+        "json",
+        "--socket",
+        "/tmp/x.sock",
+        "--wal-dir",
+        "/tmp/x",
+    ]);
+    assert_eq!(json.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&json.stderr);
+    assert!(stderr.contains("PGSPOOL_DATABASE_URL"), "{stderr}");
+    for line in stderr.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert_eq!(event["level"], "ERROR", "{line}");
+    }
     let dir = short_tempdir();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[batch]\nmax_rowz = 1\n").expect("write");
