@@ -322,7 +322,7 @@ pub struct SendArgs {
     )]
     pub socket: PathBuf,
     /// The table: name or schema.name, exactly as written (case-sensitive).
-    #[arg(long, value_name = "TABLE")]
+    #[arg(long, value_name = "TABLE", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub table: String,
     /// The input file; - or none reads stdin.
     #[arg(value_name = "FILE|-")]
@@ -336,6 +336,14 @@ pub struct SendArgs {
     /// Rows per request.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub rows_per_request: u32,
+    /// Bytes per request at most: a batch ends before the row that would take it over (a
+    /// larger row is sent alone). Keep it under the daemon's [ingest] max_body_bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::send::DEFAULT_MAX_REQUEST_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_request_bytes: u64,
+    /// How long a partial batch waits for more rows (from its first row) before it is
+    /// sent, e.g. 1s, 200ms: a slow stream (tail -f) is sent as it comes.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime_serde::re::humantime::parse_duration)]
+    pub max_wait: std::time::Duration,
     /// Concurrent connections.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub clients: u16,

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 use indicatif::ProgressBar;
+use serde::Serialize;
 use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
 
 use super::{AckLevel, Batch, InvalidRows, MAX_PRINTED_FAILURES};
 use crate::client::{Reply, SpoolClient};
@@ -19,6 +21,8 @@ pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A connection idle this long is replaced before it is used: the daemon closes one idle
 /// for 30 s, possibly just as a request is written to it.
 const IDLE_RECONNECT: Duration = Duration::from_secs(20);
+/// The longest failure message kept, in characters (a daemon's message may quote a row).
+const MAX_ERROR_CHARS: usize = 300;
 
 /// How [`deliver`] sends.
 #[derive(Debug, Clone)]
@@ -57,10 +61,15 @@ pub struct Report {
     pub batches_acknowledged: u64,
     /// Requests refused, or without an answer.
     pub batches_failed: u64,
+    /// Batches never sent (or sent and answered that nothing was kept), because sending
+    /// stopped: the daemon could not be reached, or `send` was interrupted.
+    pub batches_not_sent: u64,
     /// Rows of acknowledged requests: durable in the WAL (or written, with `ack=none`).
     pub rows_acknowledged: u64,
     /// Rows of failed requests.
     pub rows_failed: u64,
+    /// Rows of batches not sent.
+    pub rows_not_sent: u64,
     /// Rows the daemon set aside for pgspool.dead_letters at once (`invalid=dead_letter`);
     /// they are among the acknowledged rows.
     pub rows_refused: u64,
@@ -72,8 +81,8 @@ pub struct Report {
     /// held by an error, or the daemon stopped); they are durable and loaded later. The
     /// reason is printed for the first such batch.
     pub rows_not_committed: u64,
-    /// The first [`MAX_PRINTED_FAILURES`] failure messages.
-    pub failures: Vec<String>,
+    /// Every batch failed or not sent, in the order it happened.
+    pub failures: Vec<Failure>,
     /// Whether sending stopped early because the daemon could not be reached.
     pub unreachable: bool,
     /// From the start of [`deliver`] to the last answer.
@@ -104,14 +113,68 @@ impl Report {
         }
     }
 
-    fn fail(&mut self, bar: &ProgressBar, batch: &Batch, message: String) {
+    /// Counts a failed batch, and prints its message if it is among the first
+    /// [`MAX_PRINTED_FAILURES`].
+    fn fail(&mut self, bar: &ProgressBar, batch: &Batch, failure: Failure, message: &str) {
+        if self.batches_failed < MAX_PRINTED_FAILURES as u64 {
+            bar.suspend(|| eprintln!("pgspool: {message}"));
+        }
         self.batches_failed += 1;
         self.rows_failed += batch.rows;
-        if self.failures.len() < MAX_PRINTED_FAILURES {
-            bar.suspend(|| eprintln!("pgspool: {message}"));
-            self.failures.push(message);
+        self.failures.push(failure);
+    }
+
+    /// Counts a batch that was not sent, because `why`.
+    pub fn not_sent(&mut self, batch: &Batch, why: &str) {
+        self.batches_not_sent += 1;
+        self.rows_not_sent += batch.rows;
+        self.failures
+            .push(Failure::new(batch, Fate::NotSent, None, why.to_string()));
+    }
+}
+
+/// A batch that was not acknowledged, for the `--json` summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    /// The number of its first row in the input, from 1.
+    pub first_row: u64,
+    /// The number of its last row in the input, from 1.
+    pub last_row: u64,
+    /// What became of it.
+    pub outcome: Fate,
+    /// The daemon's HTTP status, when it refused the batch.
+    pub status: Option<u16>,
+    /// Why, in at most 300 characters.
+    pub error: String,
+}
+
+impl Failure {
+    fn new(batch: &Batch, outcome: Fate, status: Option<u16>, mut error: String) -> Failure {
+        if let Some((cut, _)) = error.char_indices().nth(MAX_ERROR_CHARS) {
+            error.truncate(cut);
+            error.push('…');
+        }
+        Failure {
+            first_row: batch.first_row,
+            last_row: batch.last_row(),
+            outcome,
+            status,
+            error,
         }
     }
+}
+
+/// What became of a batch that was not acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fate {
+    /// The daemon refused it: none of its rows was stored.
+    Refused,
+    /// Sent, but no answer came: its rows may or may not have been stored (each at most
+    /// once).
+    NoAnswer,
+    /// Not sent (or answered that nothing was kept): none of its rows was stored.
+    NotSent,
 }
 
 /// What became of one batch.
@@ -124,6 +187,8 @@ enum Outcome {
     NoAnswer(anyhow::Error),
     /// Not sent: no connection could be made.
     Unreachable(anyhow::Error),
+    /// Not sent, or answered that nothing was kept, when sending was given up.
+    Abandoned,
 }
 
 /// One connection and when it was last used.
@@ -137,6 +202,7 @@ struct Shared {
     query: String,
     batches: Mutex<mpsc::Receiver<Batch>>,
     stop: AtomicBool,
+    abandon: CancellationToken,
     report: StdMutex<Report>,
     bar: ProgressBar,
 }
@@ -147,17 +213,31 @@ struct Shared {
 /// A batch refused (non-2xx) or without an answer counts as failed, and its message is
 /// printed (the first [`MAX_PRINTED_FAILURES`]); the other batches go on. When no
 /// connection can be made even after the retries, sending stops: the channel is closed (a
-/// [`Batcher`](super::Batcher) then fails with [`SendingStopped`](super::SendingStopped)) and [`Report::unreachable`] is set.
+/// [`Batcher`](super::Batcher) then fails with [`SendingStopped`](super::SendingStopped)),
+/// the batches left in it count as not sent, and [`Report::unreachable`] is set.
 pub async fn deliver(
     delivery: &Delivery,
     batches: mpsc::Receiver<Batch>,
     bar: &ProgressBar,
+) -> Report {
+    deliver_until(delivery, batches, bar, CancellationToken::new()).await
+}
+
+/// [`deliver`], given up once `abandon` is cancelled: requests waiting for their answer
+/// count as failed without one, and the batches not sent yet (or waiting to be sent again)
+/// as not sent.
+pub async fn deliver_until(
+    delivery: &Delivery,
+    batches: mpsc::Receiver<Batch>,
+    bar: &ProgressBar,
+    abandon: CancellationToken,
 ) -> Report {
     let shared = Arc::new(Shared {
         query: delivery.query(),
         delivery: delivery.clone(),
         batches: Mutex::new(batches),
         stop: AtomicBool::new(false),
+        abandon,
         report: StdMutex::new(Report::default()),
         bar: bar.clone(),
     });
@@ -171,6 +251,17 @@ pub async fn deliver(
         }
     }
     let mut report = std::mem::take(&mut *shared.report.lock().expect("lock poisoned"));
+    // Sending stopped or was given up: what is left was never sent.
+    let mut left = shared.batches.lock().await;
+    left.close();
+    while let Some(batch) = left.recv().await {
+        let why = if report.unreachable {
+            "not sent: sending stopped (the daemon cannot be reached)"
+        } else {
+            "not sent: interrupted"
+        };
+        report.not_sent(&batch, why);
+    }
     report.elapsed = started.elapsed();
     report
 }
@@ -178,13 +269,19 @@ pub async fn deliver(
 async fn work(shared: Arc<Shared>) {
     let mut connection = None;
     loop {
-        if shared.stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let Some(batch) = shared.batches.lock().await.recv().await else {
+        let next = tokio::select! {
+            biased;
+            () = shared.abandon.cancelled() => None,
+            batch = async { shared.batches.lock().await.recv().await } => batch,
+        };
+        let Some(batch) = next else {
             return;
         };
         if shared.stop.load(Ordering::Relaxed) {
+            shared.report.lock().expect("lock poisoned").not_sent(
+                &batch,
+                "not sent: sending stopped (the daemon cannot be reached)",
+            );
             return;
         }
         let outcome = post(&shared, &mut connection, &batch).await;
@@ -200,44 +297,54 @@ async fn work(shared: Arc<Shared>) {
 /// Adds a batch's outcome to the report, printing a failure.
 fn record(shared: &Shared, batch: &Batch, outcome: Outcome) {
     let mut report = shared.report.lock().expect("lock poisoned");
+    let rows = batch.rows_label();
+    let table = &batch.table;
     match outcome {
         Outcome::Stored(reply, latency) => {
             tally_stored(&mut report, &shared.bar, batch, &reply);
             report.latencies.push(latency);
         }
         Outcome::Refused(reply) => {
-            let error = reply
+            let mut error = reply
                 .body
                 .get("error")
                 .and_then(|e| e.as_str())
                 .map_or_else(|| reply.body.to_string(), |e| batch.input_position(e));
-            let message = format!(
-                "{} of {} refused ({}): {error}",
-                batch.rows_label(),
-                batch.table,
-                reply.status
-            );
-            report.fail(&shared.bar, batch, message);
+            if reply.status == StatusCode::PAYLOAD_TOO_LARGE {
+                error = if batch.rows == 1 {
+                    format!(
+                        "the row is too large: its {} bytes are more than the daemon takes \
+                         in one request ([ingest] max_body_bytes, or one WAL record once \
+                         encoded); it cannot be sent",
+                        batch.body.len()
+                    )
+                } else {
+                    format!("{error} (lower --max-request-bytes below the daemon's limit)")
+                };
+            }
+            let status = reply.status;
+            let message = format!("{rows} of {table} refused ({status}): {error}");
+            let failure = Failure::new(batch, Fate::Refused, Some(status.as_u16()), error);
+            report.fail(&shared.bar, batch, failure, &message);
         }
         Outcome::NoAnswer(e) => {
             let message = format!(
-                "{} of {} got no answer ({e:#}): they may or may not have been stored \
-                     (each at most once); check the table before sending them again",
-                batch.rows_label(),
-                batch.table
+                "{rows} of {table} got no answer ({e:#}): they may or may not have been \
+                 stored (each at most once); check the table before sending them again"
             );
-            report.fail(&shared.bar, batch, message);
+            let failure = Failure::new(batch, Fate::NoAnswer, None, format!("{e:#}"));
+            report.fail(&shared.bar, batch, failure, &message);
         }
         Outcome::Unreachable(e) => {
-            let message = format!(
-                "{} of {} not sent, and sending stops: {e:#}",
-                batch.rows_label(),
-                batch.table
-            );
-            report.fail(&shared.bar, batch, message);
+            let error = format!("{e:#}");
+            shared.bar.suspend(|| {
+                eprintln!("pgspool: {rows} of {table} not sent, and sending stops: {error}");
+            });
+            report.not_sent(batch, &format!("not sent: {error}"));
             report.unreachable = true;
             shared.stop.store(true, Ordering::Relaxed);
         }
+        Outcome::Abandoned => report.not_sent(batch, "not sent: interrupted"),
     }
 }
 
@@ -292,22 +399,26 @@ async fn post(shared: &Shared, connection: &mut Option<Connection>, batch: &Batc
                     used: Instant::now(),
                 }),
                 Err(_) if attempt < shared.delivery.retries => {
-                    tokio::time::sleep(backoff(attempt, None)).await;
+                    if !pause(shared, backoff(attempt, None)).await {
+                        return Outcome::Abandoned;
+                    }
                     attempt += 1;
                     continue;
                 }
                 Err(e) => return Outcome::Unreachable(e),
             },
         };
-        let answer = client
-            .client
-            .post_rows_with(
+        let answer = tokio::select! {
+            answer = client.client.post_rows_with(
                 &batch.table,
                 &shared.query,
                 batch.content_type,
                 batch.body.clone(),
-            )
-            .await;
+            ) => answer,
+            () = shared.abandon.cancelled() => {
+                Err(anyhow::anyhow!("interrupted before the daemon answered"))
+            }
+        };
         client.used = Instant::now();
         let reply = match answer {
             Ok(reply) => reply,
@@ -330,11 +441,21 @@ async fn post(shared: &Shared, connection: &mut Option<Connection>, batch: &Batc
                 if reply.status == StatusCode::SERVICE_UNAVAILABLE
                     && attempt < shared.delivery.retries =>
             {
-                tokio::time::sleep(backoff(attempt, Some(Duration::from_secs(seconds)))).await;
+                if !pause(shared, backoff(attempt, Some(Duration::from_secs(seconds)))).await {
+                    return Outcome::Abandoned;
+                }
                 attempt += 1;
             }
             _ => return Outcome::Refused(reply),
         }
+    }
+}
+
+/// Waits `wait` before a retry; false when sending is given up meanwhile.
+async fn pause(shared: &Shared, wait: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => true,
+        () = shared.abandon.cancelled() => false,
     }
 }
 
