@@ -1,5 +1,4 @@
-//! Posting batches over several connections, retrying what the daemon kept nothing of, and
-//! tallying what landed.
+//! Posting batches over several connections, and retrying what the daemon kept nothing of.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -7,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 use indicatif::ProgressBar;
-use serde::Serialize;
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::{AckLevel, Batch, InvalidRows, MAX_PRINTED_FAILURES};
+use super::report::{Failure, Fate, Report};
+use super::{AckLevel, Batch, InvalidRows};
 use crate::client::{Reply, SpoolClient};
 
 /// First wait before a retry; it doubles with each retry.
@@ -21,8 +20,6 @@ pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A connection idle this long is replaced before it is used: the daemon closes one idle
 /// for 30 s, possibly just as a request is written to it.
 const IDLE_RECONNECT: Duration = Duration::from_secs(20);
-/// The longest failure message kept, in characters (a daemon's message may quote a row).
-const MAX_ERROR_CHARS: usize = 300;
 
 /// How [`deliver`] sends.
 #[derive(Debug, Clone)]
@@ -52,129 +49,6 @@ impl Delivery {
         };
         format!("ack={ack}&invalid={invalid}")
     }
-}
-
-/// What [`deliver`] did.
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    /// Requests the daemon acknowledged.
-    pub batches_acknowledged: u64,
-    /// Requests refused, or without an answer.
-    pub batches_failed: u64,
-    /// Batches never sent (or sent and answered that nothing was kept), because sending
-    /// stopped: the daemon could not be reached, or `send` was interrupted.
-    pub batches_not_sent: u64,
-    /// Rows of acknowledged requests: durable in the WAL (or written, with `ack=none`).
-    pub rows_acknowledged: u64,
-    /// Rows of failed requests.
-    pub rows_failed: u64,
-    /// Rows of batches not sent.
-    pub rows_not_sent: u64,
-    /// Rows the daemon set aside for pgspool.dead_letters at once (`invalid=dead_letter`);
-    /// they are among the acknowledged rows.
-    pub rows_refused: u64,
-    /// Rows PostgreSQL took (`ack=committed`).
-    pub rows_committed: u64,
-    /// Rows PostgreSQL refused into pgspool.dead_letters (`ack=committed`).
-    pub rows_dead_lettered: u64,
-    /// Acknowledged rows not yet committed when answered (`ack=committed`: their table is
-    /// held by an error, or the daemon stopped); they are durable and loaded later. The
-    /// reason is printed for the first such batch.
-    pub rows_not_committed: u64,
-    /// Every batch failed or not sent, in the order it happened.
-    pub failures: Vec<Failure>,
-    /// Whether sending stopped early because the daemon could not be reached.
-    pub unreachable: bool,
-    /// From the start of [`deliver`] to the last answer.
-    pub elapsed: Duration,
-    /// Each acknowledged request's time from sending to its answer, retries included.
-    pub latencies: Vec<Duration>,
-}
-
-impl Report {
-    /// The `q` quantile (0 to 1) of the acknowledgement latencies; zero without any.
-    pub fn latency(&self, q: f64) -> Duration {
-        let mut sorted = self.latencies.clone();
-        sorted.sort_unstable();
-        if sorted.is_empty() {
-            return Duration::ZERO;
-        }
-        let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
-        sorted[rank - 1]
-    }
-
-    /// Acknowledged rows per second.
-    pub fn rows_per_second(&self) -> f64 {
-        let seconds = self.elapsed.as_secs_f64();
-        if seconds > 0.0 {
-            self.rows_acknowledged as f64 / seconds
-        } else {
-            0.0
-        }
-    }
-
-    /// Counts a failed batch, and prints its message if it is among the first
-    /// [`MAX_PRINTED_FAILURES`].
-    fn fail(&mut self, bar: &ProgressBar, batch: &Batch, failure: Failure, message: &str) {
-        if self.batches_failed < MAX_PRINTED_FAILURES as u64 {
-            bar.suspend(|| eprintln!("pgspool: {message}"));
-        }
-        self.batches_failed += 1;
-        self.rows_failed += batch.rows;
-        self.failures.push(failure);
-    }
-
-    /// Counts a batch that was not sent, because `why`.
-    pub fn not_sent(&mut self, batch: &Batch, why: &str) {
-        self.batches_not_sent += 1;
-        self.rows_not_sent += batch.rows;
-        self.failures
-            .push(Failure::new(batch, Fate::NotSent, None, why.to_string()));
-    }
-}
-
-/// A batch that was not acknowledged, for the `--json` summary.
-#[derive(Debug, Clone, Serialize)]
-pub struct Failure {
-    /// The number of its first row in the input, from 1.
-    pub first_row: u64,
-    /// The number of its last row in the input, from 1.
-    pub last_row: u64,
-    /// What became of it.
-    pub outcome: Fate,
-    /// The daemon's HTTP status, when it refused the batch.
-    pub status: Option<u16>,
-    /// Why, in at most 300 characters.
-    pub error: String,
-}
-
-impl Failure {
-    fn new(batch: &Batch, outcome: Fate, status: Option<u16>, mut error: String) -> Failure {
-        if let Some((cut, _)) = error.char_indices().nth(MAX_ERROR_CHARS) {
-            error.truncate(cut);
-            error.push('…');
-        }
-        Failure {
-            first_row: batch.first_row,
-            last_row: batch.last_row(),
-            outcome,
-            status,
-            error,
-        }
-    }
-}
-
-/// What became of a batch that was not acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Fate {
-    /// The daemon refused it: none of its rows was stored.
-    Refused,
-    /// Sent, but no answer came: its rows may or may not have been stored (each at most
-    /// once).
-    NoAnswer,
-    /// Not sent (or answered that nothing was kept): none of its rows was stored.
-    NotSent,
 }
 
 /// What became of one batch.
@@ -211,7 +85,7 @@ struct Shared {
 /// the channel is closed and empty, moving `bar` by each batch's progress, and reports.
 ///
 /// A batch refused (non-2xx) or without an answer counts as failed, and its message is
-/// printed (the first [`MAX_PRINTED_FAILURES`]); the other batches go on. When no
+/// printed (the first [`MAX_PRINTED_FAILURES`](super::MAX_PRINTED_FAILURES)); the other batches go on. When no
 /// connection can be made even after the retries, sending stops: the channel is closed (a
 /// [`Batcher`](super::Batcher) then fails with [`SendingStopped`](super::SendingStopped)),
 /// the batches left in it count as not sent, and [`Report::unreachable`] is set.
@@ -301,7 +175,7 @@ fn record(shared: &Shared, batch: &Batch, outcome: Outcome) {
     let table = &batch.table;
     match outcome {
         Outcome::Stored(reply, latency) => {
-            tally_stored(&mut report, &shared.bar, batch, &reply);
+            report.stored(&shared.bar, batch, &reply);
             report.latencies.push(latency);
         }
         Outcome::Refused(reply) => {
@@ -345,38 +219,6 @@ fn record(shared: &Shared, batch: &Batch, outcome: Outcome) {
             shared.stop.store(true, Ordering::Relaxed);
         }
         Outcome::Abandoned => report.not_sent(batch, "not sent: interrupted"),
-    }
-}
-
-/// Adds an acknowledged batch's answer to the report.
-fn tally_stored(report: &mut Report, bar: &ProgressBar, batch: &Batch, reply: &Reply) {
-    let count = |key: &str| {
-        reply
-            .body
-            .get(key)
-            .and_then(|v| v.as_array())
-            .map_or(0, |a| a.len() as u64)
-    };
-    report.batches_acknowledged += 1;
-    report.rows_acknowledged += batch.rows;
-    report.rows_refused += count("refused");
-    match reply.body.get("committed") {
-        Some(serde_json::Value::Number(n)) => {
-            report.rows_committed += n.as_u64().unwrap_or(0);
-            report.rows_dead_lettered += count("dead_lettered");
-        }
-        Some(_) => {
-            let first = report.rows_not_committed == 0;
-            report.rows_not_committed += batch.rows;
-            let why = ["message", "error"]
-                .iter()
-                .find_map(|key| reply.body.get(*key).and_then(|m| m.as_str()))
-                .unwrap_or("not committed yet");
-            if first {
-                bar.suspend(|| eprintln!("pgspool: {}: {why}", batch.rows_label()));
-            }
-        }
-        None => {}
     }
 }
 

@@ -23,6 +23,7 @@
 mod batch;
 mod deliver;
 mod input;
+mod report;
 #[cfg(test)]
 mod tests;
 
@@ -45,11 +46,12 @@ use crate::client::SpoolClient;
 pub use batch::{
     Batch, BatchBuilder, Batcher, DEFAULT_MAX_REQUEST_BYTES, Gathered, Layout, ProgressUnit, gather,
 };
-pub use deliver::{Delivery, Failure, Fate, Report, deliver, deliver_until};
+pub use deliver::{Delivery, deliver, deliver_until};
 pub use input::{
     CountingReader, RowSink, SendingStopped, maybe_gunzip, read_csv, read_json, read_ndjson,
     skip_bom,
 };
+pub use report::{Failure, Fate, Report};
 
 /// Exit code when some rows were not acknowledged: a batch was refused or got no answer,
 /// or the input could not be read to its end.
