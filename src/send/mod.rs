@@ -64,7 +64,8 @@ pub const MAX_PRINTED_FAILURES: usize = 10;
 /// connection that cannot be made) before it counts as failed, by default.
 pub const DEFAULT_RETRIES: u32 = 8;
 /// After SIGINT or SIGTERM, how long the rows read so far may take to be sent; then the
-/// requests still unanswered count as failed, the batches left as not sent.
+/// requests still unanswered count as failed, the batches left as not sent. `pgspool send
+/// --help` says 5 s.
 pub const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 /// Rows on their way from the reader's thread to the batches.
 const ROWS_IN_FLIGHT: usize = 64;

@@ -12,7 +12,7 @@ use crate::client::Reply;
 /// The longest failure message kept, in characters (a daemon's message may quote a row).
 const MAX_ERROR_CHARS: usize = 300;
 
-/// What [`deliver`] did.
+/// What [`deliver`](super::deliver) did.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     /// Requests the daemon acknowledged.
@@ -43,7 +43,7 @@ pub struct Report {
     pub failures: Vec<Failure>,
     /// Whether sending stopped early because the daemon could not be reached.
     pub unreachable: bool,
-    /// From the start of [`deliver`] to the last answer.
+    /// From the start of [`deliver`](super::deliver) to the last answer.
     pub elapsed: Duration,
     /// Each acknowledged request's time from sending to its answer, retries included.
     pub latencies: Vec<Duration>,
