@@ -288,27 +288,43 @@ Formats (--format, else from the file's extension, else NDJSON):
           --null, quoted or not, is NULL. The default --null is the empty string, so
           empty fields are NULL; use e.g. --null NA to send empty strings. A json or
           jsonb column gets the field as a JSON string, not parsed.
-Keys and header names are column names, exactly. A gzip-compressed input (.gz, or
-any input starting with gzip's magic bytes) is decompressed. The input is read as it is
-sent, so memory stays bounded whatever its size.
+Keys and header names are column names, exactly. A UTF-8 byte order mark at the start
+is skipped. A gzip-compressed input (.gz, or any input starting with gzip's magic bytes)
+is decompressed. The input is read as it is sent: memory is bounded by the batches in
+flight (about two per connection, each of up to --rows-per-request rows and
+--max-request-bytes bytes) plus the largest rows, whatever the input's size.
 
-Each batch of --rows-per-request rows is one request, all or nothing: a batch the
-daemon refuses (a row with an unknown column, a bad value, ...) fails with the
-daemon's message (the first 10 are printed), and the other batches go on. A 503
-with Retry-After (the WAL is full, the daemon is stopping) kept nothing and is retried
-with backoff, --retries times. A batch whose connection breaks before the answer
-fails and is not sent again: its rows may have been stored, each at most once.
+A batch ends at --rows-per-request rows, before the row that would take it over
+--max-request-bytes (a row larger than that is sent alone), or once --max-wait has
+passed since its first row was read: a slow stream (tail -f | pgspool send) is sent as
+it comes. Each batch is one request, all or nothing: a batch the daemon refuses (a row
+with an unknown column, a bad value, a row too large, ...) fails with the daemon's
+message (the first 10 are printed), and the other batches go on. A 503 with
+Retry-After (the WAL is full, the daemon is stopping) kept nothing and is retried with
+backoff, --retries times. A batch whose connection breaks before the answer fails and
+is not sent again: its rows may have been stored, each at most once. When the daemon
+cannot be reached any more, sending stops: the batches left are not sent.
+
+SIGINT (Ctrl-C) or SIGTERM stops reading; the rows read so far are sent, for up to 5 s
+(then a request still unanswered fails, and what is left is not sent), and the summary
+is printed. A second signal exits at once, without a summary.
 
 A progress bar shows on a terminal (stderr). The summary goes to stdout: rows read,
-acknowledged (with rows/s and latency), failed, not sent; --json prints one object
-with the keys table, rows_read, rows_acknowledged, rows_failed, rows_not_sent,
-rows_refused, rows_committed, rows_dead_lettered, rows_not_committed,
-batches_acknowledged, batches_failed, seconds, rows_per_second, latency_p50_ms,
-latency_p99_ms, failures, input_error.
+acknowledged (with rows/s and latency), failed, not sent; every row read is in one of
+these three. --json prints one object with the keys table, rows_read,
+rows_acknowledged, rows_failed, rows_not_sent, rows_refused, rows_committed,
+rows_dead_lettered, rows_not_committed, batches_acknowledged, batches_failed,
+batches_not_sent, seconds, rows_per_second, latency_p50_ms, latency_p99_ms,
+input_error, interrupted (null, \"SIGINT\" or \"SIGTERM\") and failures: one object per
+batch not acknowledged, {first_row, last_row (its rows in the input, from 1), outcome
+(refused: none stored; no_answer: each stored at most once, check before sending them
+again; not_sent: none stored), status (the HTTP status of a refusal, else null), error
+(at most 300 characters)}.
 
-Exit codes: 0 every row acknowledged; 1 some rows were not (a batch failed, or the
-input is malformed or unreadable at some point: the rows before it are sent); 2 the
-daemon cannot be reached, nothing was sent; 64 bad usage.";
+Exit codes: 0 every row acknowledged; 1 some rows were not (a batch failed or was not
+sent, or the input is malformed or unreadable at some point: the rows before it are
+sent); 2 the daemon cannot be reached, nothing was sent; 64 bad usage; 130 interrupted
+by SIGINT, 143 by SIGTERM (the summary tells what was sent).";
 
 /// `pgspool send`
 #[derive(Debug, Args)]
@@ -322,7 +338,7 @@ pub struct SendArgs {
     )]
     pub socket: PathBuf,
     /// The table: name or schema.name, exactly as written (case-sensitive).
-    #[arg(long, value_name = "TABLE")]
+    #[arg(long, value_name = "TABLE", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub table: String,
     /// The input file; - or none reads stdin.
     #[arg(value_name = "FILE|-")]
@@ -336,6 +352,15 @@ pub struct SendArgs {
     /// Rows per request.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub rows_per_request: u32,
+    /// Bytes per request at most: a batch ends before the row that would take it over (a
+    /// larger row is sent alone). Keep it under the daemon's limit, ingest.max_body_bytes:
+    /// the default, 8 MiB, is half the daemon's default.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::send::DEFAULT_MAX_REQUEST_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_request_bytes: u64,
+    /// How long a partial batch waits for more rows (from its first row) before it is
+    /// sent, e.g. 1s, 200ms: a slow stream (tail -f) is sent as it comes.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime_serde::re::humantime::parse_duration)]
+    pub max_wait: std::time::Duration,
     /// Concurrent connections.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub clients: u16,

@@ -1,5 +1,4 @@
-//! Posting batches over several connections, retrying what the daemon kept nothing of, and
-//! tallying what landed.
+//! Posting batches over several connections, and retrying what the daemon kept nothing of.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -8,8 +7,10 @@ use std::time::{Duration, Instant};
 use hyper::StatusCode;
 use indicatif::ProgressBar;
 use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
 
-use super::{AckLevel, Batch, InvalidRows, MAX_PRINTED_FAILURES};
+use super::report::{Failure, Fate, Report};
+use super::{AckLevel, Batch, InvalidRows};
 use crate::client::{Reply, SpoolClient};
 
 /// First wait before a retry; it doubles with each retry.
@@ -50,70 +51,6 @@ impl Delivery {
     }
 }
 
-/// What [`deliver`] did.
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    /// Requests the daemon acknowledged.
-    pub batches_acknowledged: u64,
-    /// Requests refused, or without an answer.
-    pub batches_failed: u64,
-    /// Rows of acknowledged requests: durable in the WAL (or written, with `ack=none`).
-    pub rows_acknowledged: u64,
-    /// Rows of failed requests.
-    pub rows_failed: u64,
-    /// Rows the daemon set aside for pgspool.dead_letters at once (`invalid=dead_letter`);
-    /// they are among the acknowledged rows.
-    pub rows_refused: u64,
-    /// Rows PostgreSQL took (`ack=committed`).
-    pub rows_committed: u64,
-    /// Rows PostgreSQL refused into pgspool.dead_letters (`ack=committed`).
-    pub rows_dead_lettered: u64,
-    /// Acknowledged rows not yet committed when answered (`ack=committed`: their table is
-    /// held by an error, or the daemon stopped); they are durable and loaded later. The
-    /// reason is printed for the first such batch.
-    pub rows_not_committed: u64,
-    /// The first [`MAX_PRINTED_FAILURES`] failure messages.
-    pub failures: Vec<String>,
-    /// Whether sending stopped early because the daemon could not be reached.
-    pub unreachable: bool,
-    /// From the start of [`deliver`] to the last answer.
-    pub elapsed: Duration,
-    /// Each acknowledged request's time from sending to its answer, retries included.
-    pub latencies: Vec<Duration>,
-}
-
-impl Report {
-    /// The `q` quantile (0 to 1) of the acknowledgement latencies; zero without any.
-    pub fn latency(&self, q: f64) -> Duration {
-        let mut sorted = self.latencies.clone();
-        sorted.sort_unstable();
-        if sorted.is_empty() {
-            return Duration::ZERO;
-        }
-        let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
-        sorted[rank - 1]
-    }
-
-    /// Acknowledged rows per second.
-    pub fn rows_per_second(&self) -> f64 {
-        let seconds = self.elapsed.as_secs_f64();
-        if seconds > 0.0 {
-            self.rows_acknowledged as f64 / seconds
-        } else {
-            0.0
-        }
-    }
-
-    fn fail(&mut self, bar: &ProgressBar, batch: &Batch, message: String) {
-        self.batches_failed += 1;
-        self.rows_failed += batch.rows;
-        if self.failures.len() < MAX_PRINTED_FAILURES {
-            bar.suspend(|| eprintln!("pgspool: {message}"));
-            self.failures.push(message);
-        }
-    }
-}
-
 /// What became of one batch.
 enum Outcome {
     /// Acknowledged (2xx, or a 503 of `ack=committed` that says the rows are durable).
@@ -124,6 +61,8 @@ enum Outcome {
     NoAnswer(anyhow::Error),
     /// Not sent: no connection could be made.
     Unreachable(anyhow::Error),
+    /// Not sent, or answered that nothing was kept, when sending was given up.
+    Abandoned,
 }
 
 /// One connection and when it was last used.
@@ -137,6 +76,7 @@ struct Shared {
     query: String,
     batches: Mutex<mpsc::Receiver<Batch>>,
     stop: AtomicBool,
+    abandon: CancellationToken,
     report: StdMutex<Report>,
     bar: ProgressBar,
 }
@@ -145,19 +85,33 @@ struct Shared {
 /// the channel is closed and empty, moving `bar` by each batch's progress, and reports.
 ///
 /// A batch refused (non-2xx) or without an answer counts as failed, and its message is
-/// printed (the first [`MAX_PRINTED_FAILURES`]); the other batches go on. When no
+/// printed (the first [`MAX_PRINTED_FAILURES`](super::MAX_PRINTED_FAILURES)); the other batches go on. When no
 /// connection can be made even after the retries, sending stops: the channel is closed (a
-/// [`Batcher`](super::Batcher) then fails with [`SendingStopped`](super::SendingStopped)) and [`Report::unreachable`] is set.
+/// [`Batcher`](super::Batcher) then fails with [`SendingStopped`](super::SendingStopped)),
+/// the batches left in it count as not sent, and [`Report::unreachable`] is set.
 pub async fn deliver(
     delivery: &Delivery,
     batches: mpsc::Receiver<Batch>,
     bar: &ProgressBar,
+) -> Report {
+    deliver_until(delivery, batches, bar, CancellationToken::new()).await
+}
+
+/// [`deliver`], given up once `abandon` is cancelled: requests waiting for their answer
+/// count as failed without one, and the batches not sent yet (or waiting to be sent again)
+/// as not sent.
+pub async fn deliver_until(
+    delivery: &Delivery,
+    batches: mpsc::Receiver<Batch>,
+    bar: &ProgressBar,
+    abandon: CancellationToken,
 ) -> Report {
     let shared = Arc::new(Shared {
         query: delivery.query(),
         delivery: delivery.clone(),
         batches: Mutex::new(batches),
         stop: AtomicBool::new(false),
+        abandon,
         report: StdMutex::new(Report::default()),
         bar: bar.clone(),
     });
@@ -171,6 +125,17 @@ pub async fn deliver(
         }
     }
     let mut report = std::mem::take(&mut *shared.report.lock().expect("lock poisoned"));
+    // Sending stopped or was given up: what is left was never sent.
+    let mut left = shared.batches.lock().await;
+    left.close();
+    while let Some(batch) = left.recv().await {
+        let why = if report.unreachable {
+            "not sent: sending stopped (the daemon cannot be reached)"
+        } else {
+            "not sent: interrupted"
+        };
+        report.not_sent(&batch, why);
+    }
     report.elapsed = started.elapsed();
     report
 }
@@ -178,13 +143,19 @@ pub async fn deliver(
 async fn work(shared: Arc<Shared>) {
     let mut connection = None;
     loop {
-        if shared.stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let Some(batch) = shared.batches.lock().await.recv().await else {
+        let next = tokio::select! {
+            biased;
+            () = shared.abandon.cancelled() => None,
+            batch = async { shared.batches.lock().await.recv().await } => batch,
+        };
+        let Some(batch) = next else {
             return;
         };
         if shared.stop.load(Ordering::Relaxed) {
+            shared.report.lock().expect("lock poisoned").not_sent(
+                &batch,
+                "not sent: sending stopped (the daemon cannot be reached)",
+            );
             return;
         }
         let outcome = post(&shared, &mut connection, &batch).await;
@@ -200,76 +171,54 @@ async fn work(shared: Arc<Shared>) {
 /// Adds a batch's outcome to the report, printing a failure.
 fn record(shared: &Shared, batch: &Batch, outcome: Outcome) {
     let mut report = shared.report.lock().expect("lock poisoned");
+    let rows = batch.rows_label();
+    let table = &batch.table;
     match outcome {
         Outcome::Stored(reply, latency) => {
-            tally_stored(&mut report, &shared.bar, batch, &reply);
+            report.stored(&shared.bar, batch, &reply);
             report.latencies.push(latency);
         }
         Outcome::Refused(reply) => {
-            let error = reply
+            let mut error = reply
                 .body
                 .get("error")
                 .and_then(|e| e.as_str())
                 .map_or_else(|| reply.body.to_string(), |e| batch.input_position(e));
-            let message = format!(
-                "{} of {} refused ({}): {error}",
-                batch.rows_label(),
-                batch.table,
-                reply.status
-            );
-            report.fail(&shared.bar, batch, message);
+            if reply.status == StatusCode::PAYLOAD_TOO_LARGE {
+                error = if batch.rows == 1 {
+                    format!(
+                        "the row is too large: its {} bytes are more than the daemon takes \
+                         in one request ([ingest] max_body_bytes, or one WAL record once \
+                         encoded); it cannot be sent",
+                        batch.body.len()
+                    )
+                } else {
+                    format!("{error} (lower --max-request-bytes below the daemon's limit)")
+                };
+            }
+            let status = reply.status;
+            let message = format!("{rows} of {table} refused ({status}): {error}");
+            let failure = Failure::new(batch, Fate::Refused, Some(status.as_u16()), error);
+            report.fail(&shared.bar, batch, failure, &message);
         }
         Outcome::NoAnswer(e) => {
             let message = format!(
-                "{} of {} got no answer ({e:#}): they may or may not have been stored \
-                     (each at most once); check the table before sending them again",
-                batch.rows_label(),
-                batch.table
+                "{rows} of {table} got no answer ({e:#}): they may or may not have been \
+                 stored (each at most once); check the table before sending them again"
             );
-            report.fail(&shared.bar, batch, message);
+            let failure = Failure::new(batch, Fate::NoAnswer, None, format!("{e:#}"));
+            report.fail(&shared.bar, batch, failure, &message);
         }
         Outcome::Unreachable(e) => {
-            let message = format!(
-                "{} of {} not sent, and sending stops: {e:#}",
-                batch.rows_label(),
-                batch.table
-            );
-            report.fail(&shared.bar, batch, message);
+            let error = format!("{e:#}");
+            shared.bar.suspend(|| {
+                eprintln!("pgspool: {rows} of {table} not sent, and sending stops: {error}");
+            });
+            report.not_sent(batch, &format!("not sent: {error}"));
             report.unreachable = true;
             shared.stop.store(true, Ordering::Relaxed);
         }
-    }
-}
-
-/// Adds an acknowledged batch's answer to the report.
-fn tally_stored(report: &mut Report, bar: &ProgressBar, batch: &Batch, reply: &Reply) {
-    let count = |key: &str| {
-        reply
-            .body
-            .get(key)
-            .and_then(|v| v.as_array())
-            .map_or(0, |a| a.len() as u64)
-    };
-    report.batches_acknowledged += 1;
-    report.rows_acknowledged += batch.rows;
-    report.rows_refused += count("refused");
-    match reply.body.get("committed") {
-        Some(serde_json::Value::Number(n)) => {
-            report.rows_committed += n.as_u64().unwrap_or(0);
-            report.rows_dead_lettered += count("dead_lettered");
-        }
-        Some(_) => {
-            let first = report.rows_not_committed == 0;
-            report.rows_not_committed += batch.rows;
-            let why = ["message", "error"]
-                .iter()
-                .find_map(|key| reply.body.get(*key).and_then(|m| m.as_str()))
-                .unwrap_or("not committed yet");
-            if first {
-                bar.suspend(|| eprintln!("pgspool: {}: {why}", batch.rows_label()));
-            }
-        }
-        None => {}
+        Outcome::Abandoned => report.not_sent(batch, "not sent: interrupted"),
     }
 }
 
@@ -292,22 +241,26 @@ async fn post(shared: &Shared, connection: &mut Option<Connection>, batch: &Batc
                     used: Instant::now(),
                 }),
                 Err(_) if attempt < shared.delivery.retries => {
-                    tokio::time::sleep(backoff(attempt, None)).await;
+                    if !pause(shared, backoff(attempt, None)).await {
+                        return Outcome::Abandoned;
+                    }
                     attempt += 1;
                     continue;
                 }
                 Err(e) => return Outcome::Unreachable(e),
             },
         };
-        let answer = client
-            .client
-            .post_rows_with(
+        let answer = tokio::select! {
+            answer = client.client.post_rows_with(
                 &batch.table,
                 &shared.query,
                 batch.content_type,
                 batch.body.clone(),
-            )
-            .await;
+            ) => answer,
+            () = shared.abandon.cancelled() => {
+                Err(anyhow::anyhow!("interrupted before the daemon answered"))
+            }
+        };
         client.used = Instant::now();
         let reply = match answer {
             Ok(reply) => reply,
@@ -330,11 +283,21 @@ async fn post(shared: &Shared, connection: &mut Option<Connection>, batch: &Batc
                 if reply.status == StatusCode::SERVICE_UNAVAILABLE
                     && attempt < shared.delivery.retries =>
             {
-                tokio::time::sleep(backoff(attempt, Some(Duration::from_secs(seconds)))).await;
+                if !pause(shared, backoff(attempt, Some(Duration::from_secs(seconds)))).await {
+                    return Outcome::Abandoned;
+                }
                 attempt += 1;
             }
             _ => return Outcome::Refused(reply),
         }
+    }
+}
+
+/// Waits `wait` before a retry; false when sending is given up meanwhile.
+async fn pause(shared: &Shared, wait: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => true,
+        () = shared.abandon.cancelled() => false,
     }
 }
 

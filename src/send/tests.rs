@@ -1,4 +1,4 @@
-//! Unit tests of the readers, the batcher and the retry pacing.
+//! Unit tests of the readers, the batches and the retry pacing.
 
 use std::io::Read;
 use std::time::Duration;
@@ -8,6 +8,14 @@ use tokio::sync::mpsc;
 
 use super::deliver::{MAX_BACKOFF, backoff};
 use super::*;
+
+/// Rows as a reader hands them over.
+impl RowSink for Vec<String> {
+    fn push(&mut self, row: &[u8]) -> anyhow::Result<()> {
+        self.push(String::from_utf8(row.to_vec())?);
+        Ok(())
+    }
+}
 
 /// Runs `read` on a batcher of `rows_per_request` rows in `layout`, and returns the
 /// batches' bodies as text, or the error.
@@ -75,14 +83,9 @@ fn json_values_one_after_another_are_rows() {
 
 #[test]
 fn malformed_json_is_an_error_after_the_rows_before_it() {
-    let mut read = 0;
-    let error = batches(Layout::JsonArray, 10, |b| {
-        let result = read_json(&b"[{\"a\": 1}, {\"a\": ]"[..], b);
-        read = b.rows_read();
-        result
-    })
-    .expect_err("malformed");
-    assert_eq!(read, 1);
+    let mut read = Vec::new();
+    let error = read_json(&b"[{\"a\": 1}, {\"a\": ]"[..], &mut read).expect_err("malformed");
+    assert_eq!(read, ["{\"a\": 1}"]);
     assert!(
         format!("{error:#}").contains("the JSON input is malformed"),
         "{error:#}"
@@ -177,4 +180,123 @@ fn backoff_doubles_honours_retry_after_and_is_capped() {
     );
     assert_eq!(backoff(40, None), MAX_BACKOFF);
     assert_eq!(backoff(0, Some(Duration::from_secs(600))), MAX_BACKOFF);
+}
+
+#[test]
+fn a_byte_order_mark_is_skipped_in_every_format() {
+    let skipped = |input: &[u8]| {
+        let mut bytes = Vec::new();
+        skip_bom(Box::new(io::Cursor::new(input.to_vec())))
+            .expect("read")
+            .read_to_end(&mut bytes)
+            .expect("read");
+        bytes
+    };
+    assert_eq!(skipped(b"\xef\xbb\xbf{\"a\":1}\n"), b"{\"a\":1}\n");
+    assert_eq!(skipped(b"\xef\xbb\xbf"), b"");
+    assert_eq!(skipped(b"{}"), b"{}");
+    assert_eq!(skipped(b"\xef\xbbx"), b"\xef\xbbx");
+    assert_eq!(skipped(b"\xef"), b"\xef");
+    let mut rows = Vec::new();
+    let input = skip_bom(Box::new(io::Cursor::new(
+        b"\xef\xbb\xbf[{\"a\":1}]".to_vec(),
+    )));
+    read_json(input.expect("read"), &mut rows).expect("a JSON array after the mark");
+    assert_eq!(rows, ["{\"a\":1}"]);
+}
+
+/// The batches of `rows` by a builder of at most 10 rows and `max_bytes`: their bodies.
+fn cut(layout: Layout, max_bytes: u64, rows: &[&str]) -> Vec<String> {
+    let mut builder = BatchBuilder::new("t", 10, max_bytes, layout, ProgressUnit::Rows);
+    let mut batches: Vec<Batch> = rows
+        .iter()
+        .filter_map(|row| builder.push(row.as_bytes()))
+        .collect();
+    batches.extend(builder.take());
+    batches
+        .iter()
+        .map(|batch| String::from_utf8(batch.body.to_vec()).expect("utf-8"))
+        .collect()
+}
+
+#[test]
+fn batches_are_cut_by_bytes_and_a_larger_row_goes_alone() {
+    // Each row takes 8 bytes with its newline: two fit in 16, not three.
+    let rows = [
+        "{\"a\":1}",
+        "{\"a\":2}",
+        "{\"a\":3}",
+        "{\"big\":\"xxxxxxxx\"}",
+        "{}",
+    ];
+    assert_eq!(
+        cut(Layout::Ndjson, 16, &rows),
+        [
+            "{\"a\":1}\n{\"a\":2}\n",
+            "{\"a\":3}\n",
+            "{\"big\":\"xxxxxxxx\"}\n",
+            "{}\n"
+        ]
+    );
+    // An array: brackets and commas count; `[{"a":1},{"a":2}]` is 17 bytes.
+    assert_eq!(
+        cut(Layout::JsonArray, 17, &rows[..3]),
+        ["[{\"a\":1},{\"a\":2}]", "[{\"a\":3}]"]
+    );
+    assert_eq!(
+        cut(Layout::JsonArray, 16, &rows[..2]),
+        ["[{\"a\":1}]", "[{\"a\":2}]"]
+    );
+    // The row limit still holds, and the numbering follows the input.
+    let mut builder = BatchBuilder::new("t", 2, 1 << 20, Layout::Ndjson, ProgressUnit::Rows);
+    let mut batches: Vec<Batch> = (0..5).filter_map(|_| builder.push(b"{}")).collect();
+    batches.extend(builder.take());
+    let ranges: Vec<(u64, u64)> = batches
+        .iter()
+        .map(|b| (b.first_row, b.last_row()))
+        .collect();
+    assert_eq!(ranges, [(1, 2), (3, 4), (5, 5)]);
+}
+
+/// Rows handed to [`gather`] one by one from a stream that stays open: a partial batch goes
+/// out once `max_wait` has passed since its first row, not before; an interruption hands
+/// over what was received and ends, though the stream is still open.
+#[tokio::test]
+async fn a_partial_batch_goes_out_after_max_wait_and_an_interruption_ends_gathering() {
+    let (rows, rows_rx) = mpsc::channel(16);
+    let (batches, mut batches_rx) = mpsc::channel(16);
+    let interrupted = tokio_util::sync::CancellationToken::new();
+    let builder = BatchBuilder::new("t", 1000, 1 << 20, Layout::Ndjson, ProgressUnit::Rows);
+    let wait = Duration::from_millis(300);
+    let gathering = tokio::spawn(gather(rows_rx, builder, wait, batches, interrupted.clone()));
+    let started = std::time::Instant::now();
+    rows.send(b"{\"a\":1}".to_vec()).await.expect("send");
+    tokio::time::sleep(wait / 2).await;
+    rows.send(b"{\"a\":2}".to_vec()).await.expect("send");
+    assert!(
+        batches_rx.try_recv().is_err(),
+        "a partial batch went out early"
+    );
+    let batch = tokio::time::timeout(Duration::from_secs(60), batches_rx.recv())
+        .await
+        .expect("the partial batch never went out")
+        .expect("the partial batch");
+    assert!(started.elapsed() >= wait, "{:?}", started.elapsed());
+    assert_eq!((batch.first_row, batch.rows), (1, 2));
+
+    rows.send(b"{\"a\":3}".to_vec()).await.expect("send");
+    tokio::task::yield_now().await;
+    interrupted.cancel();
+    let gathered = gathering.await.expect("gather");
+    let batch = batches_rx
+        .recv()
+        .await
+        .expect("the batch of the interruption");
+    assert_eq!((batch.first_row, batch.rows), (3, 1));
+    assert_eq!(gathered.rows_read, 3);
+    assert!(gathered.unsent.is_empty());
+    assert!(
+        mpsc::Sender::send(&rows, b"{}".to_vec()).await.is_err(),
+        "rows are still taken"
+    );
 }

@@ -20,6 +20,7 @@ mod pgtemp;
 mod recovery;
 mod row_isolation;
 mod send;
+mod send_stream;
 mod service;
 mod status;
 mod status_live;

@@ -15,7 +15,7 @@ use crate::wal_limits::{refused, small};
 
 /// Runs `pgspool send --socket SOCKET ARGS`, with `stdin` as its input: exit code, stdout,
 /// stderr.
-fn send(socket: &Path, args: &[&str], stdin: &[u8]) -> (Option<i32>, String, String) {
+pub(crate) fn send(socket: &Path, args: &[&str], stdin: &[u8]) -> (Option<i32>, String, String) {
     let out: Output = tokio::task::block_in_place(|| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_pgspool"))
             .arg("send")
@@ -40,7 +40,7 @@ fn send(socket: &Path, args: &[&str], stdin: &[u8]) -> (Option<i32>, String, Str
 }
 
 /// The `--json` summary of a run that exited 0.
-fn summary(result: (Option<i32>, String, String)) -> serde_json::Value {
+pub(crate) fn summary(result: (Option<i32>, String, String)) -> serde_json::Value {
     let (code, out, err) = result;
     assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
