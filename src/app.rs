@@ -9,15 +9,15 @@
 //! returns; [`crate::service::run_until_signalled`] then tells systemd `READY=1`. Signals
 //! and reloads are [`crate::service`]'s.
 //!
-//! Stop (the shutdown token is cancelled): stop accepting writes (503, with `Connection:
-//! close`; connections stay open up to half a second so that clients sending on them get
-//! that answer rather than a reset), let in-flight
-//! requests finish (those waiting with `?ack=committed` are answered by the flusher's
-//! commits meanwhile, or 503 at the drain timeout, or at once on a fatal error: their rows
-//! stay durable in the WAL), let the flusher send what is durable within `[shutdown]
-//! drain_timeout`, then close the WAL. A fatal error (a failed fdatasync, a damaged WAL)
-//! stops everything the same way and is returned. Abrupt exits are safe too: the WAL makes
-//! them so; a graceful stop only saves replay time.
+//! Stop (the shutdown token is cancelled): stop accepting writes; let requests already
+//! appending finish (up to half a second); let the flusher send what is durable within
+//! `[shutdown] drain_timeout` (requests waiting with `?ack=committed` are answered by its
+//! commits, or 503 once it stops: their rows stay durable in the WAL); then stop the server
+//! and close the WAL. Until then the server keeps answering, writes with 503, `Retry-After`
+//! and `Connection: close`, so that a client sending on an open connection gets an answer
+//! rather than a reset. A fatal error (a failed fdatasync, a damaged WAL) stops everything
+//! the same way and is returned. Abrupt exits are safe too: the WAL makes them so; a
+//! graceful stop only saves replay time.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -299,10 +299,11 @@ async fn open_wal(config: &Config, observer: Arc<dyn CommitObserver>) -> anyhow:
     Ok(wal)
 }
 
-/// How long, at a stop, connections stay open to answer 503 to requests sent on them.
+/// How long, at a stop, requests in flight get to finish their appends before the flusher's
+/// last drain starts (less when no connection is open).
 const LINGER: Duration = Duration::from_millis(500);
 
-/// How long, past the drain timeout, requests waiting for a commit get to send their 503.
+/// How long, after the drain, requests get to send their last answers.
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
 /// The socket the daemon listens on: bound by it (its file removed at stop), or passed by
@@ -372,31 +373,14 @@ impl Running {
             // No commit will come: requests waiting for one are answered now.
             self.acks.close();
         }
-        // Connections stay open a moment: a request sent on one now gets 503 with
-        // `Connection: close` and `Retry-After`, where closing it at once would leave a
-        // client that was sending with no answer, not knowing whether its rows were kept.
+        // Requests already appending finish, so that the flusher's drain includes them.
         let linger = (tokio::time::Instant::now() + LINGER).min(deadline);
         while self.ingest.open_connections() > 0 && tokio::time::Instant::now() < linger {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.stop_server.cancel();
-        if tokio::time::timeout_at(deadline, &mut self.server)
-            .await
-            .is_err()
-        {
-            // Requests still waiting for a commit are told that their rows are durable in
-            // the WAL before their connections go.
-            self.acks.close();
-            if tokio::time::timeout(ANSWER_GRACE, &mut self.server)
-                .await
-                .is_err()
-            {
-                warn!(timeout = ?drain_timeout, "drain timeout: connections still open are abandoned");
-                self.server.abort();
-            }
-        }
-        self.acks.close();
-        self.socket.remove();
+        // Meanwhile the server keeps answering, 503 with `Connection: close` and
+        // `Retry-After` to writes, where closing connections at once would leave clients
+        // that were sending with no answer, not knowing whether their rows were kept.
         if !self.flusher.is_finished() {
             self.stop_flusher.cancel();
             match tokio::time::timeout_at(deadline, &mut self.flusher).await {
@@ -408,6 +392,18 @@ impl Running {
                 }
             }
         }
+        // Requests still waiting for a commit are told that their rows are durable in the
+        // WAL before their connections go.
+        self.acks.close();
+        self.stop_server.cancel();
+        if tokio::time::timeout(ANSWER_GRACE, &mut self.server)
+            .await
+            .is_err()
+        {
+            warn!("connections still busy after the drain are abandoned");
+            self.server.abort();
+        }
+        self.socket.remove();
         for task in &self.service {
             task.abort();
         }

@@ -38,7 +38,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, activated)) {
+    let ran = runtime.block_on(run(cli, activated));
+    // Work left in blocking threads (a WAL count for a status request, say) is not waited
+    // for: the daemon has closed its WAL by now.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match ran {
         Ok(code) => code,
         Err(e) => {
             eprintln!("pgspool: error: {e:#}");

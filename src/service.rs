@@ -20,7 +20,7 @@ use crate::flush::Progress;
 use crate::live::FlusherView;
 use crate::logging::LogHandle;
 use crate::lsn::Lsn;
-use crate::status::{Connection, PostgresState};
+use crate::status::Connection;
 use crate::systemd::{self, NotifyState, Watchdog};
 
 /// The running daemon's configuration, which a reload changes; clones share it.
@@ -158,11 +158,7 @@ pub(crate) async fn report_status(
     let mut every = tokio::time::interval(systemd::STATUS_EVERY);
     loop {
         every.tick().await;
-        let status = status_line(
-            *durable.borrow(),
-            *committed.borrow(),
-            &flusher.borrow().postgres,
-        );
+        let status = status_line(*durable.borrow(), *committed.borrow(), &flusher.borrow());
         if status != sent {
             systemd::notify(&[NotifyState::Status(&status)]);
             sent = status;
@@ -170,10 +166,24 @@ pub(crate) async fn report_status(
     }
 }
 
-/// The `STATUS=` line: the backlog in rows (one LSN per row) and PostgreSQL's state, as
-/// `systemctl status` shows it.
-fn status_line(durable: Lsn, committed: Lsn, postgres: &PostgresState) -> String {
+/// The `STATUS=` line, as `systemctl status` shows it: the backlog in rows above the
+/// watermark (one LSN per row), the tables held (whose rows wait below it too), and
+/// PostgreSQL's state.
+fn status_line(durable: Lsn, committed: Lsn, flusher: &FlusherView) -> String {
     let backlog = durable.0.saturating_sub(committed.0);
+    let held: Vec<&str> = flusher
+        .report
+        .tables
+        .iter()
+        .filter(|(_, t)| t.held_after_lsn.is_some())
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let held = if held.is_empty() {
+        String::new()
+    } else {
+        format!("; tables held: {}", held.join(", "))
+    };
+    let postgres = &flusher.postgres;
     let postgres = match postgres.state {
         Connection::Connecting => "PostgreSQL: connecting".to_string(),
         Connection::Connected => "PostgreSQL: up".to_string(),
@@ -182,7 +192,7 @@ fn status_line(durable: Lsn, committed: Lsn, postgres: &PostgresState) -> String
             postgres.error.as_deref().unwrap_or("no answer")
         ),
     };
-    let mut line = format!("backlog {backlog} rows; {postgres}");
+    let mut line = format!("backlog {backlog} rows{held}; {postgres}");
     // systemctl status shows it on one line: long PostgreSQL errors are cut.
     if let Some((cut, _)) = line.char_indices().nth(200) {
         line.truncate(cut);

@@ -453,11 +453,12 @@ impl Flusher {
         self.live.report(&self.state.report);
         let mut report = self.state.report.clone();
         let dir = Arc::clone(&self.wal);
-        let written = tokio::task::spawn_blocking(move || report.write(dir.path()))
-            .await
-            .expect("writing the report does not panic");
-        if let Err(e) = written {
-            warn!(error = %e, "could not write the flush report for pgspool status");
+        match tokio::task::spawn_blocking(move || report.write(dir.path())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "could not write the flush report for pgspool status"),
+            // The runtime is shutting down (the daemon was dropped, not stopped).
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
 

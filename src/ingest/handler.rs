@@ -92,6 +92,13 @@ pub struct IngestOptions {
     pub monitor: Arc<Monitor>,
 }
 
+/// How long the body of a request refused before it was read is read and dropped.
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A body declared larger than `[ingest] max_body_bytes`, up to this many times it, is
+/// read and dropped before the 413.
+const DISCARD_FACTOR: u64 = 4;
+
 /// An open connection, counted in [`Ingest::open_connections`] until dropped.
 #[derive(Debug)]
 pub struct ConnectionGuard(Arc<Ingest>);
@@ -273,18 +280,29 @@ impl Ingest {
         request: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
         let started = Instant::now();
-        self.appender()?;
-        let options = PostOptions::parse(request.uri().query())?;
-        let peer = request.extensions().get::<Peer>().cloned();
-        let table = percent_decode_str(table)
-            .decode_utf8()
-            .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "the table name is not UTF-8"))?;
-        let table = TableName::parse(&table)
-            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-        let format = body_format(request.headers().get(CONTENT_TYPE))?;
         // Before the body is read, so a request for a table that does not exist costs no
         // memory.
-        let columns = self.columns(&table).await?;
+        let checked = async {
+            self.appender()?;
+            let options = PostOptions::parse(request.uri().query())?;
+            let peer = request.extensions().get::<Peer>().cloned();
+            let table = percent_decode_str(table).decode_utf8().map_err(|_| {
+                Refusal::new(StatusCode::BAD_REQUEST, "the table name is not UTF-8")
+            })?;
+            let table = TableName::parse(&table)
+                .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+            let format = body_format(request.headers().get(CONTENT_TYPE))?;
+            let columns = self.columns(&table).await?;
+            Ok((options, peer, table, format, columns))
+        };
+        let (options, peer, table, format, columns) = match checked.await {
+            Ok(checked) => checked,
+            Err(refusal) => {
+                let limit = self.config.borrow().ingest.max_body_bytes;
+                self.discard_body(request, limit).await;
+                return Err(refusal);
+            }
+        };
         let body = self.read_body(request).await?;
         let body = std::str::from_utf8(&body).map_err(|e| {
             Refusal::new(
@@ -423,6 +441,23 @@ impl Ingest {
         }
     }
 
+    /// Reads and drops the body of a request refused before its body was read (up to
+    /// `limit` bytes, for at most [`DISCARD_TIMEOUT`]): a client still sending it then
+    /// reads the answer, instead of a connection reset under its upload.
+    async fn discard_body(&self, request: Request<Incoming>, limit: u64) {
+        let mut body = request.into_body();
+        let mut seen = 0u64;
+        let _ = tokio::time::timeout(DISCARD_TIMEOUT, async {
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > limit {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
     async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, Refusal> {
         let max_body_bytes = self.config.borrow().ingest.max_body_bytes;
         let too_large = || {
@@ -440,7 +475,12 @@ impl Ingest {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max_body_bytes) {
+        if let Some(declared) = declared.filter(|&n| n > max_body_bytes) {
+            // Up to a few times the limit is read and dropped, so that the client reads
+            // the 413 rather than a reset; far larger bodies are cut short.
+            if declared <= DISCARD_FACTOR * max_body_bytes {
+                self.discard_body(request, declared).await;
+            }
             return Err(too_large());
         }
         let limit = usize::try_from(max_body_bytes).unwrap_or(usize::MAX);

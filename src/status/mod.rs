@@ -13,7 +13,7 @@
 //! | `daemon not running` | nothing answers `GET /v1/status` on the socket within 30 s (or a daemon of another WAL directory does): the WAL directory is read instead | 2 |
 //! | `PostgreSQL down` | the flusher's last session with PostgreSQL failed (cannot connect, or a batch failed) and none has succeeded since | 1 |
 //! | `tables held` | PostgreSQL refuses every row of some tables; their rows wait in the WAL | 1 |
-//! | `backlog growing` | over the last minute more rows arrived than were flushed, and the oldest pending row is older than `backlog_age_limit_seconds` (10 × `[batch] max_wait`, at least 2 s) | 1 |
+//! | `backlog growing` | over the last minute more rows arrived than were flushed, or none was flushed, and the oldest pending row is older than `backlog_age_limit_seconds` (10 × `[batch] max_wait`, at least 2 s) | 1 |
 //! | `stopping` | the daemon is stopping and accepts no writes | 1 |
 //! | `healthy` | none of the above | 0 |
 //!

@@ -149,20 +149,32 @@ pub fn judge(wal: &WalStatus, live: &Live, not_running: Option<&str>) -> Verdict
         &live.rates,
         live.backlog_age_limit_seconds,
         wal.oldest_pending_age_seconds,
-    ) && rates.ingest_rows_per_s.last_1m > rates.flush_rows_per_s.last_1m
-        && age > limit
+    ) && age > limit
     {
-        add(
-            Kind::BacklogGrowing,
-            format!(
-                "{} pending, the oldest for {}; in the last minute {:.1} rows/s in, {:.1} \
-                 rows/s flushed",
-                rows(wal.pending_rows),
-                super::duration(age),
-                rates.ingest_rows_per_s.last_1m,
-                rates.flush_rows_per_s.last_1m
-            ),
+        let (ingest, flushed) = (
+            rates.ingest_rows_per_s.last_1m,
+            rates.flush_rows_per_s.last_1m,
         );
+        // Growing, or not draining at all (a flusher stuck on a lock, say).
+        let why = if flushed == 0.0 {
+            Some("nothing was flushed in the last minute".to_string())
+        } else if ingest > flushed {
+            Some(format!(
+                "in the last minute {ingest:.1} rows/s in, {flushed:.1} rows/s flushed"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            add(
+                Kind::BacklogGrowing,
+                format!(
+                    "{} pending, the oldest for {}; {why}",
+                    rows(wal.pending_rows),
+                    super::duration(age),
+                ),
+            );
+        }
     }
     if live.ready == Some(false) {
         add(
@@ -263,6 +275,16 @@ mod tests {
             assert_eq!((v.state, v.exit_code), (State::Healthy, 0), "{v:?}");
             assert_eq!(v.summary, "healthy: 500 rows pending");
         }
+        // Nothing arrives and nothing leaves: a stuck flusher, not a healthy spool.
+        let stuck = judge(&wal(29, Some(105.0)), &live(0.0, 0.0), None);
+        assert_eq!((stuck.state, stuck.exit_code), (State::Degraded, 1));
+        assert!(
+            stuck
+                .summary
+                .ends_with("nothing was flushed in the last minute"),
+            "{}",
+            stuck.summary
+        );
     }
 
     #[test]

@@ -282,3 +282,41 @@ async fn a_request_on_an_open_connection_during_a_stop_gets_503_not_a_reset() {
     daemon.wait().await.expect("clean stop");
     assert_eq!(pg.ids("SELECT id FROM t").await, [1, 2]);
 }
+
+/// A request refused before its body is read (here: at a stop) gets its answer even when
+/// the client sends the body after a pause: the body is read and dropped, not left unread
+/// under a closed connection, which would reset the client's upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_sent_after_its_headers_still_gets_the_refusal() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pg = Pg::start().await;
+    pg.exec("CREATE TABLE t (id bigint)").await;
+    let dir = short_tempdir();
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let mut probe = client(daemon.socket()).await;
+    let mut raw = tokio::net::UnixStream::connect(daemon.socket())
+        .await
+        .expect("connect");
+    daemon.shutdown_token().cancel();
+    assert_eq!(probe.get("/healthz").await.expect("answer").status, 503);
+    let body = "{\"id\":1}\n".repeat(20_000);
+    let head = format!(
+        "POST /v1/tables/t/rows HTTP/1.1\r\nhost: pgspool\r\ncontent-type: \
+         application/x-ndjson\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    raw.write_all(head.as_bytes())
+        .await
+        .expect("send the headers");
+    // The client is slower than the server's refusal.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    raw.write_all(body.as_bytes())
+        .await
+        .expect("the body is taken, not reset");
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer)
+        .await
+        .expect("read the answer");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    daemon.wait().await.expect("clean stop");
+}

@@ -353,3 +353,30 @@ async fn a_second_signal_exits_at_once_and_keeps_what_was_acknowledged() {
     })
     .await;
 }
+
+/// A held table's rows wait below the watermark, where the backlog count does not see
+/// them: the status line names the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lines_name_the_tables_held() {
+    let pg = Pg::start().await;
+    pg.exec("CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE gone (id int)")
+        .await;
+    let dir = short_tempdir();
+    let mut notify = NotifySocket::bind(dir.path());
+    let notify_path = notify.path.clone();
+    let env: [(&str, &OsStr); 1] = [("NOTIFY_SOCKET", notify_path.as_os_str())];
+    let daemon = DaemonProcess::start_with_env(&[], dir.path(), &pg.url(), &[], &env);
+    notify.wait_for("READY=1").await;
+    let mut c = client(&daemon.socket).await;
+    assert_eq!(post_ndjson(&mut c, "gone", &rows(0, 1)).await.status, 202);
+    wait_until("the first row is loaded", || async {
+        pg.count("SELECT count(*) FROM gone").await == 1
+    })
+    .await;
+    pg.exec("DROP TABLE gone").await;
+    assert_eq!(post_ndjson(&mut c, "gone", &rows(1, 5)).await.status, 202);
+    assert_eq!(post_ndjson(&mut c, "t", &rows(0, 5)).await.status, 202);
+    notify
+        .wait_for("STATUS=backlog 0 rows; tables held: public.gone; PostgreSQL: up")
+        .await;
+}
