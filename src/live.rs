@@ -232,7 +232,7 @@ impl Monitor {
     }
 
     /// The live report; `ready` tells whether writes are accepted. It waits at most
-    /// about a second for a count of the WAL directory (see [`Monitor::count`]).
+    /// about a second for a count of the WAL directory (see the module docs).
     ///
     /// # Errors
     /// When the WAL directory cannot be read.

@@ -18,7 +18,7 @@ pub fn render(report: &Report) -> String {
     let (s, live) = (&report.wal, &report.live);
     let flusher = s.flusher.clone().unwrap_or_default();
     let mut out = String::new();
-    wrap(&mut out, "", "  ", &report.verdict.summary);
+    wrap(&mut out, "", "    ", &report.verdict.summary);
     let mut lines: Vec<(&str, String)> = Vec::new();
     match report.source {
         Source::Daemon => {

@@ -468,13 +468,13 @@ async fn long_table_names_and_the_verdict_are_wrapped_not_cut() {
     let text = human(&socket, &wal, 1);
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines[0].starts_with("tables held: "), "{text}");
-    // The verdict goes on over indented lines, up to its end, and names both tables.
+    // The verdict goes on over lines indented by 4, up to its end, and names both tables.
     let verdict: Vec<&str> = std::iter::once(lines[0])
         .chain(
             lines[1..]
                 .iter()
                 .copied()
-                .take_while(|l| l.starts_with("  ") && !l.starts_with("  daemon")),
+                .take_while(|l| l.starts_with("    ")),
         )
         .collect();
     assert!(verdict.len() > 1, "{text}");
