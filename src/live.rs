@@ -8,9 +8,12 @@
 //! settled so far, keeping a minute of samples: every row takes one LSN, so the ingest
 //! rate is the durable LSN's advance per second, and the flush rate the settled rows'.
 //! Pending rows per table are counted by [`crate::status::inspect()`] on the WAL directory
-//! (it takes no lock) in a blocking thread; a count is reused while it is younger than
-//! 100 ms or 10 times as long as it took, so that a large backlog cannot make clients
-//! polling the status keep a core busy reading the WAL (a tenth of one at most).
+//! (it takes no lock) in a blocking thread, one count at a time; a count is reused while
+//! it is younger than 100 ms or 10 times as long as it took, so that a large backlog
+//! cannot make clients polling the status keep a core busy reading the WAL (a tenth of one
+//! at most). A request waits at most a second for a count: on a large backlog it is
+//! answered with the last count, its total pending rows and oldest pending age brought up
+//! to date, or, before the first count ends, with what needs no scan.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -24,7 +27,7 @@ use crate::flush::report::FlushReport;
 use crate::fsutil;
 use crate::lsn::Lsn;
 use crate::status::{self, Connection, Live, PostgresState, Rates, Report, WalStatus, Window};
-use crate::wal::{WalDir, WalError};
+use crate::wal::{self, WalDir, WalError};
 
 /// What the flusher publishes.
 #[derive(Debug, Clone, Default)]
@@ -58,9 +61,12 @@ impl FlusherStatus {
         (FlusherStatus { tx }, rx)
     }
 
-    /// Publishes the flusher's report.
+    /// Publishes the flusher's report, dated now.
     pub fn report(&self, report: &FlushReport) {
-        self.tx.send_modify(|v| v.report.clone_from(report));
+        self.tx.send_modify(|v| {
+            v.report.clone_from(report);
+            v.report.updated_at_us = fsutil::now_us();
+        });
     }
 
     /// A session with PostgreSQL started.
@@ -116,6 +122,10 @@ const SLACK: Duration = Duration::from_millis(500);
 /// spent counting to a tenth; this bounds how often a small WAL is read.
 const REUSE_AT_LEAST: Duration = Duration::from_millis(100);
 
+/// How long a status request waits for a count in progress before it answers with the
+/// last one (or without one).
+const COUNT_WAIT: Duration = Duration::from_secs(1);
+
 /// One sample: the durable LSN and the rows settled so far.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -124,13 +134,29 @@ struct Sample {
     flushed: u64,
 }
 
-/// The last WAL count.
+/// A finished WAL count.
 #[derive(Debug)]
 struct Count {
+    /// When it ended.
     at: Instant,
     took: Duration,
+    /// When it ended, in µs since the Unix epoch.
     counted_at_us: u64,
+    /// Rows settled (see [`FlusherView::flushed_rows`]) just before it started.
+    settled: u64,
+    /// When the oldest pending row was written, in µs since the Unix epoch.
+    oldest_pending_us: Option<u64>,
     wal: WalStatus,
+}
+
+/// The counts of the WAL directory: the last finished, and whether one runs.
+#[derive(Debug, Default)]
+struct Counts {
+    last: Option<Arc<Count>>,
+    /// A count runs in a blocking thread.
+    running: bool,
+    /// Why the last count failed, until a request reports it.
+    failed: Option<WalError>,
 }
 
 /// The request handlers' side: builds the live report.
@@ -148,8 +174,10 @@ pub struct Monitor {
     config: watch::Receiver<Config>,
     /// Oldest first, a minute and a little more.
     samples: Mutex<VecDeque<Sample>>,
-    /// Held while counting, so that concurrent requests share one count.
-    count: tokio::sync::Mutex<Option<Count>>,
+    /// The last count, and whether one runs (one at a time: concurrent requests share it).
+    counts: Arc<Mutex<Counts>>,
+    /// Bumped each time a count ends.
+    counted: watch::Sender<u64>,
 }
 
 impl Monitor {
@@ -172,7 +200,8 @@ impl Monitor {
             flusher,
             config,
             samples: Mutex::new(VecDeque::new()),
-            count: tokio::sync::Mutex::new(None),
+            counts: Arc::new(Mutex::new(Counts::default())),
+            counted: watch::channel(0).0,
         });
         let weak = Arc::downgrade(&monitor);
         tokio::spawn(async move {
@@ -202,22 +231,33 @@ impl Monitor {
         (self.config.borrow().batch.max_wait * 10).max(Duration::from_secs(2))
     }
 
-    /// The live report; `ready` tells whether writes are accepted.
+    /// The live report; `ready` tells whether writes are accepted. It waits at most
+    /// about a second for a count of the WAL directory (see the module docs).
     ///
     /// # Errors
     /// When the WAL directory cannot be read.
     pub async fn report(&self, ready: bool) -> Result<Report, WalError> {
-        let (mut wal, counted_at_us) = self.count().await?;
+        let count = self.count().await?;
         let view = self.flusher.borrow().clone();
+        let now = self.sample();
+        let mut wal = match &count {
+            Some(count) => count.corrected(now),
+            None => self.uncounted(now)?,
+        };
         for (table, rows) in view.flushed_rows {
             wal.tables.entry(table).or_default().flushed_rows = Some(rows);
         }
         for table in wal.tables.values_mut() {
             table.flushed_rows.get_or_insert(0);
+            if count.is_some() {
+                // Counted, and none pending.
+                table.pending_rows.get_or_insert(0);
+                table.pending_bytes.get_or_insert(0);
+            }
         }
-        wal.flusher = Some(view.report);
+        // The flusher's report, once it has published one.
+        wal.flusher = (view.report.updated_at_us != 0).then_some(view.report);
         wal.wal_dir.clone_from(&self.wal_path);
-        let now = self.sample();
         let live = Live {
             uptime_seconds: Some(self.started.elapsed().as_secs_f64()),
             ready: Some(ready),
@@ -226,7 +266,48 @@ impl Monitor {
             rates: Some(self.rates(now)),
             backlog_age_limit_seconds: Some(self.backlog_age_limit().as_secs_f64()),
         };
-        Ok(Report::live(wal, counted_at_us, live))
+        Ok(Report::live(wal, count.map(|c| c.counted_at_us), live))
+    }
+
+    /// What needs no scan of the WAL directory, at `now`: segments and bytes, the
+    /// checkpoint's LSNs, and the rows pending as the LSNs between the watermark and the
+    /// durable LSN (every row takes one LSN; a held table's rows at or below the watermark
+    /// are not among them). Per table, nothing is known.
+    ///
+    /// # Errors
+    /// When the WAL directory cannot be listed.
+    fn uncounted(&self, now: Sample) -> Result<WalStatus, WalError> {
+        let dir = self.wal.path();
+        let first = wal::segment::list(dir)
+            .map_err(WalError::io(format!("list {}", dir.display())))?
+            .first()
+            .map_or(Lsn::ZERO, |s| s.first_lsn);
+        let checkpoint = wal::read_checkpoint_whole(dir);
+        let mut problems = Vec::new();
+        if let Err(e) = &checkpoint {
+            problems.push(format!("{e}; counting every row as pending"));
+        }
+        let positions = checkpoint.ok().flatten().unwrap_or_default();
+        Ok(WalStatus {
+            wal_dir: dir.to_path_buf(),
+            spool_id: self.wal.spool_id(),
+            segments: usize::try_from(self.wal.segments()).unwrap_or(usize::MAX),
+            bytes: self.wal.bytes(),
+            first_lsn: first,
+            last_lsn: Lsn(now.durable),
+            flushed_lsn: positions.flushed_lsn,
+            watermark_lsn: positions.watermark_lsn(),
+            pending_rows: now.durable.saturating_sub(positions.watermark_lsn().0),
+            pending_bytes: 0,
+            oldest_pending_age_seconds: None,
+            intact: true,
+            checksums_ok: true,
+            torn_tail_bytes: 0,
+            quarantined_rows: 0,
+            problems,
+            tables: BTreeMap::new(),
+            flusher: None,
+        })
     }
 
     /// The durable LSN and the rows settled, now.
@@ -265,31 +346,88 @@ impl Monitor {
         }
     }
 
-    /// The WAL directory's state and when it was counted: the last count while it is
-    /// younger than [`REUSE_AT_LEAST`] or 10 times as long as it took (its oldest pending
-    /// row aged since), else a new one.
-    async fn count(&self) -> Result<(WalStatus, u64), WalError> {
-        let mut last = self.count.lock().await;
-        if let Some(count) = &*last
-            && count.at.elapsed() < (count.took * 10).max(REUSE_AT_LEAST)
+    /// The last count of the WAL directory, `None` before the first ends. A count younger
+    /// than [`REUSE_AT_LEAST`] or 10 times as long as it took is reused; else a new one is
+    /// started in a blocking thread (unless one runs: one at a time) and awaited for at
+    /// most [`COUNT_WAIT`], after which the last one is given. A count in progress keeps
+    /// nothing from stopping: it is detached, and its result kept for the next request.
+    ///
+    /// # Errors
+    /// When the last count failed (reported once).
+    async fn count(&self) -> Result<Option<Arc<Count>>, WalError> {
+        // Subscribed first, so that a count that ends from now on is seen.
+        let mut ended = self.counted.subscribe();
         {
-            let mut wal = count.wal.clone();
-            if let Some(age) = &mut wal.oldest_pending_age_seconds {
-                *age += count.at.elapsed().as_secs_f64();
+            let mut counts = self.counts.lock().expect("lock poisoned");
+            if let Some(e) = counts.failed.take() {
+                return Err(e);
             }
-            return Ok((wal, count.counted_at_us));
+            if let Some(last) = &counts.last
+                && last.at.elapsed() < (last.took * 10).max(REUSE_AT_LEAST)
+            {
+                return Ok(Some(Arc::clone(last)));
+            }
+            if !counts.running {
+                counts.running = true;
+                self.start_count();
+            }
         }
+        let _ = tokio::time::timeout(COUNT_WAIT, ended.changed()).await;
+        let mut counts = self.counts.lock().expect("lock poisoned");
+        match counts.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(counts.last.clone()),
+        }
+    }
+
+    /// Counts the WAL directory in a blocking thread; the count ends in `self.counts`.
+    fn start_count(&self) {
         let dir = self.wal.path().to_path_buf();
-        let (at, counted_at_us) = (Instant::now(), fsutil::now_us());
-        let wal = tokio::task::spawn_blocking(move || status::inspect(&dir, &mut |_| {}))
-            .await
-            .expect("counting the WAL does not panic")?;
-        *last = Some(Count {
-            at,
-            took: at.elapsed(),
-            counted_at_us,
-            wal: wal.clone(),
+        let counts = Arc::clone(&self.counts);
+        let counted = self.counted.clone();
+        let settled = self.sample().flushed;
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let result = status::inspect(&dir, &mut |_| {});
+            let ended_us = fsutil::now_us();
+            let mut counts = counts.lock().expect("lock poisoned");
+            counts.running = false;
+            match result {
+                Ok(wal) => {
+                    counts.last = Some(Arc::new(Count {
+                        at: Instant::now(),
+                        took: started.elapsed(),
+                        counted_at_us: ended_us,
+                        settled,
+                        oldest_pending_us: wal
+                            .oldest_pending_age_seconds
+                            .map(|age| ended_us.saturating_sub((age * 1e6) as u64)),
+                        wal,
+                    }));
+                }
+                Err(e) => counts.failed = Some(e),
+            }
+            drop(counts);
+            counted.send_modify(|n| *n += 1);
         });
-        Ok((wal, counted_at_us))
+    }
+}
+
+impl Count {
+    /// The count brought to `now` where that is cheap: the rows pending are those counted,
+    /// plus the rows made durable after the last one counted, minus the rows settled since
+    /// the count started; the oldest pending row's age is measured now. Per table, it is
+    /// as counted.
+    fn corrected(&self, now: Sample) -> WalStatus {
+        let mut wal = self.wal.clone();
+        let arrived = now.durable.saturating_sub(wal.last_lsn.0);
+        let settled = now.flushed.saturating_sub(self.settled);
+        wal.pending_rows = (wal.pending_rows + arrived).saturating_sub(settled);
+        wal.last_lsn = wal.last_lsn.max(Lsn(now.durable));
+        wal.oldest_pending_age_seconds = match (wal.pending_rows, self.oldest_pending_us) {
+            (0, _) | (_, None) => None,
+            (_, Some(at)) => Some(fsutil::now_us().saturating_sub(at) as f64 / 1e6),
+        };
+        wal
     }
 }

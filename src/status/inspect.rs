@@ -31,10 +31,10 @@ use crate::wal::{self, Checkpoint, Record, RecordKind, WalError};
 /// Backlog of one table.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableBacklog {
-    /// Rows above the flushed watermark.
-    pub pending_rows: u64,
-    /// Bytes of those rows as stored.
-    pub pending_bytes: u64,
+    /// Rows above the flushed watermark; `None` while the daemon has not counted them yet.
+    pub pending_rows: Option<u64>,
+    /// Bytes of those rows as stored; `None` like `pending_rows`.
+    pub pending_bytes: Option<u64>,
     /// Rows the running daemon settled (loaded, or put into dead letters) since it
     /// started; `None` when the directory was read without the daemon.
     pub flushed_rows: Option<u64>,
@@ -133,7 +133,8 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
             .problems
             .push(format!("{e}; counting every row as pending"));
     }
-    let now_us = fsutil::now_us();
+    // When the oldest pending row was written, in µs since the Unix epoch.
+    let mut oldest: Option<u64> = None;
     if let Some(first) = segments.first()
         && first.first_lsn > flushed.next()
     {
@@ -182,7 +183,9 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
         let next_segment = segments.get(i + 1).map(|s| s.first_lsn);
         let scan = wal::damage::scan_segment(&mut cursor, next_segment, &mut |record, at| {
             status.last_lsn = record.lsns.last;
-            status.count(record, &positions, now_us);
+            if status.count(record, &positions) {
+                oldest.get_or_insert(record.time_us);
+            }
             progress(read_before + at);
         })
         .map_err(WalError::io(format!("read {}", path.display())))?;
@@ -197,6 +200,9 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
             status.damage(damage.to_string());
         }
     }
+    // Measured once the scan ends, which takes a while on a large backlog.
+    status.oldest_pending_age_seconds =
+        oldest.map(|at| fsutil::now_us().saturating_sub(at) as f64 / 1e6);
     if let Ok(Some(stop)) = wal::read_clean_stop(dir)
         && status.last_lsn < stop.prev()
     {
@@ -229,32 +235,29 @@ impl WalStatus {
     }
 
     /// Counts the rows of `record` not settled by `positions` (above the watermark, or
-    /// above its table's hold) as pending, or as quarantined.
-    fn count(&mut self, record: &Record<'_>, positions: &Checkpoint, now_us: u64) {
+    /// above its table's hold) as pending, or as quarantined; whether some are pending.
+    fn count(&mut self, record: &Record<'_>, positions: &Checkpoint) -> bool {
         if record.kind == RecordKind::Quarantined {
             self.quarantined_rows += record.lsns.rows();
-            return;
+            return false;
         }
         if record.lsns.last <= positions.flushed_lsn {
-            return;
+            return false;
         }
         let table = RowGroup::decode(record.payload)
             .map_or_else(|_| "(unreadable)".to_string(), |g| g.table.to_string());
         let settled = positions.settled_for(&table);
         if record.lsns.last <= settled {
-            return;
+            return false;
         }
         let rows = record.lsns.last.0 - record.lsns.first.0.max(settled.0 + 1) + 1;
         let bytes = record.payload.len() as u64;
         let backlog = self.tables.entry(table).or_default();
-        backlog.pending_rows += rows;
-        backlog.pending_bytes += bytes;
+        *backlog.pending_rows.get_or_insert(0) += rows;
+        *backlog.pending_bytes.get_or_insert(0) += bytes;
         self.pending_rows += rows;
         self.pending_bytes += bytes;
-        if self.oldest_pending_age_seconds.is_none() {
-            let age_us = now_us.saturating_sub(record.time_us);
-            self.oldest_pending_age_seconds = Some(age_us as f64 / 1e6);
-        }
+        true
     }
 }
 

@@ -32,10 +32,24 @@
 //!   `unreachable` or `corrupt`; `summary` is the one-line verdict; `reasons` lists
 //!   `{kind, message}`, worst first, `kind` one of `corrupt_wal`, `daemon_not_running`,
 //!   `postgres_down`, `tables_held`, `backlog_growing`, `stopping`.
-//! - `counted_at_us`: when the WAL directory was read, in µs since the Unix epoch. The
-//!   daemon reuses its last count while it is younger than 100 ms, or 10 times as long as
-//!   it took (so that a large backlog does not keep a core busy reading the WAL); the
-//!   oldest pending row's age is then aged to the time of the answer.
+//! - `counted_at_us`: when the last count of the WAL directory ended, in µs since the Unix
+//!   epoch; `null` while the daemon has not finished its first count. The daemon counts in
+//!   the background, one count at a time, and waits at most about a second for a count:
+//!   it reuses its last count while it is younger than 100 ms or 10 times as long as it
+//!   took (so that a large backlog does not keep a core busy reading the WAL), and answers
+//!   with the last count while a new one takes longer than a second. A reused count is
+//!   brought up to date where that is cheap: `pending_rows` adds the rows made durable
+//!   since and subtracts those settled since, `last_lsn` is at least `durable_lsn`, and
+//!   `oldest_pending_age_seconds` is measured at the answer (null once nothing is pending,
+//!   or when the oldest pending row came after the count); the per-table counts,
+//!   `pending_bytes` and what the count verified are as counted. Before the first count
+//!   ends, only what needs no scan is given: `segments`, `bytes`, `first_lsn`, `last_lsn`
+//!   (the durable LSN), `flushed_lsn`, `watermark_lsn`, and `pending_rows` as the LSNs
+//!   between the watermark and the durable LSN (every row takes one LSN: exact unless a
+//!   table is held, whose rows at or below the watermark are not included); per table,
+//!   `pending_rows` and `pending_bytes` are `null` ("counting…" in text); `pending_bytes`,
+//!   `torn_tail_bytes` and `quarantined_rows` are 0, `oldest_pending_age_seconds` null,
+//!   `intact` and `checksums_ok` true and `problems` empty, as nothing was read yet.
 //! - From the daemon, `null` when `source` is `wal_dir`: `uptime_seconds`; `ready` (it
 //!   accepts writes; false while stopping); `durable_lsn` (the last LSN fdatasync'd);
 //!   `postgres`: `{state, since_us, error}`, `state` being `connecting` (no session
@@ -50,12 +64,13 @@
 //!   `checksums_ok`, `torn_tail_bytes`, `quarantined_rows` (LSNs moved aside by `pgspool
 //!   quarantine`), `problems` (list of strings), `tables` (table name → `{pending_rows,
 //!   pending_bytes, flushed_rows}`, `flushed_rows` being the rows the daemon settled since
-//!   it started, null from `wal_dir`; a table the daemon had not seen yet is listed under
+//!   it started, null from `wal_dir`, and the pending ones null before the daemon's first
+//!   count (see `counted_at_us`); a table the daemon had not seen yet is listed under
 //!   the name the client gave), and `flusher` (null before the flusher's first report,
 //!   else `{updated_at_us, postgres_error, tables}` with, per table, `{dead_letters,
 //!   held_after_lsn, last_error: {sqlstate, message, lsn, at_us}}`: see
-//!   [`crate::flush::report`]; the daemon gives its report as it is now, the directory
-//!   the one last written).
+//!   [`crate::flush::report`]; the daemon gives its report as it is now, `updated_at_us`
+//!   being when the flusher last changed it, the directory the one last written).
 
 pub mod inspect;
 mod render;
@@ -169,8 +184,9 @@ pub struct Report {
     pub source: Source,
     /// The judgement.
     pub verdict: Verdict,
-    /// When the WAL directory was read, in µs since the Unix epoch.
-    pub counted_at_us: u64,
+    /// When the count of the WAL directory ended, in µs since the Unix epoch; `None` before
+    /// the daemon's first count ends.
+    pub counted_at_us: Option<u64>,
     /// What the daemon knows.
     #[serde(flatten)]
     pub live: Live,
@@ -184,13 +200,14 @@ pub struct Report {
 struct Head {
     source: Source,
     verdict: Verdict,
-    counted_at_us: u64,
+    counted_at_us: Option<u64>,
 }
 
 impl Report {
-    /// The daemon's report: `wal` counted at `counted_at_us`, and `live`.
+    /// The daemon's report: `wal` counted at `counted_at_us` (`None`: not counted yet, only
+    /// what needs no scan), and `live`.
     #[must_use]
-    pub fn live(wal: WalStatus, counted_at_us: u64, live: Live) -> Report {
+    pub fn live(wal: WalStatus, counted_at_us: Option<u64>, live: Live) -> Report {
         Report {
             source: Source::Daemon,
             verdict: verdict::judge(&wal, &live, None),
@@ -207,7 +224,7 @@ impl Report {
         Report {
             source: Source::WalDir,
             verdict: verdict::judge(&wal, &live, Some(why)),
-            counted_at_us: fsutil::now_us(),
+            counted_at_us: Some(fsutil::now_us()),
             live,
             wal,
         }

@@ -1,5 +1,8 @@
-//! The human-readable report: the one-line verdict, aligned key/value lines, a table per
-//! table, the last errors and the problems, no line wider than [`WIDTH`] columns.
+//! The human-readable report: the verdict, aligned key/value lines, a table per table, the
+//! last errors and the problems, no line wider than [`WIDTH`] columns. Nothing is cut: long
+//! text wraps onto indented lines (a word wider than a line, such as a path, is broken
+//! across lines), and a table name wider than its column gets a line of its own, before
+//! its numbers.
 
 use std::fmt::Write;
 
@@ -15,7 +18,7 @@ pub fn render(report: &Report) -> String {
     let (s, live) = (&report.wal, &report.live);
     let flusher = s.flusher.clone().unwrap_or_default();
     let mut out = String::new();
-    let _ = writeln!(out, "{}", clip(&report.verdict.summary, WIDTH));
+    wrap(&mut out, "", "    ", &report.verdict.summary);
     let mut lines: Vec<(&str, String)> = Vec::new();
     match report.source {
         Source::Daemon => {
@@ -55,25 +58,28 @@ pub fn render(report: &Report) -> String {
         s.watermark_lsn.to_string()
     };
     lines.push(("flushed LSN", flushed));
-    let counted = fsutil::now_us().saturating_sub(report.counted_at_us) as f64 / 1e6;
-    let counted = if report.source == Source::Daemon && counted >= 1.0 {
-        format!(" (counted {} ago)", duration(counted))
-    } else {
-        String::new()
-    };
-    lines.push((
-        "pending",
-        format!(
-            "{}, {} bytes{counted}",
-            rows(s.pending_rows),
-            s.pending_bytes
+    let pending = match report.counted_at_us {
+        None => format!(
+            "{} (the LSNs above the watermark; the WAL is being counted)",
+            rows(s.pending_rows)
         ),
-    ));
-    lines.push((
-        "oldest pending",
-        s.oldest_pending_age_seconds
-            .map_or_else(|| "-".to_string(), duration),
-    ));
+        Some(at) => {
+            let ago = fsutil::now_us().saturating_sub(at) as f64 / 1e6;
+            let ago = if report.source == Source::Daemon && ago >= 1.0 {
+                format!(" (bytes and tables counted {} ago)", duration(ago))
+            } else {
+                String::new()
+            };
+            format!("{}, {} bytes{ago}", rows(s.pending_rows), s.pending_bytes)
+        }
+    };
+    lines.push(("pending", pending));
+    let oldest = match (s.oldest_pending_age_seconds, report.counted_at_us) {
+        (Some(age), _) => duration(age),
+        (None, None) => COUNTING.to_string(),
+        (None, Some(_)) => "-".to_string(),
+    };
+    lines.push(("oldest pending", oldest));
     if let Some(rates) = &live.rates {
         for (key, w) in [
             ("ingest rate", rates.ingest_rows_per_s),
@@ -109,40 +115,56 @@ pub fn render(report: &Report) -> String {
     let dead_letters: u64 = flusher.tables.values().map(|t| t.dead_letters).sum();
     lines.push(("dead letters", rows(dead_letters)));
     for (key, value) in lines {
-        wrap(&mut out, &format!("  {key:<15} "), &value);
+        wrap(&mut out, &format!("  {key:<15} "), &" ".repeat(18), &value);
     }
     let mut names: Vec<&String> = s.tables.keys().chain(flusher.tables.keys()).collect();
     names.sort();
     names.dedup();
     if !names.is_empty() {
-        let width = names
+        let rows: Vec<[String; 5]> = names
             .iter()
-            .map(|n| n.chars().count())
-            .max()
-            .unwrap_or(5)
-            .clamp(5, 24);
+            .map(|name| {
+                let backlog = s.tables.get(*name).cloned().unwrap_or_default();
+                let table = flusher.tables.get(*name).cloned().unwrap_or_default();
+                let count = |n: Option<u64>| match (n, report.counted_at_us) {
+                    (Some(n), _) => n.to_string(),
+                    (None, None) => COUNTING.to_string(),
+                    (None, Some(_)) => "0".to_string(),
+                };
+                [
+                    count(backlog.pending_rows),
+                    count(backlog.pending_bytes),
+                    backlog
+                        .flushed_rows
+                        .map_or_else(|| "-".to_string(), |n| n.to_string()),
+                    table.dead_letters.to_string(),
+                    table
+                        .held_after_lsn
+                        .map_or_else(|| "flowing".to_string(), |lsn| format!("held (LSN {lsn})")),
+                ]
+            })
+            .collect();
+        // The name column takes the room the numbers and the widest state leave.
+        let state = rows.iter().map(|r| r[4].chars().count()).max().unwrap_or(0);
+        let room = WIDTH.saturating_sub(2 + (2 + 12) + (2 + 13) + (2 + 12) + (2 + 12) + 2 + state);
+        let longest = names.iter().map(|n| n.chars().count()).max().unwrap_or(0);
+        let width = longest.min(room).max(5);
         let _ = writeln!(
             out,
             "\n  {:<width$}  {:>12}  {:>13}  {:>12}  {:>12}  state",
             "table", "pending rows", "pending bytes", "flushed rows", "dead letters"
         );
-        for name in &names {
-            let backlog = s.tables.get(*name).cloned().unwrap_or_default();
-            let table = flusher.tables.get(*name).cloned().unwrap_or_default();
-            let state = table
-                .held_after_lsn
-                .map_or_else(|| "flowing".to_string(), |lsn| format!("held (LSN {lsn})"));
-            let line = format!(
-                "  {:<width$}  {:>12}  {:>13}  {:>12}  {:>12}  {state}",
-                clip(name, width),
-                backlog.pending_rows,
-                backlog.pending_bytes,
-                backlog
-                    .flushed_rows
-                    .map_or_else(|| "-".to_string(), |n| n.to_string()),
-                table.dead_letters
+        for (name, [pending, bytes, flushed, dead, state]) in names.iter().zip(&rows) {
+            let shown = if name.chars().count() > width {
+                wrap(&mut out, "  ", "  ", name);
+                ""
+            } else {
+                name.as_str()
+            };
+            let _ = writeln!(
+                out,
+                "  {shown:<width$}  {pending:>12}  {bytes:>13}  {flushed:>12}  {dead:>12}  {state}"
             );
-            let _ = writeln!(out, "{}", clip(&line, WIDTH));
         }
     }
     let errors: Vec<_> = flusher
@@ -155,54 +177,54 @@ pub fn render(report: &Report) -> String {
         for (name, e) in errors {
             let code = e.sqlstate.as_deref().unwrap_or("pgspool");
             let line = format!("{name} (LSN {}, {code}): {}", e.lsn, e.message);
-            wrap(&mut out, "  ", &line);
+            wrap(&mut out, "  ", "    ", &line);
         }
     }
     if !s.problems.is_empty() {
         let _ = writeln!(out, "\n  problems");
         for problem in &s.problems {
-            wrap(&mut out, "  ", problem);
+            wrap(&mut out, "  ", "    ", problem);
         }
     }
     out
 }
 
-/// Appends `text` after `first` (whose width the next lines are indented by), wrapped at
-/// spaces so that no line is wider than [`WIDTH`] (a word wider than a line is cut).
-fn wrap(out: &mut String, first: &str, text: &str) {
-    let indent = first.chars().count();
-    let room = WIDTH.saturating_sub(indent).max(20);
-    let mut line = String::new();
-    let mut lines = Vec::new();
-    for word in text.split_whitespace() {
-        let len = line.chars().count();
-        if len > 0 && len + 1 + word.chars().count() > room {
-            lines.push(std::mem::take(&mut line));
-        }
-        if !line.is_empty() {
-            line.push(' ');
-        }
-        line.push_str(word);
-    }
-    lines.push(line);
-    for (i, line) in lines.iter().enumerate() {
-        let lead = if i == 0 {
-            first.to_string()
-        } else {
-            " ".repeat(indent)
-        };
-        let _ = writeln!(out, "{}", clip(&format!("{lead}{line}"), WIDTH));
-    }
-}
+/// What a count not finished yet shows.
+const COUNTING: &str = "counting…";
 
-/// `text` cut to `width` characters, with an ellipsis when cut.
-fn clip(text: &str, width: usize) -> String {
-    if text.chars().count() <= width {
-        return text.to_string();
+/// Appends `text` after `first`, wrapped at spaces onto lines that start with `indent`,
+/// so that no line is wider than [`WIDTH`]; a word wider than a line is broken across
+/// lines rather than cut.
+fn wrap(out: &mut String, first: &str, indent: &str, text: &str) {
+    let room = |lead: &str| WIDTH.saturating_sub(lead.chars().count()).max(20);
+    let mut lines = vec![String::new()];
+    for word in text.split_whitespace() {
+        let mut word: Vec<char> = word.chars().collect();
+        while !word.is_empty() {
+            let lead = if lines.len() == 1 { first } else { indent };
+            let line = lines.last_mut().expect("one line at least");
+            let len = line.chars().count();
+            let sep = usize::from(len > 0);
+            let free = room(lead).saturating_sub(len + sep);
+            if word.len() > free && len > 0 && (word.len() <= room(indent) || free < 8) {
+                // On a line of its own: it fits there, or little of it fits here.
+                lines.push(String::new());
+                continue;
+            }
+            let take = word.len().min(free);
+            if sep == 1 {
+                line.push(' ');
+            }
+            line.extend(word.drain(..take));
+            if !word.is_empty() {
+                lines.push(String::new());
+            }
+        }
     }
-    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
-    cut.push('…');
-    cut
+    for (i, line) in lines.iter().enumerate() {
+        let lead = if i == 0 { first } else { indent };
+        let _ = writeln!(out, "{lead}{line}");
+    }
 }
 
 #[cfg(test)]
@@ -213,9 +235,14 @@ mod tests {
     fn wrapped_lines_fit_and_keep_every_word() {
         let mut out = String::new();
         let text = "word ".repeat(60) + &"x".repeat(150);
-        wrap(&mut out, "  key             ", &text);
+        wrap(&mut out, "  key             ", &" ".repeat(18), &text);
         assert!(out.lines().all(|l| l.chars().count() <= WIDTH), "{out}");
         assert_eq!(out.matches("word").count(), 60, "{out}");
+        assert_eq!(
+            out.matches('x').count(),
+            150,
+            "the long word is broken, not cut: {out}"
+        );
         assert!(
             out.lines().skip(1).all(|l| l.starts_with(&" ".repeat(18))),
             "{out}"

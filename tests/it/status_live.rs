@@ -164,7 +164,8 @@ async fn live_status_is_healthy_then_postgresql_down_then_healthy_again() {
         202
     );
     let s = wait_status(&socket, &wal, "PostgreSQL is reported down", |s| {
-        first_reason(s) == "postgres_down" && s["pending_rows"] == 2
+        // The total is brought up to date at once, the tables at the next count.
+        first_reason(s) == "postgres_down" && s["tables"]["public.t"]["pending_rows"] == 2
     })
     .await;
     assert_eq!(s["verdict"]["state"], "degraded", "{s:#}");
@@ -175,7 +176,7 @@ async fn live_status_is_healthy_then_postgresql_down_then_healthy_again() {
             .is_some_and(|e| !e.is_empty()),
         "{s:#}"
     );
-    assert_eq!(s["tables"]["public.t"]["pending_rows"], 2, "{s:#}");
+    assert_eq!(s["pending_rows"], 2, "{s:#}");
     let text = human(&socket, &wal, 1);
     assert!(text.starts_with("PostgreSQL down"), "{text}");
 
@@ -341,4 +342,159 @@ async fn watch_redraws_then_a_stopped_daemon_and_a_corrupt_wal_exit_2() {
         text.starts_with("corrupt WAL (also daemon not running): "),
         "{text}"
     );
+}
+
+/// A connection string to a PostgreSQL that is not there: the daemon keeps every row.
+fn unreachable_url(dir: &Path) -> String {
+    format!(
+        "host={} port=5432 user=pgspool dbname=pgspool",
+        dir.join("no-postgres").display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_backlog_is_reported_at_once_while_it_is_counted_then_brought_up_to_date() {
+    let dir = short_tempdir();
+    let wal = dir.path().join("wal");
+    let daemon = start_daemon(config(dir.path(), &unreachable_url(dir.path()))).await;
+    let socket = daemon.socket().to_path_buf();
+    let mut c = client(&socket).await;
+
+    // About 470 MB of rows, which take the count a few seconds to read and verify.
+    let pad = "x".repeat(32 << 10);
+    let body: String = (0..240)
+        .map(|i| format!("{{\"id\":{i},\"pad\":\"{pad}\"}}\n"))
+        .collect();
+    let mut posted = 0u64;
+    let mut first_durable = None;
+    for _ in 0..60 {
+        assert_eq!(post_ndjson(&mut c, "big", &body).await.status, 202);
+        first_durable.get_or_insert_with(Instant::now);
+        posted += 240;
+    }
+
+    // The first answer comes at once, with what needs no scan.
+    let asked = Instant::now();
+    let asked_us = pgspool::fsutil::now_us();
+    let reply = c.get("/v1/status").await.expect("GET /v1/status");
+    let answered_in = asked.elapsed();
+    let s = reply.body;
+    assert_eq!(reply.status, 200, "{s:#}");
+    assert!(
+        answered_in < Duration::from_secs(5),
+        "the answer took {answered_in:?}"
+    );
+    assert!(s["counted_at_us"].is_null(), "counted already: {s:#}");
+    assert_eq!(s["durable_lsn"], posted, "{s:#}");
+    assert_eq!(s["pending_rows"], posted, "{s:#}");
+    assert!(s["bytes"].as_u64() > Some(450_000_000), "{s:#}");
+    assert!(s["segments"].as_u64() > Some(1), "{s:#}");
+    assert!(s["tables"]["big"]["pending_rows"].is_null(), "{s:#}");
+    assert_eq!(first_reason(&s), "postgres_down", "{s:#}");
+    let text = human(&socket, &wal, 1);
+    assert!(
+        text.contains(&format!("  pending         {posted} rows (the LSNs above")),
+        "{text}"
+    );
+    assert!(text.contains("counting…"), "{text}");
+
+    // The count ends later than the answer came.
+    let counted = wait_status(&socket, &wal, "the count ends", |s| {
+        s["counted_at_us"].is_u64()
+    })
+    .await;
+    let took = Duration::from_micros(
+        counted["counted_at_us"]
+            .as_u64()
+            .expect("a time")
+            .saturating_sub(asked_us),
+    );
+    assert!(
+        took > answered_in,
+        "the count took {took:?}, the answer {answered_in:?}"
+    );
+    assert_eq!(
+        counted["tables"]["big"]["pending_rows"], posted,
+        "{counted:#}"
+    );
+    eprintln!("the count took {took:?}, the first answer {answered_in:?}");
+
+    // Reused (it is younger than 10 times as long as it took), it is brought up to date:
+    // the rows posted since are pending, the oldest row's age is measured now.
+    let more: String = (0..7).map(|i| format!("{{\"id\":{i}}}\n")).collect();
+    assert_eq!(post_ndjson(&mut c, "big", &more).await.status, 202);
+    let at_least = first_durable.expect("posted").elapsed().as_secs_f64();
+    let s = c.get("/v1/status").await.expect("GET /v1/status").body;
+    assert_eq!(s["counted_at_us"], counted["counted_at_us"], "{s:#}");
+    assert_eq!(s["durable_lsn"], posted + 7, "{s:#}");
+    assert_eq!(s["pending_rows"], posted + 7, "{s:#}");
+    assert!(
+        s["oldest_pending_age_seconds"].as_f64() >= Some(at_least),
+        "the oldest row is older than {at_least} s: {s:#}"
+    );
+    assert!(s["flusher"]["updated_at_us"].as_u64() > Some(0), "{s:#}");
+    daemon.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_table_names_and_the_verdict_are_wrapped_not_cut() {
+    let pg = Pg::start().await;
+    let dir = short_tempdir();
+    let wal = dir.path().join("wal");
+    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
+    let socket = daemon.socket().to_path_buf();
+    let mut c = client(&socket).await;
+    // Two tables whose names differ only at their end, then moved away: their rows are held.
+    let names = [
+        "this_is_a_rather_long_table_name_for_the_first_one",
+        "this_is_a_rather_long_table_name_for_the_second_one",
+    ];
+    for name in names {
+        pg.exec(&format!("CREATE TABLE {name} (id int)")).await;
+        assert_eq!(post_ndjson(&mut c, name, "{\"id\":1}\n").await.status, 202);
+    }
+    flushed(&daemon).await;
+    for name in names {
+        pg.exec(&format!("ALTER TABLE {name} RENAME TO {name}_away"))
+            .await;
+        assert_eq!(post_ndjson(&mut c, name, "{\"id\":2}\n").await.status, 202);
+    }
+    wait_status(&socket, &wal, "both tables are held", |s| {
+        names
+            .iter()
+            .all(|n| s["flusher"]["tables"][format!("public.{n}")]["held_after_lsn"].is_u64())
+    })
+    .await;
+    let text = human(&socket, &wal, 1);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("tables held: "), "{text}");
+    // The verdict goes on over lines indented by 4, up to its end, and names both tables.
+    let verdict: Vec<&str> = std::iter::once(lines[0])
+        .chain(
+            lines[1..]
+                .iter()
+                .copied()
+                .take_while(|l| l.starts_with("    ")),
+        )
+        .collect();
+    assert!(verdict.len() > 1, "{text}");
+    let verdict = verdict
+        .iter()
+        .map(|l| l.trim())
+        .collect::<Vec<_>>()
+        .join(" ");
+    for name in names {
+        assert!(
+            verdict.contains(&format!("public.{name}")),
+            "{verdict}\n{text}"
+        );
+        // Each name is shown whole in the table too, on its own line.
+        assert!(
+            lines.iter().any(|l| l.trim() == format!("public.{name}")),
+            "{text}"
+        );
+    }
+    assert!(verdict.ends_with("(see the last errors)"), "{verdict}");
+    assert!(!text.contains('…'), "{text}");
+    daemon.stop().await.expect("stop");
 }
