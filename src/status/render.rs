@@ -138,9 +138,10 @@ pub fn render(report: &Report) -> String {
                         .flushed_rows
                         .map_or_else(|| "-".to_string(), |n| n.to_string()),
                     table.dead_letters.to_string(),
-                    table
-                        .held_after_lsn
-                        .map_or_else(|| "flowing".to_string(), |lsn| format!("held (LSN {lsn})")),
+                    table.held_after_lsn.map_or_else(
+                        || "flowing".to_string(),
+                        |lsn| format!("held after LSN {lsn}"),
+                    ),
                 ]
             })
             .collect();
