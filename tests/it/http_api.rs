@@ -270,11 +270,7 @@ async fn a_request_on_an_open_connection_during_a_stop_gets_503_not_a_reset() {
         202
     );
     daemon.shutdown_token().cancel();
-    let stopping = first
-        .get("/healthz")
-        .await
-        .expect("an answer on an open connection");
-    assert_eq!(stopping.status, 503, "{:?}", stopping.body);
+    until_stopping(&mut first).await;
     let reply = post_ndjson(&mut second, "t", "{\"id\":3}\n").await;
     assert_eq!(reply.status, 503, "{:?}", reply.body);
     assert_eq!(reply.headers["retry-after"], "1");
@@ -298,7 +294,7 @@ async fn a_body_sent_after_its_headers_still_gets_the_refusal() {
         .await
         .expect("connect");
     daemon.shutdown_token().cancel();
-    assert_eq!(probe.get("/healthz").await.expect("answer").status, 503);
+    until_stopping(&mut probe).await;
     let body = "{\"id\":1}\n".repeat(20_000);
     let head = format!(
         "POST /v1/tables/t/rows HTTP/1.1\r\nhost: pgspool\r\ncontent-type: \
@@ -319,4 +315,23 @@ async fn a_body_sent_after_its_headers_still_gets_the_refusal() {
         .expect("read the answer");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     daemon.wait().await.expect("clean stop");
+}
+
+/// Asks `/healthz` on `client`'s connection until the daemon says it is stopping; every
+/// question gets an answer.
+async fn until_stopping(client: &mut pgspool::client::SpoolClient) {
+    let deadline = std::time::Instant::now() + crate::harness::DEADLINE;
+    loop {
+        let health = client
+            .get("/healthz")
+            .await
+            .expect("an answer on an open connection");
+        if health.status == 503 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon never stopped"
+        );
+    }
 }

@@ -28,7 +28,11 @@ pub(crate) fn send(socket: &Path, args: &[&str], stdin: &[u8]) -> (Option<i32>, 
             .spawn()
             .expect("run pgspool send");
         let mut input = child.stdin.take().expect("stdin");
-        input.write_all(stdin).expect("write stdin");
+        // A usage error exits before reading its input.
+        match input.write_all(stdin) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => panic!("write stdin: {e}"),
+            _ => {}
+        }
         drop(input);
         child.wait_with_output().expect("wait for pgspool send")
     });
