@@ -9,7 +9,7 @@
 //! | message | when |
 //! |---|---|
 //! | `READY=1` | the WAL is recovered and the socket listens: writes are accepted |
-//! | `STATUS=...` | with `READY=1`, then whenever the backlog or PostgreSQL's state changes (at most every [`STATUS_EVERY`]) |
+//! | `STATUS=...` | from the start, then whenever the backlog, the tables held or PostgreSQL's state change (checked every [`STATUS_EVERY`]), e.g. `backlog 0 rows; PostgreSQL: up` |
 //! | `WATCHDOG=1` | every third of `WATCHDOG_USEC`, but only while the flusher makes progress (see [`Watchdog`]) |
 //! | `RELOADING=1` | on SIGHUP, before the configuration is re-read; `READY=1` follows |
 //! | `STOPPING=1` | on SIGTERM or SIGINT, or a fatal error, before the drain |
