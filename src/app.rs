@@ -13,7 +13,8 @@
 //! appending finish (up to half a second); let the flusher send what is durable within
 //! `[shutdown] drain_timeout` (requests waiting with `?ack=committed` are answered by its
 //! commits, or 503 once it stops: their rows stay durable in the WAL); then stop the server
-//! and close the WAL. Until then the server keeps answering, writes with 503, `Retry-After`
+//! (idle connections close at once, requests still being sent get their answers until the
+//! drain timeout) and close the WAL. Until then the server keeps answering, writes with 503, `Retry-After`
 //! and `Connection: close`, so that a client sending on an open connection gets an answer
 //! rather than a reset. A fatal error (a failed fdatasync, a damaged WAL) stops everything
 //! the same way and is returned. Abrupt exits are safe too: the WAL makes them so; a
@@ -303,7 +304,7 @@ async fn open_wal(config: &Config, observer: Arc<dyn CommitObserver>) -> anyhow:
 /// last drain starts (less when no connection is open).
 const LINGER: Duration = Duration::from_millis(500);
 
-/// How long, after the drain, requests get to send their last answers.
+/// How long, after the drain, requests get to send their last answers at least.
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
 /// The socket the daemon listens on: bound by it (its file removed at stop), or passed by
@@ -393,10 +394,12 @@ impl Running {
             }
         }
         // Requests still waiting for a commit are told that their rows are durable in the
-        // WAL before their connections go.
+        // WAL before their connections go. Idle connections close now; requests still
+        // being sent get their answers until the drain timeout (a second at least).
         self.acks.close();
         self.stop_server.cancel();
-        if tokio::time::timeout(ANSWER_GRACE, &mut self.server)
+        let last_answers = deadline.max(tokio::time::Instant::now() + ANSWER_GRACE);
+        if tokio::time::timeout_at(last_answers, &mut self.server)
             .await
             .is_err()
         {

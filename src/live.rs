@@ -241,7 +241,15 @@ impl Monitor {
         let view = self.flusher.borrow().clone();
         let now = self.sample();
         let mut wal = match &count {
-            Some(count) => count.corrected(now),
+            Some(count) => {
+                let mut wal = count.corrected(now);
+                // The positions as the last commit left them, not as counted.
+                if let Ok(Some(positions)) = crate::wal::read_checkpoint_whole(self.wal.path()) {
+                    wal.flushed_lsn = positions.flushed_lsn;
+                    wal.watermark_lsn = positions.watermark_lsn();
+                }
+                wal
+            }
             None => self.uncounted(now)?,
         };
         for (table, rows) in view.flushed_rows {

@@ -140,7 +140,7 @@ pub fn render(report: &Report) -> String {
                     table.dead_letters.to_string(),
                     table.held_after_lsn.map_or_else(
                         || "flowing".to_string(),
-                        |lsn| format!("held after LSN {lsn}"),
+                        |lsn| format!("held from LSN {}", lsn.next()),
                     ),
                 ]
             })

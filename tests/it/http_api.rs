@@ -281,19 +281,21 @@ async fn a_request_on_an_open_connection_during_a_stop_gets_503_not_a_reset() {
 
 /// A request refused before its body is read (here: at a stop) gets its answer even when
 /// the client sends the body after a pause: the body is read and dropped, not left unread
-/// under a closed connection, which would reset the client's upload.
+/// under a closed connection, which would reset the client's upload; and the daemon's
+/// process waits for it (up to the drain timeout) before it exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_sent_after_its_headers_still_gets_the_refusal() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pg = Pg::start().await;
     pg.exec("CREATE TABLE t (id bigint)").await;
     let dir = short_tempdir();
-    let daemon = start_daemon(config(dir.path(), &pg.url())).await;
-    let mut probe = client(daemon.socket()).await;
-    let mut raw = tokio::net::UnixStream::connect(daemon.socket())
+    let mut daemon = crate::harness::DaemonProcess::spawn(dir.path(), &pg.url(), &[]).await;
+    let mut probe = client(&daemon.socket).await;
+    let mut raw = tokio::net::UnixStream::connect(&daemon.socket)
         .await
         .expect("connect");
-    daemon.shutdown_token().cancel();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.pid()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     until_stopping(&mut probe).await;
     let body = "{\"id\":1}\n".repeat(20_000);
     let head = format!(
@@ -304,8 +306,9 @@ async fn a_body_sent_after_its_headers_still_gets_the_refusal() {
     raw.write_all(head.as_bytes())
         .await
         .expect("send the headers");
-    // The client is slower than the server's refusal.
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // The client is slower than the server's refusal, and than the flusher's drain (there
+    // is nothing to drain): the server waits for it until the drain timeout.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     raw.write_all(body.as_bytes())
         .await
         .expect("the body is taken, not reset");
@@ -314,7 +317,7 @@ async fn a_body_sent_after_its_headers_still_gets_the_refusal() {
         .await
         .expect("read the answer");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    daemon.wait().await.expect("clean stop");
+    assert_eq!(daemon.wait_exit().await.code(), Some(0));
 }
 
 /// Asks `/healthz` on `client`'s connection until the daemon says it is stopping; every
