@@ -117,14 +117,10 @@ impl Daemon {
         let (committed_tx, committed) = watch::channel(recorded);
         // Requests with ?ack=committed, answered as the flusher reports its commits.
         let acks = Arc::new(Acks::new());
-        let metrics = Arc::new(Metrics::new(&wal, wal_metrics));
+        let metrics = Arc::new(Metrics::new(&wal, wal_metrics, recorded));
         let (checked_tx, checked) = oneshot::channel();
         let (live, flusher_view) = crate::live::FlusherStatus::new();
-        let status = tokio::spawn(report_status(
-            wal.durable(),
-            committed.clone(),
-            flusher_view.clone(),
-        ));
+        let status_view = flusher_view.clone();
         let monitor = crate::live::Monitor::start(
             Arc::clone(wal.dir()),
             wal.durable(),
@@ -191,7 +187,14 @@ impl Daemon {
             shutdown: shutdown.clone(),
             socket: socket.clone(),
             config: config_rx,
-            service: vec![tokio::spawn(ping_watchdog(progress)), status],
+            service: vec![
+                tokio::spawn(ping_watchdog(progress)),
+                tokio::spawn(report_status(
+                    durable.clone(),
+                    committed.clone(),
+                    status_view,
+                )),
+            ],
         };
         let socket = socket.path().to_path_buf();
         info!(socket = %socket.display(), "accepting writes");

@@ -216,10 +216,11 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A registry with every metric at zero, but the watermark (from `wal`'s checkpoint);
-    /// `wal` is read for the WAL gauges, `writer` is the [`WalMetrics`] it was opened with.
+    /// A registry with every metric at zero, but the watermark, `recorded` (the last one
+    /// the checkpoint recorded); `wal` is read for the WAL gauges, `writer` is the
+    /// [`WalMetrics`] it was opened with.
     #[must_use]
-    pub fn new(wal: &Wal, writer: WalMetrics) -> Metrics {
+    pub fn new(wal: &Wal, writer: WalMetrics, recorded: Lsn) -> Metrics {
         let mut registry = Registry::with_prefix("pgspool");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -333,9 +334,7 @@ impl Metrics {
             tables_held.clone(),
         );
         let watermark = Gauge::default();
-        if let Some(recorded) = crate::wal::recorded_watermark(wal.dir().path()) {
-            watermark.set(gauge_value(recorded.0));
-        }
+        watermark.set(gauge_value(recorded.0));
         registry.register(
             "watermark_lsn",
             "The last LSN committed in PostgreSQL",
