@@ -290,32 +290,13 @@ impl Monitor {
             .map_err(WalError::io(format!("list {}", dir.display())))?
             .first()
             .map_or(Lsn::ZERO, |s| s.first_lsn);
-        let checkpoint = wal::read_checkpoint_whole(dir);
-        let mut problems = Vec::new();
-        if let Err(e) = &checkpoint {
-            problems.push(format!("{e}; counting every row as pending"));
-        }
-        let positions = checkpoint.ok().flatten().unwrap_or_default();
-        Ok(WalStatus {
-            wal_dir: dir.to_path_buf(),
-            spool_id: self.wal.spool_id(),
-            segments: usize::try_from(self.wal.segments()).unwrap_or(usize::MAX),
-            bytes: self.wal.bytes(),
-            first_lsn: first,
-            last_lsn: Lsn(now.durable),
-            flushed_lsn: positions.flushed_lsn,
-            watermark_lsn: positions.watermark_lsn(),
-            pending_rows: now.durable.saturating_sub(positions.watermark_lsn().0),
-            pending_bytes: 0,
-            oldest_pending_age_seconds: None,
-            intact: true,
-            checksums_ok: true,
-            torn_tail_bytes: 0,
-            quarantined_rows: 0,
-            problems,
-            tables: BTreeMap::new(),
-            flusher: None,
-        })
+        let (mut status, positions) = WalStatus::from_checkpoint(dir, self.wal.spool_id());
+        status.segments = usize::try_from(self.wal.segments()).unwrap_or(usize::MAX);
+        status.bytes = self.wal.bytes();
+        status.first_lsn = first;
+        status.last_lsn = Lsn(now.durable);
+        status.pending_rows = now.durable.saturating_sub(positions.watermark_lsn().0);
+        Ok(status)
     }
 
     /// The durable LSN and the rows settled, now.

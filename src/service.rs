@@ -65,43 +65,28 @@ impl LiveConfig {
         next.log.level.clone_from(&new.log.level);
         next.validate()?;
         let mut reloaded = Reloaded::default();
-        for (key, was, now) in [
-            (
-                "[batch] max_rows",
-                old.batch.max_rows.to_string(),
-                next.batch.max_rows.to_string(),
-            ),
-            (
-                "[batch] max_bytes",
-                old.batch.max_bytes.to_string(),
-                next.batch.max_bytes.to_string(),
-            ),
-            (
-                "[batch] max_wait",
-                format!("{:?}", old.batch.max_wait),
-                format!("{:?}", next.batch.max_wait),
-            ),
-            (
-                "[ingest] max_body_bytes",
-                old.ingest.max_body_bytes.to_string(),
-                next.ingest.max_body_bytes.to_string(),
-            ),
-            (
-                "[wal] max_bytes",
-                old.wal.max_bytes.to_string(),
-                next.wal.max_bytes.to_string(),
-            ),
-            (
-                "[shutdown] drain_timeout",
-                format!("{:?}", old.shutdown.drain_timeout),
-                format!("{:?}", next.shutdown.drain_timeout),
-            ),
-            ("[log] level", old.log.level.clone(), next.log.level.clone()),
-        ] {
+        let mut note = |key: &str, was: &dyn std::fmt::Debug, now: &dyn std::fmt::Debug| {
+            let (was, now) = (format!("{was:?}"), format!("{now:?}"));
             if was != now {
                 reloaded.applied.push(format!("{key}: {was} -> {now}"));
             }
-        }
+        };
+        let (o, n) = (&old, &next);
+        note("[batch] max_rows", &o.batch.max_rows, &n.batch.max_rows);
+        note("[batch] max_bytes", &o.batch.max_bytes, &n.batch.max_bytes);
+        note("[batch] max_wait", &o.batch.max_wait, &n.batch.max_wait);
+        note(
+            "[ingest] max_body_bytes",
+            &o.ingest.max_body_bytes,
+            &n.ingest.max_body_bytes,
+        );
+        note("[wal] max_bytes", &o.wal.max_bytes, &n.wal.max_bytes);
+        note(
+            "[shutdown] drain_timeout",
+            &o.shutdown.drain_timeout,
+            &n.shutdown.drain_timeout,
+        );
+        note("[log] level", &o.log.level, &n.log.level);
         for (key, differs) in [
             ("[listen]", new.listen != old.listen),
             ("[postgres]", new.postgres != old.postgres),

@@ -163,6 +163,11 @@ impl Ingest {
         self.appender.write().expect("lock poisoned").take();
     }
 
+    /// Whether writes are accepted (not stopping).
+    fn accepting(&self) -> bool {
+        self.appender.read().expect("lock poisoned").is_some()
+    }
+
     /// The appender, or a 503 refusal once the daemon is stopping.
     fn appender(&self) -> Result<Appender, Refusal> {
         self.appender
@@ -182,7 +187,7 @@ impl Ingest {
         let route = route(request.uri().path());
         let mut response = self.answer(request).await;
         self.metrics.request(route, response.status().as_u16());
-        if self.appender.read().expect("lock poisoned").is_none() {
+        if !self.accepting() {
             // Stopping: the client closes this connection after the answer, rather than
             // sending its next request into a connection about to close.
             response
@@ -258,7 +263,7 @@ impl Ingest {
     }
 
     async fn status(&self) -> Result<Response<Full<Bytes>>, Refusal> {
-        let ready = self.appender.read().expect("lock poisoned").is_some();
+        let ready = self.accepting();
         let report = self.monitor.report(ready).await.map_err(|e| {
             Refusal::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -99,40 +99,10 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
             reason: "not a pgspool WAL directory (no spool_id file)".into(),
         });
     };
-    let checkpoint = wal::read_checkpoint_whole(dir);
-    let positions = checkpoint
-        .as_ref()
-        .ok()
-        .cloned()
-        .flatten()
-        .unwrap_or_default();
+    let (mut status, positions) = WalStatus::from_checkpoint(dir, spool_id);
+    status.first_lsn = segments.first().map_or(Lsn::ZERO, |s| s.first_lsn);
+    status.flusher = FlushReport::read(dir);
     let flushed = positions.flushed_lsn;
-    let mut status = WalStatus {
-        wal_dir: dir.to_path_buf(),
-        spool_id,
-        segments: 0,
-        bytes: 0,
-        first_lsn: segments.first().map_or(Lsn::ZERO, |s| s.first_lsn),
-        last_lsn: Lsn::ZERO,
-        flushed_lsn: flushed,
-        watermark_lsn: positions.watermark_lsn(),
-        pending_rows: 0,
-        pending_bytes: 0,
-        oldest_pending_age_seconds: None,
-        intact: true,
-        checksums_ok: true,
-        torn_tail_bytes: 0,
-        quarantined_rows: 0,
-        problems: Vec::new(),
-        tables: BTreeMap::new(),
-        flusher: FlushReport::read(dir),
-    };
-    if let Err(e) = checkpoint {
-        // Advisory (the daemon replaces it after its next commit): noted, not damage.
-        status
-            .problems
-            .push(format!("{e}; counting every row as pending"));
-    }
     // When the oldest pending row was written, in µs since the Unix epoch.
     let mut oldest: Option<u64> = None;
     if let Some(first) = segments.first()
@@ -229,6 +199,40 @@ pub fn inspect(dir: &Path, progress: &mut dyn FnMut(u64)) -> Result<WalStatus, W
 }
 
 impl WalStatus {
+    /// What the checkpoint of the WAL directory `dir` alone tells: its positions, with
+    /// nothing counted yet. A checkpoint that cannot be read is noted in `problems`
+    /// (advisory: the daemon replaces it after its next commit), and every row counts as
+    /// pending.
+    pub(crate) fn from_checkpoint(dir: &Path, spool_id: uuid::Uuid) -> (WalStatus, Checkpoint) {
+        let checkpoint = wal::read_checkpoint_whole(dir);
+        let mut problems = Vec::new();
+        if let Err(e) = &checkpoint {
+            problems.push(format!("{e}; counting every row as pending"));
+        }
+        let positions = checkpoint.ok().flatten().unwrap_or_default();
+        let status = WalStatus {
+            wal_dir: dir.to_path_buf(),
+            spool_id,
+            segments: 0,
+            bytes: 0,
+            first_lsn: Lsn::ZERO,
+            last_lsn: Lsn::ZERO,
+            flushed_lsn: positions.flushed_lsn,
+            watermark_lsn: positions.watermark_lsn(),
+            pending_rows: 0,
+            pending_bytes: 0,
+            oldest_pending_age_seconds: None,
+            intact: true,
+            checksums_ok: true,
+            torn_tail_bytes: 0,
+            quarantined_rows: 0,
+            problems,
+            tables: BTreeMap::new(),
+            flusher: None,
+        };
+        (status, positions)
+    }
+
     fn damage(&mut self, problem: String) {
         self.intact = false;
         self.problems.push(problem);

@@ -82,16 +82,7 @@ impl FaultyDaemon {
             .output()
             .expect("run fiu-ctrl");
         // fiu-ctrl exits 0 even for an unknown pid; it says so on stdout.
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && said.trim().is_empty(),
-            "fiu-ctrl failed ({}): {said}",
-            out.status
-        );
+        crate::harness::assert_quiet_success(&out, "fiu-ctrl");
     }
 }
 

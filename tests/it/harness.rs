@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -195,6 +195,21 @@ pub fn status_json(wal: &Path) -> serde_json::Value {
     assert_eq!(state, "unreachable", "{json:#}");
     assert_eq!(json["intact"], true, "{json:#}");
     json
+}
+
+/// Panics, naming `what`, unless `out` is a success that printed nothing: for tools that
+/// exit 0 and report problems on their output (`promtool check metrics`, `fiu-ctrl`).
+pub fn assert_quiet_success(out: &Output, what: &str) {
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "{what} ({}): {said}",
+        out.status
+    );
 }
 
 /// Polls `check` until it returns true; panics with `what` after [`DEADLINE`].

@@ -86,16 +86,7 @@ fn promtool_check(text: &str) {
         .write_all(text.as_bytes())
         .expect("write to promtool");
     let out = child.wait_with_output().expect("wait for promtool");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "promtool check metrics: {} {said}\n{text}",
-        out.status
-    );
+    crate::harness::assert_quiet_success(&out, &format!("promtool check metrics of\n{text}"));
 }
 
 async fn post(c: &mut SpoolClient, table: &str, query: &str, body: &str) -> Reply {
