@@ -154,6 +154,15 @@ pub(crate) fn parse(text: &str) -> Result<Numeric<'_>, ValueError> {
 }
 
 impl Numeric<'_> {
+    /// Whether `text`, the token this number was parsed from, is already its canonical
+    /// text: an integer without fraction or exponent that is not a negative zero (JSON
+    /// allows no leading zeros). The common case, written without being rebuilt.
+    pub(crate) fn is_canonical(&self, text: &str) -> bool {
+        self.frac.is_empty()
+            && text.len() == self.int.len() + usize::from(self.negative)
+            && (self.first_nonzero.is_some() || !self.negative)
+    }
+
     /// Writes the canonical text (as `numeric_out` prints it) to `sink`: a `-` for a negative
     /// non-zero value, the integer digits without leading zeros (at least `0`), and when the
     /// display scale is positive a `.` followed by exactly that many digits.
@@ -231,6 +240,27 @@ mod tests {
 
     fn ok(text: &str) -> String {
         canon(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    #[test]
+    fn canonical_tokens_are_exactly_those_written_as_is() {
+        for (text, canonical) in [
+            ("0", true),
+            ("7", true),
+            ("-12", true),
+            ("1234567890123456789012345678901234567890", true),
+            ("-0", false),
+            ("1e0", false),
+            ("10E+2", false),
+            ("1.0", false),
+            ("-0.5", false),
+        ] {
+            let n = parse(text).expect("a number");
+            assert_eq!(n.is_canonical(text), canonical, "{text}");
+            if canonical {
+                assert_eq!(ok(text), text);
+            }
+        }
     }
 
     #[test]
@@ -354,6 +384,9 @@ mod tests {
                 text.push_str(&e.to_string());
             }
             let out = ok(&text);
+            if parse(&text).expect("parsed above").is_canonical(&text) {
+                prop_assert_eq!(&out, &text);
+            }
 
             // Output shape: -?(0|[1-9][0-9]*)(\.[0-9]+)?
             let (out_neg, body) = match out.strip_prefix('-') {

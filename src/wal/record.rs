@@ -45,6 +45,11 @@ pub enum RecordKind {
     Quarantined,
 }
 
+/// Payloads from this length on get their CRC by combining the one computed on the ingest
+/// task (`crc32c_combine`, about 10 µs measured here) instead of checksumming them again on
+/// the writer thread (about 10 GB/s).
+const COMBINE_ABOVE_BYTES: usize = 64 * 1024;
+
 /// A record ready to be appended: its payload, row count and the payload's CRC-32C.
 ///
 /// The CRC is computed by the caller (on the ingest task, in parallel) so the single WAL
@@ -111,11 +116,14 @@ impl AppendRecord {
         };
         header[24..32].copy_from_slice(&group.time_us.to_le_bytes());
         header[32..40].copy_from_slice(&group.first_lsn.0.to_le_bytes());
-        let crc = crc32c::crc32c_combine(
-            crc32c::crc32c(&header[4..]),
-            self.payload_crc,
-            self.payload.len(),
-        );
+        let header_crc = crc32c::crc32c(&header[4..]);
+        // Combining costs microseconds whatever the length (GF(2) matrix products); a
+        // small payload is cheaper to checksum again on the writer thread.
+        let crc = if self.payload.len() < COMBINE_ABOVE_BYTES {
+            crc32c::crc32c_append(header_crc, &self.payload)
+        } else {
+            crc32c::crc32c_combine(header_crc, self.payload_crc, self.payload.len())
+        };
         header[0..4].copy_from_slice(&crc.to_le_bytes());
         out.extend_from_slice(&header);
         out.extend_from_slice(&self.payload);
@@ -305,6 +313,24 @@ mod tests {
         assert_eq!(rec.lsns, LsnRange::starting_at(Lsn(41), 3));
         assert_eq!(rec.time_us, 7);
         assert_eq!(rec.payload, b"abc\n");
+    }
+
+    #[test]
+    fn small_and_large_payloads_get_the_same_checksum_either_way() {
+        for len in [
+            0,
+            1,
+            COMBINE_ABOVE_BYTES - 1,
+            COMBINE_ABOVE_BYTES,
+            3 * COMBINE_ABOVE_BYTES,
+        ] {
+            let payload: Vec<u8> = (0..len.max(1)).map(|i| (i * 7 % 251) as u8).collect();
+            let buf = encoded(9, 1, &payload);
+            let (rec, _) = decode_all(&buf, Lsn(9)).expect("valid");
+            assert_eq!(rec.payload, &payload[..], "payload of {len} bytes");
+            let whole = crc32c::crc32c(&buf[4..]);
+            assert_eq!(u32::from_le_bytes(buf[..4].try_into().unwrap()), whole);
+        }
     }
 
     #[test]

@@ -250,7 +250,11 @@ pub enum Step {
 pub struct SegmentCursor {
     file: File,
     segment: SegmentFile,
+    /// Read buffer: `buf[..len]` holds bytes read from the file; the rest is storage
+    /// zeroed once and reused, so reading at the tail of a growing log costs no zeroing.
     buf: Vec<u8>,
+    /// Bytes of `buf` read from the file.
+    len: usize,
     /// File offset of `buf[0]`.
     buf_offset: u64,
     /// Index in `buf` of the next record.
@@ -279,6 +283,7 @@ impl SegmentCursor {
             next_lsn: header.first_lsn,
             segment,
             buf: Vec::new(),
+            len: 0,
             buf_offset: SEGMENT_HEADER_BYTES,
             start: 0,
             handed_out: 0,
@@ -333,7 +338,7 @@ impl SegmentCursor {
         if available < HEADER_BYTES {
             return Ok(damaged(offset, HEADER_BYTES, available));
         }
-        let len = match record::record_len(&self.buf[self.start..]) {
+        let len = match record::record_len(&self.buf[self.start..self.len]) {
             Ok(len) => len,
             Err(reason) => return Ok(Step::Damaged { offset, reason }),
         };
@@ -341,7 +346,7 @@ impl SegmentCursor {
         if available < len {
             return Ok(damaged(offset, len, available));
         }
-        let meta = match record::decode(&self.buf[self.start..], self.next_lsn) {
+        let meta = match record::decode(&self.buf[self.start..self.len], self.next_lsn) {
             Decoded::Record(r, _) => Meta {
                 kind: r.kind,
                 lsns: r.lsns,
@@ -384,7 +389,7 @@ impl SegmentCursor {
     /// Positions the cursor at `offset`, where the record of LSN `lsn` starts: for reading
     /// on past damage.
     pub fn resume_at(&mut self, offset: u64, lsn: Lsn) {
-        self.buf.clear();
+        self.len = 0;
         self.buf_offset = offset;
         self.start = 0;
         self.handed_out = 0;
@@ -395,40 +400,38 @@ impl SegmentCursor {
     /// Makes the buffer hold `n` bytes from the next record on, reading as needed; returns
     /// how many it holds, fewer than `n` only at the end of the file.
     fn fill(&mut self, n: usize, durable: Lsn) -> io::Result<usize> {
-        if self.buf.len() - self.start >= n {
+        if self.len - self.start >= n {
             return Ok(n);
         }
-        if self.start == self.buf.len() {
+        if self.start == self.len {
             self.trusted = durable;
         }
-        self.buf.drain(..self.start);
+        self.buf.copy_within(self.start..self.len, 0);
+        self.len -= self.start;
         self.buf_offset += self.start as u64;
         self.start = 0;
-        while self.buf.len() < n {
-            let old = self.buf.len();
-            self.buf.resize(old + READ_CHUNK.max(n - old), 0);
-            let read = self
-                .file
-                .read_at(&mut self.buf[old..], self.buf_offset + old as u64);
+        while self.len < n {
+            let want = self.len + READ_CHUNK.max(n - self.len);
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
+            let read = self.file.read_at(
+                &mut self.buf[self.len..want],
+                self.buf_offset + self.len as u64,
+            );
             match read {
-                Ok(0) => {
-                    self.buf.truncate(old);
-                    break;
-                }
-                Ok(got) => self.buf.truncate(old + got),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.buf.truncate(old),
-                Err(e) => {
-                    self.buf.truncate(old);
-                    return Err(e);
-                }
+                Ok(0) => break,
+                Ok(got) => self.len += got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
-        Ok(self.buf.len().min(n))
+        Ok(self.len.min(n))
     }
 
     fn discard_read_ahead(&mut self) {
         self.buf_offset += self.start as u64;
-        self.buf.clear();
+        self.len = 0;
         self.start = 0;
     }
 }

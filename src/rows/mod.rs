@@ -21,6 +21,10 @@ use serde::Deserializer;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+mod scan;
+
+use scan::Fields;
+
 use crate::copy::{self, ValueError};
 use crate::rowgroup::{RowGroupBuilder, TARGET_GROUP_BYTES};
 use crate::schema::TableSchema;
@@ -63,8 +67,13 @@ pub struct Row<'a> {
     pub position: RowPosition,
     /// The object's raw text.
     pub raw: &'a str,
-    /// Column name and raw JSON value, in the order the client gave them.
-    pub fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// Column name and raw JSON text of its value (checked JSON), in the order the client
+    /// gave them.
+    pub fields: Fields<'a>,
+    /// Rows of one body with the same keys in the same order have the same shape, so the
+    /// encoder resolves a shape's columns once ([`parse_each`] compares each row with the
+    /// row before it).
+    shape: u32,
 }
 
 /// Why a body was refused as a whole or at a row: HTTP 400.
@@ -130,12 +139,13 @@ pub fn parse(body: &str, format: BodyFormat) -> Result<Vec<Row<'_>>, BodyError> 
 /// What is wrong with the body as a whole: an array or a single object that is not JSON
 /// (it cannot be split into rows), or no rows at all.
 pub fn parse_each(body: &str, format: BodyFormat) -> Result<Vec<Parsed<'_>>, BodyError> {
+    let mut shapes = Shapes::default();
     let rows = match format {
         BodyFormat::Ndjson => body
             .split('\n')
             .enumerate()
-            .filter(|(_, line)| !line.trim().is_empty())
-            .map(|(i, line)| parse_row(line, RowPosition::Line(i + 1)))
+            .filter(|(_, line)| !line.trim_ascii().is_empty())
+            .map(|(i, line)| parse_row(line, RowPosition::Line(i + 1), &mut shapes))
             .collect(),
         BodyFormat::Json => {
             let trimmed = body.trim_start();
@@ -148,10 +158,10 @@ pub fn parse_each(body: &str, format: BodyFormat) -> Result<Vec<Parsed<'_>>, Bod
                 elements
                     .into_iter()
                     .enumerate()
-                    .map(|(i, raw)| parse_row(raw.get(), RowPosition::Index(i)))
+                    .map(|(i, raw)| parse_row(raw.get(), RowPosition::Index(i), &mut shapes))
                     .collect()
             } else {
-                match parse_row(body, RowPosition::Single) {
+                match parse_row(body, RowPosition::Single, &mut shapes) {
                     Err(Unparsed {
                         error: malformed @ BodyError::Malformed { .. },
                         ..
@@ -168,9 +178,23 @@ pub fn parse_each(body: &str, format: BodyFormat) -> Result<Vec<Parsed<'_>>, Bod
 }
 
 /// Parses one JSON object, keeping each value's raw text and refusing duplicate keys.
-fn parse_row(text: &str, position: RowPosition) -> Parsed<'_> {
+fn parse_row<'a>(text: &'a str, position: RowPosition, shapes: &mut Shapes<'a>) -> Parsed<'a> {
+    let mut fields = Vec::with_capacity(shapes.keys.len());
+    if let Some(as_template) = scan::scan_flat(text, &shapes.keys, &mut fields) {
+        return Ok(Row {
+            position,
+            raw: text.trim_ascii(),
+            shape: shapes.shape_of(&fields, as_template),
+            fields,
+        });
+    }
+    parse_row_slow(text, position, shapes)
+}
+
+/// [`parse_row`] through serde_json: every row the fast path leaves, and every error.
+fn parse_row_slow<'a>(text: &'a str, position: RowPosition, shapes: &mut Shapes<'a>) -> Parsed<'a> {
     let unparsed = |error| Unparsed {
-        raw: text.trim(),
+        raw: text.trim_ascii(),
         error,
     };
     let malformed = |e: serde_json::Error| {
@@ -179,7 +203,7 @@ fn parse_row(text: &str, position: RowPosition) -> Parsed<'_> {
             message: e.to_string(),
         })
     };
-    let found = match text.trim_start().as_bytes().first() {
+    let found = match text.trim_ascii_start().as_bytes().first() {
         Some(b'{') => None,
         Some(b'[') => Some("an array"),
         Some(b'"') => Some("a string"),
@@ -194,52 +218,101 @@ fn parse_row(text: &str, position: RowPosition) -> Parsed<'_> {
     }
     let mut de = serde_json::Deserializer::from_str(text);
     let fields = de
-        .deserialize_map(RowVisitor)
+        .deserialize_map(RowVisitor {
+            template: &shapes.keys,
+        })
         .and_then(|fields| de.end().map(|()| fields))
         .map_err(malformed)?;
     match fields {
-        Ok(fields) => Ok(Row {
+        Ok((fields, as_template)) => Ok(Row {
             position,
-            raw: text.trim(),
+            raw: text.trim_ascii(),
+            shape: shapes.shape_of(&fields, as_template),
             fields,
         }),
         Err(key) => Err(unparsed(BodyError::DuplicateKey { position, key })),
     }
 }
 
-/// Collects an object's fields, or the first key given twice.
-struct RowVisitor;
+/// The shape of the rows parsed last: their keys, in order (all distinct).
+#[derive(Default)]
+struct Shapes<'a> {
+    keys: Vec<&'a str>,
+    shape: u32,
+}
 
-impl<'de> Visitor<'de> for RowVisitor {
-    type Value = Result<Vec<(Cow<'de, str>, &'de RawValue)>, String>;
+impl<'a> Shapes<'a> {
+    /// The shape of a row whose keys (all distinct) are `fields`; `as_template` says they
+    /// are exactly [`Shapes::keys`].
+    fn shape_of(&mut self, fields: &[(Cow<'a, str>, &'a str)], as_template: bool) -> u32 {
+        if as_template {
+            return self.shape;
+        }
+        self.shape += 1;
+        let row_shape = self.shape;
+        self.keys.clear();
+        for (key, _) in fields {
+            match key {
+                Cow::Borrowed(key) => self.keys.push(key),
+                Cow::Owned(_) => {
+                    // A key with escapes cannot be kept: the next rows get a new shape
+                    // (an empty template under a shape no row has had).
+                    self.keys.clear();
+                    self.shape += 1;
+                    break;
+                }
+            }
+        }
+        row_shape
+    }
+}
+
+/// Collects an object's fields (and whether its keys are exactly `template`'s), or the
+/// first key given twice.
+struct RowVisitor<'t, 'de> {
+    /// The keys of the row before, all distinct.
+    template: &'t [&'de str],
+}
+
+impl<'de> Visitor<'de> for RowVisitor<'_, 'de> {
+    type Value = Result<(Fields<'de>, bool), String>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut fields: Vec<(Cow<'de, str>, &'de RawValue)> =
-            Vec::with_capacity(map.size_hint().unwrap_or(16));
+        let mut fields: Fields<'de> =
+            Vec::with_capacity(self.template.len().max(map.size_hint().unwrap_or(16)));
         let mut duplicate = None;
+        // Whether the keys so far are the template's first keys (so distinct): the common
+        // case of a body whose rows all name the same columns costs one comparison a key.
+        let mut as_template = true;
         // Keys seen, once there are too many to compare one by one.
         let mut seen: Option<HashSet<Cow<'de, str>>> = None;
         while let Some(key) = map.next_key_seed(KeySeed)? {
-            let repeated = if fields.len() < 32 {
-                fields.iter().any(|(k, _)| *k == key)
-            } else {
-                let seen =
-                    seen.get_or_insert_with(|| fields.iter().map(|(k, _)| k.clone()).collect());
-                !seen.insert(key.clone())
-            };
+            let repeated =
+                if as_template && self.template.get(fields.len()).is_some_and(|t| *t == key) {
+                    false
+                } else if fields.len() < 32 {
+                    as_template = false;
+                    fields.iter().any(|(k, _)| *k == key)
+                } else {
+                    as_template = false;
+                    let seen =
+                        seen.get_or_insert_with(|| fields.iter().map(|(k, _)| k.clone()).collect());
+                    !seen.insert(key.clone())
+                };
             if duplicate.is_some() || repeated {
                 duplicate.get_or_insert_with(|| key.into_owned());
                 map.next_value::<IgnoredAny>()?;
                 continue;
             }
             let value: &'de RawValue = map.next_value()?;
-            fields.push((key, value));
+            fields.push((key, value.get()));
         }
-        Ok(duplicate.map_or(Ok(fields), Err))
+        let as_template = as_template && fields.len() == self.template.len();
+        Ok(duplicate.map_or(Ok((fields, as_template)), Err))
     }
 }
 
@@ -440,67 +513,29 @@ fn encode_with<'r, 'a: 'r, E>(
     let mut builders: Vec<RowGroupBuilder> = Vec::new();
     let mut by_columns: HashMap<Vec<u16>, usize> = HashMap::new();
     let mut done: Groups = Vec::new();
-    let mut fields: Vec<(u16, &RawValue)> = Vec::new();
-    let mut key: Vec<u16> = Vec::new();
+    // The columns of the last shape resolved: rows of one shape skip the name lookups.
+    let mut resolved: Option<Resolved> = None;
     'rows: for (index, row) in rows {
-        fields.clear();
-        for (name, value) in &row.fields {
-            let Some(i) = schema.position(name) else {
-                let error = if name.contains('\0') {
-                    RowError::Value {
-                        position: row.position,
-                        column: name.to_string(),
-                        error: ValueError::Nul,
-                    }
-                } else {
-                    RowError::UnknownColumn {
-                        position: row.position,
-                        column: name.to_string(),
-                        table: schema.table().clone(),
-                    }
-                };
-                refused(index, error)?;
-                continue 'rows;
-            };
-            let column = &schema.columns()[i];
-            if column.generated {
-                refused(
-                    index,
-                    RowError::GeneratedColumn {
-                        position: row.position,
-                        column: column.name.clone(),
-                    },
-                )?;
-                continue 'rows;
+        if resolved.as_ref().is_none_or(|r| r.shape != row.shape) {
+            resolved = None;
+            match resolve(schema, row, &mut builders, &mut by_columns) {
+                Ok(r) => resolved = Some(r),
+                Err(error) => {
+                    refused(index, error)?;
+                    continue 'rows;
+                }
             }
-            fields.push((u16::try_from(i).expect("at most 1600 columns"), value));
         }
-        if !fields.is_sorted_by_key(|f| f.0) {
-            fields.sort_unstable_by_key(|f| f.0);
-        }
-        key.clear();
-        key.extend(fields.iter().map(|f| f.0));
-        let slot = match by_columns.get(&key) {
-            Some(&slot) => slot,
-            None => {
-                let names: Vec<&str> = key
-                    .iter()
-                    .map(|&i| schema.columns()[usize::from(i)].name.as_str())
-                    .collect();
-                builders.push(RowGroupBuilder::copy(schema.table(), &names));
-                by_columns.insert(key.clone(), builders.len() - 1);
-                builders.len() - 1
-            }
-        };
-        let builder = &mut builders[slot];
+        let Resolved { order, slot, .. } = resolved.as_ref().expect("resolved above");
+        let builder = &mut builders[*slot];
         let row_start = builder.len();
-        for (n, (i, value)) in fields.iter().enumerate() {
-            let column = &schema.columns()[usize::from(*i)];
+        for (n, &(field, column)) in order.iter().enumerate() {
+            let column = &schema.columns()[usize::from(column)];
             let out = builder.row_buf();
             if n > 0 {
                 out.push(b'\t');
             }
-            if let Err(error) = copy::encode_field(&column.kind, value.get(), out) {
+            if let Err(error) = copy::encode_field(&column.kind, row.fields[field].1, out) {
                 builder.abandon_row(row_start);
                 refused(
                     index,
@@ -527,6 +562,73 @@ fn encode_with<'r, 'a: 'r, E>(
     Ok(done)
 }
 
+/// A row shape's columns, as [`resolve`] found them.
+struct Resolved {
+    /// The [`Row::shape`] resolved.
+    shape: u32,
+    /// `(index in the row's fields, column position)` in table order.
+    order: Vec<(usize, u16)>,
+    /// The row group builder of this column set.
+    slot: usize,
+}
+
+/// Finds the columns of `row`'s keys and the group of its column set (made if new).
+///
+/// # Errors
+/// A key that is not a column, or a generated column.
+fn resolve(
+    schema: &TableSchema,
+    row: &Row<'_>,
+    builders: &mut Vec<RowGroupBuilder>,
+    by_columns: &mut HashMap<Vec<u16>, usize>,
+) -> Result<Resolved, RowError> {
+    let mut order = Vec::with_capacity(row.fields.len());
+    for (field, (name, _)) in row.fields.iter().enumerate() {
+        let Some(i) = schema.position(name) else {
+            return Err(if name.contains('\0') {
+                RowError::Value {
+                    position: row.position,
+                    column: name.to_string(),
+                    error: ValueError::Nul,
+                }
+            } else {
+                RowError::UnknownColumn {
+                    position: row.position,
+                    column: name.to_string(),
+                    table: schema.table().clone(),
+                }
+            });
+        };
+        let column = &schema.columns()[i];
+        if column.generated {
+            return Err(RowError::GeneratedColumn {
+                position: row.position,
+                column: column.name.clone(),
+            });
+        }
+        order.push((field, u16::try_from(i).expect("at most 1600 columns")));
+    }
+    order.sort_unstable_by_key(|&(_, column)| column);
+    let key: Vec<u16> = order.iter().map(|&(_, column)| column).collect();
+    let slot = match by_columns.get(&key) {
+        Some(&slot) => slot,
+        None => {
+            let names: Vec<&str> = key
+                .iter()
+                .map(|&i| schema.columns()[usize::from(i)].name.as_str())
+                .collect();
+            builders.push(RowGroupBuilder::copy(schema.table(), &names));
+            by_columns.insert(key, builders.len() - 1);
+            builders.len() - 1
+        }
+    };
+    Ok(Resolved {
+        shape: row.shape,
+        order,
+        slot,
+    })
+}
+
 /// The encoder behind [`encode_unchecked`] and [`encode_parsed`] (see [`encode_with`]).
 fn encode_unchecked_with<'r, 'a: 'r, E>(
     table: &TableName,
@@ -538,7 +640,7 @@ fn encode_unchecked_with<'r, 'a: 'r, E>(
     'rows: for (index, row) in rows {
         for (name, value) in &row.fields {
             let nul = name.contains('\0').then_some(ValueError::Nul);
-            if let Some(error) = nul.or_else(|| copy::check_value(value.get()).err()) {
+            if let Some(error) = nul.or_else(|| copy::check_value(value).err()) {
                 refused(
                     index,
                     RowError::Value {
