@@ -58,6 +58,10 @@ pub enum Command {
     /// Load the bundled nycflights13 data through a throwaway daemon and PostgreSQL, and
     /// check that every row arrived exactly once.
     Demo(DemoArgs),
+    /// Measure pgspool against writing to PostgreSQL directly (COPY, INSERT per row,
+    /// multi-row INSERTs), on this machine, in one run, and print one table.
+    #[command(long_about = BENCH_ABOUT)]
+    Bench(BenchArgs),
 }
 
 /// `pgspool run`
@@ -399,4 +403,132 @@ pub struct DemoArgs {
     /// Rows per request.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub rows_per_request: u32,
+}
+
+/// The long help of `pgspool bench`.
+const BENCH_ABOUT: &str = "\
+Measure pgspool against writing to PostgreSQL directly, on this machine, in one run,
+and print one table (like pgbench, for a write buffer).
+
+Every scenario writes the bundled flights table (336,776 rows of nycflights13, repeated
+as needed) with a unique id column into an empty table, and ends with an exact check
+that PostgreSQL holds exactly the rows sent: each id from 1 to the number sent, once,
+and no dead letters. A failed check fails the scenario.
+
+Without --database-url a throwaway PostgreSQL is started (as `pgspool demo` does).
+With it, the bench works in a schema of its own, pgspool_bench_<8 hex digits>, dropped
+at the end (also on error), and deletes the pgspool.watermarks, dead_letters and
+held_tables rows of the spools it created. The daemons run as child processes of this
+binary (`pgspool run`), each on a fresh WAL directory under /tmp, logging warnings to a
+file whose end is printed when one fails.
+
+Scenarios (--scenario, default all, in this order):
+  ceiling   one COPY FROM STDIN of --rows rows, made before the clock starts: what a
+            perfect buffer could reach. Always all --rows rows.
+  floor     one INSERT per row, autocommit, over --connections connections (values
+            sent as text, cast by PostgreSQL): what applications do without a buffer.
+  batching  multi-row INSERTs of 500 rows per statement over --connections
+            connections: the hand-written batcher pgspool replaces.
+  pgspool   for each load configuration (--clients zipped with --rows-per-request)
+            and each --ack level: a fresh daemon; clients POST NDJSON over the Unix
+            socket; ack rows/s and ack latency p50/p99/p99.9, the time until every row
+            is committed in PostgreSQL (end-to-end rows/s), the daemon's CPU seconds
+            per million rows and its peak RSS.
+  drain     a fresh daemon while PostgreSQL takes no rows: a session of the bench
+            holds LOCK TABLE ... IN ACCESS EXCLUSIVE MODE (which works on any server,
+            yours too); --backlog-rows rows are sent (4 clients x 1000 rows, durable),
+            then the lock is released: rows/s until the backlog is in PostgreSQL.
+  restart   the same backlog behind the lock, then the daemon is killed (SIGKILL),
+            the lock released and a new daemon started on the same WAL directory:
+            time until /healthz answers (ready) and until every row is committed.
+
+floor, batching and the pgspool loads send for at most --duration seconds each
+(clients take no new request once it has passed; what was sent is checked exactly).
+
+Goals, printed with their measured ratios (they do not change the exit code):
+  - pgspool durable 4x1000: end-to-end rows/s at least the ceiling's / 1.25 (all rows
+    committed in at most 1.25 times the ceiling's time);
+  - pgspool durable 64x1: ack rows/s at least 5 times the floor's, p99 ack under 5 ms;
+  - drain: at least 0.9 times the ceiling's rows/s;
+  - restart: daemon peak RSS under 128 MiB and ready in under 2 s, with a 2 GiB
+    backlog (a smaller backlog is said so).
+
+--json FILE writes every result, the machine and the command; --markdown FILE a report
+for BENCHMARKS.md (machine, command, table, goals, and Mermaid charts of throughput
+against clients and of the ack latency CDF). --from-json FILE --markdown OUT draws the
+report again from a JSON file without running anything.
+
+Exit codes: 0 every scenario ran and passed its check; 1 a scenario or check failed (the
+table shows which); 64 bad usage; 130 interrupted.";
+
+/// A scenario of `pgspool bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum BenchScenario {
+    /// One COPY of every row.
+    Ceiling,
+    /// One INSERT per row, autocommit.
+    Floor,
+    /// Multi-row INSERTs of 500 rows.
+    Batching,
+    /// The daemon, for each load configuration and ack level.
+    Pgspool,
+    /// A backlog built while the table is locked, then drained.
+    Drain,
+    /// A backlog, the daemon killed and started again.
+    Restart,
+}
+
+/// `pgspool bench`
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Use this PostgreSQL server instead of starting a throwaway one; the bench works in
+    /// a schema of its own and drops it at the end.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "PGSPOOL_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+    /// Rows of the ceiling, of app batching and of each pgspool load (the flights table
+    /// is repeated as needed, each row with its own id).
+    #[arg(long, value_name = "N", default_value_t = 336_776, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub rows: u64,
+    /// Concurrent clients of the pgspool loads, comma-separated; zipped with
+    /// --rows-per-request into load configurations (one value applies to all).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "4,64", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub clients: Vec<u32>,
+    /// Rows per request of the pgspool loads, comma-separated, zipped with --clients.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1000,1", value_parser = clap::value_parser!(u32).range(1..=20_000))]
+    pub rows_per_request: Vec<u32>,
+    /// Ack levels the pgspool loads run with, comma-separated.
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "durable,committed"
+    )]
+    pub ack: Vec<AckLevel>,
+    /// Scenarios to run, comma-separated [default: all].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub scenario: Vec<BenchScenario>,
+    /// Longest sending time of each load scenario (floor, batching, pgspool loads), in
+    /// seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub duration: u64,
+    /// PostgreSQL connections of the floor and batching scenarios.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub connections: u32,
+    /// Rows of the backlog of the drain and restart scenarios [default: --rows].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub backlog_rows: Option<u64>,
+    /// Write every result as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write a Markdown report (for BENCHMARKS.md) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub markdown: Option<PathBuf>,
+    /// Run nothing: draw the --markdown report from this JSON file of an earlier run.
+    #[arg(long, value_name = "FILE", requires = "markdown")]
+    pub from_json: Option<PathBuf>,
 }

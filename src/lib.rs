@@ -11,6 +11,7 @@
 
 pub mod acks;
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -1,5 +1,6 @@
 //! The `pgspool` binary: parse the command line, set up logging, run, map the outcome to an
-//! exit code (0 ok, 64 bad usage, 78 bad configuration, 1 runtime failure).
+//! exit code (0 ok, 64 bad usage, 78 bad configuration, 1 runtime failure, 130 an
+//! interrupted bench).
 
 use std::process::ExitCode;
 
@@ -10,6 +11,8 @@ use pgspool::logging::{self, LogFormat};
 
 const EX_USAGE: u8 = 64;
 const EX_CONFIG: u8 = 78;
+/// 128 + SIGINT.
+const EX_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -51,10 +54,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// 78 for a configuration error, else 1.
+/// 78 for a configuration error, 64 for bad usage found after parsing, 130 for an
+/// interrupted bench, else 1.
 fn exit_code(e: &anyhow::Error) -> ExitCode {
     if e.downcast_ref::<ConfigError>().is_some() {
         ExitCode::from(EX_CONFIG)
+    } else if e.downcast_ref::<pgspool::bench::UsageError>().is_some() {
+        ExitCode::from(EX_USAGE)
+    } else if e.downcast_ref::<pgspool::bench::Interrupted>().is_some() {
+        ExitCode::from(EX_INTERRUPTED)
     } else {
         ExitCode::FAILURE
     }
@@ -111,6 +119,11 @@ async fn run(
         Command::Demo(args) => {
             logging::init("warn", LogFormat::Text);
             pgspool::demo::run(&args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => {
+            logging::init("warn", LogFormat::Text);
+            pgspool::bench::run(&args).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

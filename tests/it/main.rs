@@ -2,6 +2,7 @@
 //! files. One binary, a module per area.
 
 mod ack_levels;
+mod bench;
 mod bounded_start;
 mod crash_states;
 mod dataset;
