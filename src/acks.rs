@@ -28,13 +28,19 @@
 //! that many rows were dead-lettered past its first LSN may miss some of its own in the
 //! answer (they are in `pgspool.dead_letters` all the same).
 //!
+//! **No waiting for a batch to be due.** A batch is normally loaded once it is full or
+//! its oldest row has waited `[batch] max_wait`. A waiting request would pay that wait
+//! on every call, so the flusher loads what it has read as soon as a request waits and
+//! it has read everything durable ([`Acks::waiting`], [`Acks::registered`]). Requests that
+//! arrive while a COPY runs share the next one, as group commit shares an fdatasync.
+//!
 //! **Memory.** Besides that history, one small entry per waiting request, removed when
 //! the request is answered or dropped (its client disconnected).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use crate::lsn::{Lsn, LsnRange};
 
@@ -87,6 +93,8 @@ pub enum Outcome {
 #[derive(Debug, Default)]
 pub struct Acks {
     state: Mutex<State>,
+    /// Woken when a request starts to wait.
+    registered: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -201,6 +209,7 @@ impl Acks {
             }
             None => {
                 state.waiters.insert(id, Waiter { table, lsns, reply });
+                self.registered.notify_one();
             }
         }
         Waiting {
@@ -222,6 +231,12 @@ impl Acks {
     #[must_use]
     pub fn waiting(&self) -> usize {
         self.state().waiters.len()
+    }
+
+    /// Returns once a request has started to wait since the last call returned (at once
+    /// if one did in between). Meant for one task, the flusher.
+    pub async fn registered(&self) {
+        self.registered.notified().await;
     }
 }
 

@@ -135,7 +135,9 @@ pub struct BatchConfig {
     pub max_rows: u64,
     /// Bytes of row data in a batch. Default 8 MiB.
     pub max_bytes: u64,
-    /// How long the oldest row of a batch waits for more. Default 200 ms.
+    /// How long the oldest row of a batch waits for more. Default 200 ms. A batch holding
+    /// the rows of a waiting `?ack=committed` request does not wait: it is loaded once
+    /// the flusher has read everything durable.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
 }

@@ -568,8 +568,9 @@ impl Flusher {
     }
 
     /// Fills the next batch: returns as soon as it is full, or when it is due, or at
-    /// `wake` (a held table's retry), or, once shutdown is asked for, as soon as the
-    /// reader is caught up (possibly empty).
+    /// `wake` (a held table's retry), or as soon as the reader is caught up with the
+    /// durable LSN while an `ack=committed` request waits, or, once shutdown is asked for,
+    /// as soon as the reader is caught up (possibly empty).
     async fn next_batch(
         &mut self,
         mut reader: WalReader,
@@ -590,16 +591,20 @@ impl Flusher {
             .expect("filling a batch does not panic");
             (reader, batch) = (r, b);
             fill_result(filled)?;
-            if batch.is_full(&limits) || (shutdown.is_cancelled() && !self.more_durable(durable)) {
+            let caught_up = !self.more_durable(durable);
+            let awaited = !batch.is_empty() && self.acks.waiting() > 0;
+            if batch.is_full(&limits) || (caught_up && (shutdown.is_cancelled() || awaited)) {
                 return Ok((reader, batch));
             }
             let due = batch.due();
+            let acks = &self.acks;
             let durable_rx = &mut self.durable;
             let woke = self.progress.waiting(async {
                 tokio::select! {
                     changed = durable_rx.changed() => Wake::Durable(changed.is_ok()),
                     () = sleep_until(due) => Wake::Due,
                     () = sleep_until(wake) => Wake::Due,
+                    () = acks.registered() => Wake::Waiter,
                     () = shutdown.cancelled(), if !shutdown.is_cancelled() => Wake::Shutdown,
                 }
             });
@@ -607,7 +612,7 @@ impl Flusher {
                 // The writer stopped; nothing more will come.
                 Wake::Durable(false) if !self.more_durable(durable) => return Ok((reader, batch)),
                 Wake::Due => return Ok((reader, batch)),
-                Wake::Durable(_) | Wake::Shutdown => {}
+                Wake::Durable(_) | Wake::Waiter | Wake::Shutdown => {}
             }
         }
     }
@@ -722,6 +727,8 @@ enum Wake {
     Durable(bool),
     /// The batch is due, or a held table's retry.
     Due,
+    /// A request started to wait for its rows to be committed.
+    Waiter,
     /// Shutdown was asked for.
     Shutdown,
 }

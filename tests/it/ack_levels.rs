@@ -34,11 +34,13 @@ async fn committed_answers_once_postgresql_holds_the_rows_and_requests_share_com
         .await;
     let dir = short_tempdir();
     let mut cfg = config(dir.path(), &pg.url());
-    // Long enough that an answer given at fdatasync would come well before the commit.
-    cfg.batch.max_wait = Duration::from_millis(300);
+    // A waiting request has its rows loaded without waiting for the batch to be due.
+    let max_wait = Duration::from_secs(30);
+    cfg.batch.max_wait = max_wait;
     let daemon = start_daemon(cfg).await;
     let mut c = client(daemon.socket()).await;
 
+    let started = std::time::Instant::now();
     let reply = post(
         &mut c,
         "t",
@@ -50,6 +52,11 @@ async fn committed_answers_once_postgresql_holds_the_rows_and_requests_share_com
     assert_eq!(
         reply.body,
         json!({"rows": 3, "first_lsn": 1, "last_lsn": 3, "committed": 3, "dead_lettered": []})
+    );
+    assert!(
+        started.elapsed() < max_wait / 2,
+        "the answer waited {:?}, as if for the batch to be due",
+        started.elapsed()
     );
     // Visible at once: the answer came after the commit.
     assert_eq!(pg.count("SELECT count(*) FROM t").await, 3);
