@@ -490,6 +490,11 @@ pub struct BenchArgs {
         hide_env_values = true
     )]
     pub database_url: Option<String>,
+    /// Config file for the daemons the bench starts (as `pgspool run --config`; its
+    /// socket, WAL directory and database URL are the bench's own): measures your
+    /// `[batch]`, `[wal]` and `[ingest]` settings instead of the defaults.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Rows of the ceiling, of app batching and of each pgspool load (the flights table
     /// is repeated as needed, each row with its own id).
     #[arg(long, value_name = "N", default_value_t = 336_776, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]

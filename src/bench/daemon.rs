@@ -34,13 +34,19 @@ pub struct DaemonProcess {
 }
 
 impl DaemonProcess {
-    /// Starts `pgspool run --socket <dir>/s.sock --wal-dir <wal_dir> --database-url <url>
-    /// --log-level warn`, its stderr appended to `<dir>/daemon.log`. Returns at once: see
+    /// Starts `pgspool run [--config <config>] --socket <dir>/s.sock --wal-dir <wal_dir>
+    /// --database-url <url> --log-level warn`, its stderr appended to `<dir>/daemon.log`.
+    /// Returns at once: see
     /// [`wait_ready`](Self::wait_ready).
     ///
     /// # Errors
     /// When the process cannot be started.
-    pub fn spawn(dir: &Path, wal_dir: &Path, url: &str) -> anyhow::Result<DaemonProcess> {
+    pub fn spawn(
+        dir: &Path,
+        wal_dir: &Path,
+        url: &str,
+        config: Option<&Path>,
+    ) -> anyhow::Result<DaemonProcess> {
         let socket = dir.join("s.sock");
         let log = dir.join("daemon.log");
         let log_file = OpenOptions::new()
@@ -49,8 +55,12 @@ impl DaemonProcess {
             .open(&log)
             .with_context(|| format!("opening {}", log.display()))?;
         let binary = std::env::current_exe().context("finding the pgspool binary")?;
-        let child = Command::new(&binary)
-            .arg("run")
+        let mut command = Command::new(&binary);
+        command.arg("run");
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let child = command
             .arg("--socket")
             .arg(&socket)
             .arg("--wal-dir")

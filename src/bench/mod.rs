@@ -211,6 +211,11 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The daemons' config file, if `--config` gave one.
+    fn daemon_config(&self) -> Option<&Path> {
+        self.plan.daemon_config.as_deref()
+    }
+
     /// Empties the table, and asks for a checkpoint so that the last scenario's dirty
     /// pages are not written during this one (a role without the right skips it).
     async fn prepare_table(&self) -> anyhow::Result<()> {

@@ -2,11 +2,13 @@
 //! configurations (`--clients` zipped with `--rows-per-request`) and the sizes.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::ValueEnum;
 
 use crate::cli::{BenchArgs, BenchScenario};
+use crate::config::{Config, ConfigError};
 use crate::send::AckLevel;
 
 /// Bad usage of `pgspool bench` (the binary exits with 64).
@@ -41,13 +43,16 @@ pub struct Plan {
     pub acks: Vec<AckLevel>,
     /// The scenarios to run (they run in the order of [`BenchScenario`]).
     pub scenarios: BTreeSet<BenchScenario>,
+    /// The daemons' config file (`--config`), checked to load; `None` for the defaults.
+    pub daemon_config: Option<PathBuf>,
 }
 
 impl Plan {
     /// The plan of `args`.
     ///
     /// # Errors
-    /// When `--clients` and `--rows-per-request` cannot be zipped.
+    /// When `--clients` and `--rows-per-request` cannot be zipped, or the `--config`
+    /// file does not load.
     pub fn from_args(args: &BenchArgs) -> Result<Plan, UsageError> {
         let mut acks = Vec::new();
         for ack in &args.ack {
@@ -60,6 +65,16 @@ impl Plan {
         } else {
             args.scenario.iter().copied().collect()
         };
+        if let Some(path) = &args.config {
+            let usage = |e: ConfigError| UsageError(format!("--config: {e}"));
+            let mut config = Config::load(path).map_err(usage)?;
+            // The daemons get the bench's database URL on their command line.
+            config
+                .postgres
+                .url
+                .get_or_insert_with(|| "postgresql://".into());
+            config.validate().map_err(usage)?;
+        }
         Ok(Plan {
             rows: args.rows,
             backlog_rows: args.backlog_rows.unwrap_or(args.rows),
@@ -68,6 +83,7 @@ impl Plan {
             loads: zip_loads(&args.clients, &args.rows_per_request)?,
             acks,
             scenarios,
+            daemon_config: args.config.clone(),
         })
     }
 

@@ -136,7 +136,7 @@ pub async fn restart(cx: &Ctx<'_>, result: &mut ScenarioResult) -> anyhow::Resul
     let bar = cx.bar(&super::report::label(result), 0);
     bar.set_message("restarting on the backlog");
     let restarted = Instant::now();
-    let mut daemon = DaemonProcess::spawn(&dir, &dir.join("wal"), cx.url)?;
+    let mut daemon = DaemonProcess::spawn(&dir, &dir.join("wal"), cx.url, cx.daemon_config())?;
     daemon.wait_ready(RESTART_POLL).await?;
     result.ready_seconds = Some(restarted.elapsed().as_secs_f64());
     wait_committed(cx.client, &mut daemon, spool, rows.last_lsn).await?;
@@ -152,7 +152,7 @@ pub async fn restart(cx: &Ctx<'_>, result: &mut ScenarioResult) -> anyhow::Resul
 
 /// Starts a daemon on `<dir>/wal`, waits until it is ready and records its spool.
 async fn start(cx: &Ctx<'_>, dir: &Path) -> anyhow::Result<DaemonProcess> {
-    let mut daemon = DaemonProcess::spawn(dir, &dir.join("wal"), cx.url)?;
+    let mut daemon = DaemonProcess::spawn(dir, &dir.join("wal"), cx.url, cx.daemon_config())?;
     daemon.wait_ready(Duration::from_millis(10)).await?;
     cx.register_spool(daemon.spool_id()?);
     Ok(daemon)

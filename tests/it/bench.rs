@@ -36,11 +36,16 @@ async fn bench_runs_every_scenario_checks_it_and_cleans_up() {
     let dir = short_tempdir();
     let json = dir.path().join("bench.json");
     let markdown = dir.path().join("bench.md");
+    // The daemons run with the given config: small batches, so each load commits several.
+    let config = dir.path().join("pgspool.toml");
+    std::fs::write(&config, "[batch]\nmax_rows = 500\n").unwrap();
     let url = pg.url();
     let out = pgspool(&[
         "bench",
         "--database-url",
         &url,
+        "--config",
+        path(&config),
         "--rows",
         "3000",
         "--duration",
@@ -149,6 +154,23 @@ async fn mismatched_lists_are_a_usage_error() {
         stderr.contains("--clients has 3 values and --rows-per-request 2"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn a_config_that_does_not_load_is_a_usage_error() {
+    let dir = short_tempdir();
+    let config = dir.path().join("pgspool.toml");
+    std::fs::write(&config, "[batch]\nmax_rows = 0\n").unwrap();
+    let out = pgspool(&["bench", "--config", path(&config)]).await;
+    assert_eq!(out.status.code(), Some(64), "{}", said(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--config") && stderr.contains("max_rows"),
+        "{stderr}"
+    );
+    let missing = dir.path().join("missing.toml");
+    let out = pgspool(&["bench", "--config", path(&missing)]).await;
+    assert_eq!(out.status.code(), Some(64), "{}", said(&out));
 }
 
 #[tokio::test]
