@@ -27,10 +27,11 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use pgspool::copy::{self, ColumnKind, ElementKind};
-use pgspool::dataset::NYCFLIGHTS13;
 use pgspool::rows::{self, BodyFormat, Invalid};
-use pgspool::schema::{Column, TableSchema};
-use pgspool::table::TableName;
+use pgspool::schema::TableSchema;
+
+mod common;
+use common::{column, flights_lines, flights_schema, table};
 
 /// Rows in the big bodies: a typical `pgspool send` request.
 const ROWS: usize = 1000;
@@ -46,54 +47,6 @@ struct Input {
     format: BodyFormat,
     rows: u64,
     schema: TableSchema,
-}
-
-fn table(name: &str) -> TableName {
-    TableName {
-        schema: Some("public".into()),
-        name: name.into(),
-    }
-}
-
-fn column(name: &str, kind: ColumnKind) -> Column {
-    Column {
-        name: name.into(),
-        kind,
-        generated: false,
-    }
-}
-
-/// The `flights` table of `data/nycflights13/schema.sql` as the catalog would give it:
-/// integers, text and a timestamptz, all scalars.
-fn flights_schema() -> TableSchema {
-    let columns = [
-        "year",
-        "month",
-        "day",
-        "dep_time",
-        "sched_dep_time",
-        "dep_delay",
-        "arr_time",
-        "sched_arr_time",
-        "arr_delay",
-        "carrier",
-        "flight",
-        "tailnum",
-        "origin",
-        "dest",
-        "air_time",
-        "distance",
-        "hour",
-        "minute",
-        "time_hour",
-    ];
-    TableSchema::new(
-        table("flights"),
-        columns
-            .iter()
-            .map(|name| column(name, ColumnKind::Scalar))
-            .collect(),
-    )
 }
 
 /// The `edge_cases` table of `tests/data/edge_cases/schema.sql` as the catalog would give
@@ -126,19 +79,6 @@ fn edge_cases_schema() -> TableSchema {
             .map(|(name, kind)| column(name, kind))
             .collect(),
     )
-}
-
-/// The first `n` lines of the bundled flights data.
-fn flights_lines(n: usize) -> Vec<String> {
-    let flights = NYCFLIGHTS13
-        .iter()
-        .find(|t| t.name == "flights")
-        .expect("the bundled data has flights");
-    flights
-        .lines()
-        .take(n)
-        .collect::<Result<_, _>>()
-        .expect("the bundled data decompresses")
 }
 
 fn inputs() -> Vec<Input> {
@@ -323,15 +263,9 @@ fn fields(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config();
     targets = bodies, fields
 }
 criterion_main!(benches);

@@ -42,12 +42,12 @@ use criterion::{
     BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
 };
 use pgspool::config::Config;
-use pgspool::dataset::NYCFLIGHTS13;
 use pgspool::rows::{self, BodyFormat};
-use pgspool::schema::{Column, TableSchema};
-use pgspool::table::TableName;
 use pgspool::wal::{AppendRecord, CommitObserver, GroupCommit, Wal, WalOptions};
 use tokio::runtime::Runtime;
+
+mod common;
+use common::{flights_lines, flights_schema};
 
 /// Rows in the big row group: a typical `pgspool send` request.
 const ROWS: usize = 1000;
@@ -75,55 +75,11 @@ impl Payload {
     }
 }
 
-/// The `flights` table of `data/nycflights13/schema.sql`: every column a scalar.
-fn flights_schema() -> TableSchema {
-    let columns = [
-        "year",
-        "month",
-        "day",
-        "dep_time",
-        "sched_dep_time",
-        "dep_delay",
-        "arr_time",
-        "sched_arr_time",
-        "arr_delay",
-        "carrier",
-        "flight",
-        "tailnum",
-        "origin",
-        "dest",
-        "air_time",
-        "distance",
-        "hour",
-        "minute",
-        "time_hour",
-    ];
-    TableSchema::new(
-        TableName {
-            schema: Some("public".into()),
-            name: "flights".into(),
-        },
-        columns
-            .iter()
-            .map(|name| Column {
-                name: (*name).into(),
-                kind: pgspool::copy::ColumnKind::Scalar,
-                generated: false,
-            })
-            .collect(),
-    )
-}
-
 /// The first `n` flights rows encoded into one row group.
 fn flights_group(name: &'static str, n: usize) -> Payload {
-    let flights = NYCFLIGHTS13
+    let body: String = flights_lines(n)
         .iter()
-        .find(|t| t.name == "flights")
-        .expect("the bundled data has flights");
-    let body: String = flights
-        .lines()
-        .take(n)
-        .map(|line| line.expect("the bundled data decompresses") + "\n")
+        .flat_map(|line| [line.as_str(), "\n"])
         .collect();
     let parsed = rows::parse(&body, BodyFormat::Ndjson).expect("the rows parse");
     let mut groups = rows::encode(&flights_schema(), &parsed).expect("the rows encode");
@@ -250,15 +206,9 @@ fn record_crc(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::config();
     targets = append_durable, record_crc
 }
 criterion_main!(benches);

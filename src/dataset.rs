@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use flate2::read::MultiGzDecoder;
-use futures::SinkExt;
+use futures::{SinkExt, Stream, StreamExt};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::table::quote_ident;
@@ -133,13 +133,12 @@ pub async fn create_tables(client: &Client, schema: &str) -> anyhow::Result<()> 
 /// `target` is a table name as it goes into SQL (qualified and quoted as
 /// needed, e.g. `"ref"."flights"`) whose columns are those of `table` in
 /// [`NYCFLIGHTS13_SCHEMA`]. The NDJSON text is COPYed verbatim into a
-/// temporary `(j jsonb)` staging table (CSV format whose quote and delimiter
-/// are the bytes 0x01 and 0x02, which never occur in JSON text, so every line
-/// arrives as it is), then `jsonb_populate_record` turns each object into a
-/// row of `target`: values are converted by PostgreSQL's own input functions,
-/// missing keys become NULL and keys that are not columns are ignored. The
-/// staging table is dropped again, also on error. `target` gets all rows or
-/// none (one `INSERT ... SELECT`).
+/// temporary `(j jsonb)` staging table ([`copy_into_staging`]), then
+/// `jsonb_populate_record` turns each object into a row of `target`: values
+/// are converted by PostgreSQL's own input functions, missing keys become
+/// NULL and keys that are not columns are ignored. The staging table is
+/// dropped again, also on error. `target` gets all rows or none (one
+/// `INSERT ... SELECT`).
 ///
 /// Decompression runs on a `tokio::task::spawn_blocking` thread, so this
 /// needs a Tokio runtime (which `tokio_postgres` needs anyway). Memory use
@@ -175,14 +174,6 @@ async fn stage_and_insert(
     target: &str,
     staging: &str,
 ) -> anyhow::Result<u64> {
-    let sink = client
-        .copy_in::<_, Bytes>(&format!(
-            "COPY {staging} (j) FROM STDIN WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
-        ))
-        .await
-        .context("starting COPY into the staging table")?;
-    futures::pin_mut!(sink);
-
     let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(COPY_QUEUE);
     let mut reader = table.reader();
     let decompress = tokio::task::spawn_blocking(move || {
@@ -201,24 +192,14 @@ async fn stage_and_insert(
         }
     });
 
-    let mut sent = async {
-        while let Some(chunk) = rx.recv().await {
-            let chunk = chunk.context("decompressing the embedded data")?;
-            sink.send(chunk).await.context("sending COPY data")?;
-        }
-        anyhow::Ok(())
-    }
-    .await;
-    drop(rx);
+    let chunks = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+        .map(|chunk| chunk.context("decompressing the embedded data"));
+    // Takes `rx` along: once it returns (also on error) the thread's sends fail and it ends.
+    let mut copied = copy_into_staging(client, staging, chunks).await;
     if let Err(e) = decompress.await {
-        sent = sent.and(Err(e).context("decompression thread failed"));
+        copied = copied.and(Err(e).context("decompression thread failed"));
     }
-    // Returning early drops the sink unfinished, which aborts the COPY.
-    sent?;
-    let copied = sink
-        .finish()
-        .await
-        .context("finishing COPY into the staging table")?;
+    let copied = copied?;
 
     let inserted = client
         .execute(
@@ -235,6 +216,41 @@ async fn stage_and_insert(
         "staged {copied} rows but inserted {inserted}"
     );
     Ok(inserted)
+}
+
+/// COPYs NDJSON text into `staging`, a table with a `j jsonb` column: each
+/// line of `chunks` (concatenated; a line may span chunks) becomes one row,
+/// its text as it is. Returns the number of rows COPYed.
+///
+/// The format is CSV whose quote and delimiter are the bytes 0x01 and 0x02,
+/// which never occur in JSON text, so no line needs escaping. `staging` goes
+/// into SQL as it is (quote it as needed). The COPY occupies the connection
+/// until this returns.
+///
+/// # Errors
+/// The first error of `chunks` (the COPY is then aborted, so `staging` gets
+/// no rows), or when PostgreSQL refuses the COPY, for instance a line that is
+/// not JSON.
+pub async fn copy_into_staging(
+    client: &Client,
+    staging: &str,
+    chunks: impl Stream<Item = anyhow::Result<Bytes>>,
+) -> anyhow::Result<u64> {
+    let sink = client
+        .copy_in::<_, Bytes>(&format!(
+            "COPY {staging} (j) FROM STDIN WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
+        ))
+        .await
+        .context("starting COPY into the staging table")?;
+    futures::pin_mut!(sink);
+    futures::pin_mut!(chunks);
+    while let Some(chunk) = chunks.next().await {
+        // Returning early drops the sink unfinished, which aborts the COPY.
+        sink.send(chunk?).await.context("sending COPY data")?;
+    }
+    sink.finish()
+        .await
+        .context("finishing COPY into the staging table")
 }
 
 /// Reads up to `size` bytes; an empty chunk means end of data.

@@ -16,7 +16,7 @@ use crate::app::Daemon;
 use crate::cli::DemoArgs;
 use crate::config::Config;
 use crate::dataset::{self, NYCFLIGHTS13};
-use crate::pgtemp::TempPostgres;
+use crate::pgtemp;
 use crate::send::{self, AckLevel, Batcher, Delivery, InvalidRows, Layout, ProgressUnit, Report};
 use crate::table::quote_ident;
 
@@ -29,17 +29,7 @@ const COMMIT_DEADLINE: Duration = Duration::from_secs(300);
 /// When PostgreSQL cannot be started or reached, a request is refused, or a table does not
 /// equal its source.
 pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
-    let (server, url) = match &args.database_url {
-        Some(url) => (None, url.clone()),
-        None => {
-            println!("starting a throwaway PostgreSQL ...");
-            let pg = tokio::task::spawn_blocking(TempPostgres::start)
-                .await
-                .context("starting PostgreSQL panicked")??;
-            let url = pg.url();
-            (Some(pg), url)
-        }
-    };
+    let (url, server) = pgtemp::given_or_throwaway(args.database_url.as_deref()).await?;
     let pg_config = crate::pg::parse_url(&url, Duration::from_secs(10))?;
     let client = crate::pg::connect(&pg_config)
         .await

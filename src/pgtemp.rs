@@ -5,7 +5,8 @@
 //!
 //! The module is deliberately synchronous (plain [`std::process`]); async
 //! callers may call it directly (it blocks for initdb and startup, about a
-//! second or two) or through `tokio::task::spawn_blocking`.
+//! second or two) or through `tokio::task::spawn_blocking`, as
+//! [`given_or_throwaway`] does for the commands that take `--database-url`.
 //!
 //! Server binaries are found in this order: the directory printed by
 //! `pg_config --bindir` if it holds `initdb` and `postgres`; `initdb` on
@@ -684,6 +685,30 @@ fn conninfo_value(value: &str) -> String {
     }
     quoted.push('\'');
     quoted
+}
+
+/// The PostgreSQL a command line asked for: `url` when given (typically `--database-url`),
+/// otherwise a new [`TempPostgres`], started on a blocking thread after printing
+/// `starting a throwaway PostgreSQL ...` to stdout.
+///
+/// Returns the connection string and the throwaway server, if one was started; keep the
+/// server alive while the URL is in use (dropping it stops the server and removes its
+/// files).
+///
+/// # Errors
+/// When the throwaway server cannot be started (see [`TempPostgres::start`]) or starting
+/// it panicked. A given `url` is returned as it is, unchecked.
+pub async fn given_or_throwaway(
+    url: Option<&str>,
+) -> anyhow::Result<(String, Option<TempPostgres>)> {
+    if let Some(url) = url {
+        return Ok((url.to_owned(), None));
+    }
+    println!("starting a throwaway PostgreSQL ...");
+    let pg = tokio::task::spawn_blocking(TempPostgres::start)
+        .await
+        .context("starting PostgreSQL panicked")??;
+    Ok((pg.url(), Some(pg)))
 }
 
 #[cfg(test)]

@@ -14,11 +14,11 @@ use std::io::BufRead;
 
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use tokio_postgres::Client;
 
 use super::table::BenchTable;
-use crate::dataset::NYCFLIGHTS13;
+use crate::dataset::{NYCFLIGHTS13, copy_into_staging};
 
 /// Rows of the bundled flights table.
 pub const SOURCE_ROWS: u64 = 336_776;
@@ -161,26 +161,20 @@ async fn stage_and_copy_out(
     json: &Lines,
     staging: &str,
 ) -> anyhow::Result<Lines> {
-    // CSV whose quote and delimiter are bytes JSON text never holds: each line arrives as
-    // it is, one jsonb value.
-    let sink = client
-        .copy_in::<_, Bytes>(&format!(
-            "COPY {staging} (j) FROM STDIN WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
-        ))
-        .await
-        .context("starting COPY into the staging table")?;
-    futures::pin_mut!(sink);
-    let mut chunk = String::with_capacity(COPY_CHUNK + 4096);
-    for k in 0..json.len() {
-        splice_id(k as u64 + 1, json.get(k), &mut chunk);
-        chunk.push('\n');
-        if chunk.len() >= COPY_CHUNK || k + 1 == json.len() {
-            sink.send(Bytes::from(std::mem::take(&mut chunk)))
-                .await
-                .context("sending COPY data")?;
+    let mut k = 0;
+    let chunks = std::iter::from_fn(|| {
+        if k == json.len() {
+            return None;
         }
-    }
-    sink.finish().await.context("finishing the COPY")?;
+        let mut chunk = String::with_capacity(COPY_CHUNK + 4096);
+        while k < json.len() && chunk.len() < COPY_CHUNK {
+            splice_id(k as u64 + 1, json.get(k), &mut chunk);
+            chunk.push('\n');
+            k += 1;
+        }
+        Some(Ok(Bytes::from(chunk)))
+    });
+    copy_into_staging(client, staging, futures::stream::iter(chunks)).await?;
 
     let stream = client
         .copy_out(&format!(

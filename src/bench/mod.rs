@@ -57,7 +57,7 @@ pub use data::{decode_copy_field, replace_id, splice_id};
 pub use plan::{LoadConfig, Plan, UsageError, zip_loads};
 
 use crate::cli::{BenchArgs, BenchScenario};
-use crate::pgtemp::TempPostgres;
+use crate::pgtemp;
 use crate::table::quote_ident;
 use data::Flights;
 use results::{BenchReport, ScenarioResult};
@@ -87,17 +87,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let plan = Plan::from_args(args)?;
     let started_at =
         humantime_serde::re::humantime::format_rfc3339_seconds(std::time::SystemTime::now());
-    let (server, url) = match &args.database_url {
-        Some(url) => (None, url.clone()),
-        None => {
-            println!("starting a throwaway PostgreSQL ...");
-            let pg = tokio::task::spawn_blocking(TempPostgres::start)
-                .await
-                .context("starting PostgreSQL panicked")??;
-            let url = pg.url();
-            (Some(pg), url)
-        }
-    };
+    let (url, server) = pgtemp::given_or_throwaway(args.database_url.as_deref()).await?;
     let pg_config = crate::pg::parse_url(&url, Duration::from_secs(10))?;
     let client = crate::pg::connect(&pg_config).await.map_err(|e| {
         anyhow::anyhow!("cannot connect to PostgreSQL: {}", crate::pg::describe(&e))

@@ -108,6 +108,12 @@ async fn bench_runs_every_scenario_checks_it_and_cleans_up() {
     assert_eq!(scenarios[3]["latency_cdf"].as_array().unwrap().len(), 9);
     assert_eq!(report["goals"].as_array().unwrap().len(), 4);
     assert_eq!(report["machine"]["postgresql"]["fsync"], "on");
+    let p50 = report["machine"]["fdatasync_p50_ms"].as_f64().unwrap();
+    let p99 = report["machine"]["fdatasync_p99_ms"].as_f64().unwrap();
+    assert!(
+        0.0 < p50 && p50 <= p99,
+        "fdatasync p50 {p50} ms, p99 {p99} ms"
+    );
 
     let md = std::fs::read_to_string(&markdown).unwrap();
     assert!(
@@ -115,6 +121,7 @@ async fn bench_runs_every_scenario_checks_it_and_cleans_up() {
         "{md}"
     );
     assert!(md.contains("| pgspool durable | 2×100 |"), "{md}");
+    assert!(md.contains("; fdatasync of 4 KiB: p50 "), "{md}");
     assert_eq!(md.matches("xychart-beta").count(), 2, "{md}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("goals:"), "{stdout}");
