@@ -424,7 +424,8 @@ file whose end is printed when one fails.
 
 Scenarios (--scenario, default all, in this order):
   ceiling   one COPY FROM STDIN of --rows rows, made before the clock starts: what a
-            perfect buffer could reach. Always all --rows rows.
+            perfect buffer could reach. Always all --rows rows; the fastest of 3 runs
+            (ratios against it are the conservative ones).
   floor     one INSERT per row, autocommit, over --connections connections (values
             sent as text, cast by PostgreSQL): what applications do without a buffer.
   batching  multi-row INSERTs of 500 rows per statement over --connections

@@ -19,16 +19,32 @@ use super::results::{Latencies, ScenarioResult};
 /// Rows per statement of app batching.
 pub const BATCH_ROWS: u32 = 500;
 
-/// The ceiling: one `COPY FROM STDIN` of every row in chunks of about 256 KiB, made
-/// before the clock starts, timed from the statement to its completion. Up to 1 GiB of
-/// COPY text (about 8 million rows) is made ahead; beyond that a thread keeps 1 GiB made
-/// ahead while the COPY runs, so memory stays bounded whatever `--rows`.
+/// How many times the ceiling's COPY runs; the fastest counts.
+pub const CEILING_RUNS: usize = 3;
+
+/// The ceiling: the fastest of [`CEILING_RUNS`] runs of one `COPY FROM STDIN` of every row
+/// into the emptied table. One COPY of about a second varies by a quarter from run to run
+/// on a small shared machine; the fastest is the best a buffer could hope for, so the
+/// ratios against it are the conservative ones.
 ///
 /// # Errors
 /// When PostgreSQL fails or the check does.
 pub async fn ceiling(cx: &Ctx<'_>, result: &mut ScenarioResult) -> anyhow::Result<()> {
-    const AHEAD: usize = (1 << 30) / COPY_CHUNK;
     let rows = cx.plan.rows;
+    let mut fastest = Duration::MAX;
+    for _ in 0..CEILING_RUNS {
+        fastest = fastest.min(copy_once(cx, result, rows).await?);
+    }
+    result.set_rate(rows, fastest);
+    cx.check(None, rows).await
+}
+
+/// One `COPY FROM STDIN` of `rows` rows into the emptied table, in chunks of about
+/// 256 KiB made before the clock starts, timed from the statement to its completion. Up
+/// to 1 GiB of COPY text (about 8 million rows) is made ahead; beyond that a thread keeps
+/// 1 GiB made ahead while the COPY runs, so memory stays bounded whatever `--rows`.
+async fn copy_once(cx: &Ctx<'_>, result: &ScenarioResult, rows: u64) -> anyhow::Result<Duration> {
+    const AHEAD: usize = (1 << 30) / COPY_CHUNK;
     cx.prepare_table().await?;
     let flights = Arc::clone(&cx.flights);
     let (chunks, mut receiver) = tokio::sync::mpsc::channel::<(Bytes, u64)>(AHEAD);
@@ -74,8 +90,7 @@ pub async fn ceiling(cx: &Ctx<'_>, result: &mut ScenarioResult) -> anyhow::Resul
     bar.finish_and_clear();
     maker.await.context("making the COPY text panicked")?;
     ensure!(copied == rows, "COPY loaded {copied} rows of {rows}");
-    result.set_rate(rows, elapsed);
-    cx.check(None, rows).await
+    Ok(elapsed)
 }
 
 /// The floor (`rows_per_statement` 1) or app batching: `--connections` connections, each
