@@ -142,7 +142,12 @@ pub fn encode_field(kind: &ColumnKind, raw: &str, out: &mut Vec<u8>) -> Result<(
 /// Whether `text` is exactly one JSON number (whatever its size: the limits of `numeric`
 /// are [`encode_field`]'s to check).
 pub(crate) fn is_json_number(text: &str) -> bool {
-    !matches!(numeric::parse(text), Err(ValueError::Malformed))
+    match text.strip_prefix('-').unwrap_or(text).as_bytes() {
+        // An integer without leading zeros, the common case, needs no full parse.
+        [b'0'] => true,
+        [b'1'..=b'9', rest @ ..] if rest.iter().all(u8::is_ascii_digit) => true,
+        _ => !matches!(numeric::parse(text), Err(ValueError::Malformed)),
+    }
 }
 
 /// Checks a value whose column type is not known yet: refuses what no column could store.

@@ -639,6 +639,16 @@ proptest! {
 }
 
 proptest! {
+    /// The integer fast path of `is_json_number` says what the full parse says.
+    #[test]
+    fn is_json_number_agrees_with_the_parser(text in "-?[0-9+.eE-]{0,8}") {
+        prop_assert_eq!(
+            is_json_number(&text),
+            !matches!(numeric::parse(&text), Err(ValueError::Malformed)),
+            "{:?}", text
+        );
+    }
+
     /// A dead letter shows a COPY row's fields as the text PostgreSQL would have read.
     #[test]
     fn line_to_json_undoes_escape_text(a in "[^\u{0}]*", b in "[^\u{0}]*", null in any::<bool>()) {

@@ -466,6 +466,7 @@ impl Flusher {
     /// local checkpoint at the lowest LSN below which every row is settled (the watermark,
     /// or the oldest hold).
     async fn settled(&self, watermark: Lsn, dead_letters: &[DeadLetter]) {
+        self.metrics.flushed(watermark, self.state.held.len());
         self.committed.send_replace(watermark);
         let acks: Vec<DeadLetterAck> = dead_letters
             .iter()
@@ -487,7 +488,6 @@ impl Flusher {
             })
             .collect();
         self.acks.settled(watermark, &acks, &held);
-        self.metrics.flushed(watermark, held.len());
         let checkpoint = Checkpoint {
             flushed_lsn: self
                 .state

@@ -105,12 +105,14 @@ async fn a_table_that_refuses_every_row_is_held_and_the_others_flow() {
         1
     );
     assert_eq!(pg.count("SELECT count(*) FROM a_away").await, 10);
-    let reply = c.get("/metrics").await.expect("GET /metrics");
-    let metrics = reply.body.as_str().expect("text");
-    assert!(
-        metrics.lines().any(|l| l == "pgspool_tables_held 1"),
-        "{metrics}"
-    );
+    // The gauge follows the hold's commit (the flusher publishes after PostgreSQL answers).
+    wait_until("/metrics counts a as held", || async {
+        let reply = client(daemon.socket()).await.get("/metrics").await;
+        let reply = reply.expect("GET /metrics");
+        let metrics = reply.body.as_str().expect("text");
+        metrics.lines().any(|l| l == "pgspool_tables_held 1")
+    })
+    .await;
     let wal = dir.path().join("wal");
     wait_until("status reports a as held", || async {
         let report = status_json(&wal)["flusher"]["tables"]["public.a"].clone();
