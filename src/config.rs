@@ -107,7 +107,7 @@ pub struct PostgresConfig {
     /// `password_file`, the password comes from libpq's password file (`PGPASSFILE`, else
     /// `~/.pgpass`), if it has a matching line.
     pub url: Option<String>,
-    /// A file holding the password (its first line less the line break; mode 0600 or
+    /// A file holding the password (its content less one trailing line break; mode 0600 or
     /// less, or the daemon refuses to start), read at start and on reload, so that the
     /// password is in neither the configuration nor the process list. Not with a password
     /// in `url`. Default: none.

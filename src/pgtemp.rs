@@ -358,7 +358,16 @@ impl TempPostgres {
         pg.initdb()?;
         pg.write_tls_files()?;
         let initialized = started.elapsed();
-        pg.spawn()?;
+        // A TCP port found free may be taken by another process before the server binds
+        // it: then another one is tried.
+        let mut attempts = if pg.options.tcp { 3 } else { 1 };
+        while let Err(e) = pg.spawn() {
+            attempts -= 1;
+            if attempts == 0 {
+                return Err(e);
+            }
+            pg.port = free_tcp_port()?;
+        }
         tracing::debug!(
             dir = %pg.root.display(),
             initdb = ?initialized,
