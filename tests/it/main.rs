@@ -26,6 +26,7 @@ mod service;
 mod status;
 mod status_live;
 mod systemd_units;
+mod table_access;
 mod torn_writes;
 mod torture;
 mod wal_damage;
