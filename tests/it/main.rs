@@ -25,6 +25,7 @@ mod send_stream;
 mod service;
 mod status;
 mod status_live;
+mod supply_chain;
 mod systemd_units;
 mod table_access;
 mod torn_writes;
