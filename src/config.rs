@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::allow::AllowList;
 use crate::logging::LogFormat;
 
 /// Errors in the configuration: exit code 78 (EX_CONFIG).
@@ -48,6 +49,9 @@ pub struct Config {
     pub batch: BatchConfig,
     /// Limits on requests.
     pub ingest: IngestConfig,
+    /// `[tables]`: the tables (and columns) clients may write; `None` (no section) for
+    /// every table. See [`crate::allow`].
+    pub tables: Option<AllowList>,
     /// Stopping.
     pub shutdown: ShutdownConfig,
     /// Logging.

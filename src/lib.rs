@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod acks;
+pub mod allow;
 pub mod app;
 pub mod bench;
 pub mod cli;

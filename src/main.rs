@@ -2,6 +2,8 @@
 //! exit code (0 ok, 64 bad usage, 78 bad configuration, 1 runtime failure, 130 an
 //! interrupted bench).
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

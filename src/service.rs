@@ -2,9 +2,10 @@
 //! speak the systemd protocol for a running daemon (see [`crate::systemd`]).
 //!
 //! Reload ([`LiveConfig::reload`], SIGHUP): the batch limits, `[ingest] max_body_bytes`,
-//! `[wal] max_bytes`, `[shutdown] drain_timeout` and the log level change at once (the
-//! flusher and the handlers read them through a watch channel); the PostgreSQL password is
-//! read again from `[postgres] password_file` (or `~/.pgpass`) for new connections; the keys that need a
+//! the `[tables]` allow-list, `[wal] max_bytes`, `[shutdown] drain_timeout` and the log
+//! level change at once (the flusher and the handlers read them through a watch channel);
+//! the PostgreSQL password is read again from `[postgres] password_file` (or `~/.pgpass`)
+//! for new connections; the keys that need a
 //! restart are named in the log and keep their old values; a config that does not parse or
 //! validate changes nothing.
 
@@ -68,6 +69,7 @@ impl LiveConfig {
         let mut next = old.clone();
         next.batch = new.batch.clone();
         next.ingest = new.ingest.clone();
+        next.tables = new.tables.clone();
         next.wal.max_bytes = new.wal.max_bytes;
         next.shutdown = new.shutdown.clone();
         next.log.level.clone_from(&new.log.level);
@@ -100,6 +102,7 @@ impl LiveConfig {
             &n.ingest.max_body_bytes,
         );
         note("[wal] max_bytes", &o.wal.max_bytes, &n.wal.max_bytes);
+        note("[tables]", &o.tables, &n.tables);
         note(
             "[shutdown] drain_timeout",
             &o.shutdown.drain_timeout,

@@ -15,7 +15,9 @@
 //! `ack` and `invalid` combine. Errors are `{"error": "..."}`: 400 an unknown query
 //! parameter or value (the message lists the allowed ones), malformed body, not UTF-8, a
 //! row that is not an object or a duplicate key (unless `invalid=dead_letter`; a body
-//! that cannot be split into rows is always refused), a bad table name; 403 one of pgspool's own tables; 404 no such
+//! that cannot be split into rows is always refused), a bad table name; 403 one of pgspool's own tables, or a
+//! table or column that the `[tables]` allow-list does not name (checked before any query
+//! to PostgreSQL and before anything is stored; see [`crate::allow`]); 404 no such
 //! table; 405 wrong method; 413 body over `[ingest] max_body_bytes`, or rows that take more
 //! than a WAL record (64 MiB) once encoded; 415 other content
 //! types; 422 unknown or `GENERATED ALWAYS` column, a NUL character, a value no column of
@@ -41,6 +43,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::acks::{Acks, Outcome};
+use crate::allow::{self, AllowList, Denied};
 use crate::config::Config;
 use crate::live::Monitor;
 use crate::lsn::LsnRange;
@@ -296,11 +299,12 @@ impl Ingest {
             })?;
             let table = TableName::parse(&table)
                 .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+            let allowed = self.allowed(&table)?;
             let format = body_format(request.headers().get(CONTENT_TYPE))?;
             let columns = self.columns(&table).await?;
-            Ok((options, peer, table, format, columns))
+            Ok((options, peer, table, allowed, format, columns))
         };
-        let (options, peer, table, format, columns) = match checked.await {
+        let (options, peer, table, allowed, format, columns) = match checked.await {
             Ok(checked) => checked,
             Err(refusal) => {
                 let limit = self.config.borrow().ingest.max_body_bytes;
@@ -320,6 +324,9 @@ impl Ingest {
         })?;
         let rows = rows::parse_each(body, format)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+        if let Some(allowed) = &allowed {
+            AllowList::check_columns(&table, allowed, &rows).map_err(forbidden)?;
+        }
         if options.invalid == Invalid::Reject
             && let Some(Err(unparsed)) = rows.iter().find(|row| row.is_err())
         {
@@ -505,6 +512,15 @@ impl Ingest {
 
     /// The table's columns: cached, or asked of PostgreSQL, or unknown when PostgreSQL
     /// cannot be asked about a table never seen.
+    /// The columns `[tables]` lets rows for `table` name (`None`: every column), or 403 when
+    /// it does not list the table.
+    fn allowed(&self, table: &TableName) -> Result<Option<allow::Columns>, Refusal> {
+        match &self.config.borrow().tables {
+            None => Ok(None),
+            Some(list) => list.table(table).map_err(forbidden),
+        }
+    }
+
     async fn columns(&self, table: &TableName) -> Result<Columns, Refusal> {
         if table.schema.as_deref() == Some(OWN_SCHEMA) {
             return Err(own_table(table));
@@ -585,6 +601,12 @@ impl Ingest {
             Err(e) => Err(Lookup::Unreachable(e.0)),
         }
     }
+}
+
+/// A write the `[tables]` allow-list refuses: 403, and a log line for the operator.
+fn forbidden(denied: Denied) -> Refusal {
+    warn!(reason = %denied, "a write was refused by the [tables] allow-list");
+    Refusal::new(StatusCode::FORBIDDEN, denied.to_string())
 }
 
 fn own_table(table: &TableName) -> Refusal {

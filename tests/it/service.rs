@@ -322,6 +322,17 @@ async fn sighup_applies_live_settings_and_keeps_the_old_config_on_errors() {
         pg.count("SELECT count(*) FROM t").await == 250
     })
     .await;
+    // An allow-list applies at once too.
+    write_config(1 << 20, "[tables.\"public.other\"]\n");
+    signal(&daemon, Signal::SIGHUP);
+    wait_until("the daemon applies [tables]", || async {
+        daemon
+            .log_text()
+            .contains(r#"[tables]: None -> Some(["public.other"])"#)
+    })
+    .await;
+    let reply = post_ndjson(&mut c, "public.t", &rows(250, 1)).await;
+    assert_eq!(reply.status, 403, "{:?}", reply.body);
 }
 
 /// A stop that cannot drain (PostgreSQL is down) waits for `drain_timeout`; a second
