@@ -138,7 +138,9 @@ impl Target {
         let password = match password_file {
             Some(_) if self.url_password => {
                 return Err(
-                    "the PostgreSQL connection string holds a password and [postgres]                      password_file is set too: keep only password_file, which keeps the                      password out of the configuration and the process list"
+                    "the PostgreSQL connection string holds a password and [postgres] \
+                     password_file is set too: keep only password_file, which keeps the \
+                     password out of the configuration and the process list"
                         .into(),
                 );
             }
@@ -253,5 +255,39 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             }
             s
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_in_the_url_and_a_password_file_are_refused_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-the-file\n").expect("write");
+        let postgres = PostgresConfig {
+            url: Some("host=db user=u password=hunter2-url".into()),
+            password_file: Some(file),
+            ..PostgresConfig::default()
+        };
+        let e = format!("{:#}", Target::from_config(&postgres).expect_err("refused"));
+        assert!(e.contains("keep only password_file"), "{e}");
+        assert!(
+            !e.contains("hunter2-url") && !e.contains("from-the-file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unix_sockets_never_negotiate_tls() {
+        use tokio_postgres::config::SslMode as Pg;
+        let mode = |url: &str| parse_conninfo(url).expect("parses").0.get_ssl_mode();
+        assert_eq!(mode("host=/run/postgresql sslmode=require"), Pg::Disable);
+        assert_eq!(mode("host=db sslmode=verify-full"), Pg::Require);
+        assert_eq!(mode("host=db"), Pg::Prefer);
+        let e = parse_conninfo("host=db password=hunter2-url sslmode=allow").expect_err("allow");
+        assert!(e.contains("sslmode") && !e.contains("hunter2-url"), "{e}");
     }
 }
