@@ -220,7 +220,8 @@ pub struct IngestConfig {
     pub max_buffered_bytes: u64,
     /// How long a client may take to send a request's head, from the connection's
     /// opening or the previous answer. A new connection that is too slow gets 408; an
-    /// idle kept-alive one is closed. Default 10 s.
+    /// idle kept-alive one is closed. Default 30 s (`pgspool send` replaces connections
+    /// idle for 20 s: keep it above that).
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
     /// How long a client may take to send a request's body once its head is read; a
@@ -240,7 +241,7 @@ impl Default for IngestConfig {
             max_header_bytes: 16 << 10,
             max_connections: 1024,
             max_buffered_bytes: 256 << 20,
-            header_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(60),
         }
     }

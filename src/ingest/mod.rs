@@ -1,4 +1,4 @@
-//! The HTTP/1.1 server on the Unix socket: creating it ([`socket`]), admitting
+//! The HTTP/1.1 server on the Unix socket: creating it ([`bind`]), admitting
 //! connections (the peer's credentials, [`peer`]; `[ingest] max_connections` and the
 //! limits on request heads, here), and stopping gracefully.
 //!
@@ -45,7 +45,7 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 ///
 /// Each connection is checked first: a peer the allow-lists of `[listen]` refuse gets 403
 /// and a log line naming its uid and pid; beyond `[ingest] max_connections` open, 503.
-/// Both are answered to the connection's first request within [`REFUSAL_TIMEOUT`], and
+/// Both are answered to the connection's first request within 2 s, and
 /// at most `max_connections` such refusals are under way at once (beyond, the connection
 /// is closed unanswered). Then its requests are served, each head within `[ingest]
 /// max_header_bytes` (431) and `header_timeout` (408 on a new connection; a kept-alive
