@@ -319,9 +319,9 @@ impl Ingest {
             }
         };
         let limits = self.config.borrow().ingest.clone();
-        let (body, _held) =
+        let (bytes, held) =
             limits::read_body(request, &limits, &self.buffered, &self.metrics).await?;
-        let body = std::str::from_utf8(&body).map_err(|e| {
+        let body = std::str::from_utf8(&bytes).map_err(|e| {
             Refusal::new(
                 StatusCode::BAD_REQUEST,
                 format!(
@@ -366,6 +366,10 @@ impl Ingest {
             .into_iter()
             .map(|(rows, payload)| AppendRecord::new(rows, payload))
             .collect();
+        // The body and its rows are done with: a request waiting for its commit
+        // (`?ack=committed`) holds neither, nor its share of `[ingest] max_buffered_bytes`.
+        drop(rows);
+        drop((bytes, held));
         self.check_backlog(records.iter().map(AppendRecord::encoded_len).sum())?;
         let appender = self.appender()?;
         let appended = match options.ack {

@@ -160,8 +160,8 @@ pub(super) async fn read_body<'b>(
                     RequestRefusal::BuffersFull,
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(
-                        "pgspool holds {} bytes of request bodies in memory already ([ingest] \
-                         max_buffered_bytes): nothing of this request was kept; retry later",
+                        "request bodies held in memory would pass [ingest] max_buffered_bytes \
+                         = {} bytes with this one: nothing of this request was kept; retry later",
                         limits.max_buffered_bytes
                     ),
                 );

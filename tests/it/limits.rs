@@ -221,6 +221,52 @@ async fn bodies_in_memory_are_bounded_and_given_back() {
     assert!(metric(&socket, &refused("buffers_full")).await >= 1.0);
 }
 
+/// A request waiting for its rows to be committed (`?ack=committed`) no longer holds its
+/// body, nor its share of `[ingest] max_buffered_bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_its_commit_holds_no_buffer() {
+    let pg = Pg::start().await;
+    pg.exec("CREATE TABLE t (id int, b text)").await;
+    let dir = short_tempdir();
+    let mut c = config(dir.path(), &pg.url());
+    c.ingest.max_body_bytes = 1 << 20;
+    c.ingest.max_buffered_bytes = 1 << 20;
+    let daemon = start_daemon(c).await;
+    let socket = daemon.socket().to_path_buf();
+    let mut c = client(&socket).await;
+    assert_eq!(post_ndjson(&mut c, "t", "{\"id\":0}\n").await.status, 202);
+    crate::harness::flushed(&daemon).await;
+    let locker = crate::harness::connect(&pg.url()).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    // Each body takes most of max_buffered_bytes while it is read.
+    let body = |from: u32| -> String {
+        (from..from + 700)
+            .map(|i| format!("{{\"id\":{i},\"b\":\"{}\"}}\n", "x".repeat(990)))
+            .collect()
+    };
+    let mut waiting = client(&socket).await;
+    let first = body(1);
+    let waiter = tokio::spawn(async move {
+        waiting
+            .post_rows_with("t", "ack=committed", "application/x-ndjson", first)
+            .await
+            .expect("the waiting request")
+    });
+    wait_until("the waiting request's rows are durable", || async {
+        metric(&socket, "pgspool_rows_received_total").await >= 701.0
+    })
+    .await;
+    let reply = post_ndjson(&mut c, "t", &body(701)).await;
+    assert_eq!(reply.status, 202, "{:?}", reply.body);
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+    let reply = waiter.await.expect("the waiting request");
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body["committed"], 700);
+}
+
 /// The daemon's resident memory, in KiB, from `/proc/<pid>/status` (`field` is `VmRSS`
 /// or `VmHWM`, the peak).
 fn memory_kib(pid: u32, field: &str) -> u64 {
