@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::acks::Acks;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::flush::{FatalError, Flusher, Progress};
 use crate::ingest::{self, Ingest, IngestOptions};
 use crate::lsn::Lsn;
@@ -77,9 +77,9 @@ impl Daemon {
         activated: Option<std::os::unix::net::UnixListener>,
     ) -> anyhow::Result<Daemon> {
         config.validate()?;
-        let url = config.postgres.url.as_deref().unwrap_or_default();
-        let pg = crate::pg::parse_url(url, config.postgres.connect_timeout)
-            .context("invalid PostgreSQL connection string")?;
+        // A password file or TLS setting that cannot be used is a configuration error.
+        let pg = crate::pg::Target::from_config(&config.postgres)
+            .map_err(|e| ConfigError::Invalid(format!("[postgres]: {e:#}")))?;
         // The socket first: a live daemon on it, or a file in the way, is refused before
         // the WAL is touched.
         let (listener, socket) = match activated {
@@ -165,7 +165,7 @@ impl Daemon {
             appender: wal.appender(),
             wal: Arc::clone(wal.dir()),
             schemas,
-            catalog: Catalog::new(pg),
+            catalog: Catalog::new(pg.clone()),
             config: config_rx.clone(),
             acks: Arc::clone(&acks),
             metrics,
@@ -205,7 +205,7 @@ impl Daemon {
             committed,
             acks,
             socket,
-            config: LiveConfig::new(config_tx),
+            config: LiveConfig::new(config_tx, pg),
             supervisor: tokio::spawn(running.supervise()),
         })
     }

@@ -117,7 +117,9 @@ pub struct ConfigArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// PostgreSQL connection string: postgres://user@host/db or libpq key=value pairs such
-    /// as "host=/var/run/postgresql port=5432 dbname=app" [config: postgres.url].
+    /// as "host=/var/run/postgresql port=5432 dbname=app", with sslmode and sslrootcert as
+    /// in libpq [config: postgres.url]. Keep passwords out of it (it shows in the process
+    /// list): use postgres.password_file or ~/.pgpass.
     #[arg(
         long,
         value_name = "URL",

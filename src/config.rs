@@ -137,8 +137,17 @@ impl Default for WalConfig {
 pub struct PostgresConfig {
     /// Connection string: a `postgres://` URL or libpq `key=value` pairs (for a Unix
     /// socket: `host=/var/run/postgresql port=5432 user=... dbname=...`). No default: set
-    /// it here, with `--database-url` or with `PGSPOOL_DATABASE_URL`.
+    /// it here, with `--database-url` or with `PGSPOOL_DATABASE_URL`. `sslmode` (`disable`,
+    /// `prefer` (the default), `require`, `verify-ca`, `verify-full`) and `sslrootcert`
+    /// work as in libpq (see `crate::pg::tls`). Without a password in it and without
+    /// `password_file`, the password comes from libpq's password file (`PGPASSFILE`, else
+    /// `~/.pgpass`), if it has a matching line.
     pub url: Option<String>,
+    /// A file holding the password (its content less one trailing line break; mode 0600 or
+    /// less, or the daemon refuses to start), read at start and on reload, so that the
+    /// password is in neither the configuration nor the process list. Not with a password
+    /// in `url`. Default: none.
+    pub password_file: Option<PathBuf>,
     /// How long one connection attempt may take. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -155,6 +164,7 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         PostgresConfig {
             url: None,
+            password_file: None,
             connect_timeout: Duration::from_secs(5),
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
@@ -319,17 +329,11 @@ impl Config {
                     .into(),
             );
         }
-        if let Some(Err(e)) = self
-            .postgres
-            .url
-            .as_ref()
-            .map(|u| u.parse::<tokio_postgres::Config>())
-        {
+        if let Some(Err(e)) = self.postgres.url.as_deref().map(crate::pg::parse_conninfo) {
             return invalid(format!(
                 "the PostgreSQL connection string (--database-url, PGSPOOL_DATABASE_URL or \
-                 [postgres] url) cannot be parsed: {}; write postgres://user@host:port/dbname \
-                 or key=value pairs such as \"host=/var/run/postgresql port=5432 dbname=app\"",
-                crate::pg::describe(&e)
+                 [postgres] url) cannot be parsed: {e}; write postgres://user@host:port/dbname \
+                 or key=value pairs such as \"host=/var/run/postgresql port=5432 dbname=app\""
             ));
         }
         if !(64 << 10..=1 << 30).contains(&self.wal.segment_bytes) {

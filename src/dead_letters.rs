@@ -100,12 +100,11 @@ const NO_TABLE: &str = "pgspool.dead_letters does not exist in this database: no
 async fn connect(source: &ConfigArgs) -> anyhow::Result<Client> {
     let config = source.config()?;
     config.validate()?;
-    let url = config.postgres.url.as_deref().expect("validated");
-    let pg = crate::pg::parse_url(url, config.postgres.connect_timeout)?;
+    let pg = crate::pg::Target::from_config(&config.postgres)?;
     crate::pg::connect(&pg).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot connect to PostgreSQL at {}: {}",
-            crate::pg::describe_target(&pg),
+            pg.describe(),
             crate::pg::describe(&e)
         )
     })

@@ -30,10 +30,14 @@ const COMMIT_DEADLINE: Duration = Duration::from_secs(300);
 /// equal its source.
 pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let (url, server) = pgtemp::given_or_throwaway(args.database_url.as_deref()).await?;
-    let pg_config = crate::pg::parse_url(&url, Duration::from_secs(10))?;
-    let client = crate::pg::connect(&pg_config)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {url}: {}", crate::pg::describe(&e)))?;
+    let pg_config = crate::pg::Target::parse(&url, Duration::from_secs(10))?;
+    let client = crate::pg::connect(&pg_config).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to {}: {}",
+            pg_config.describe(),
+            crate::pg::describe(&e)
+        )
+    })?;
     let schema = format!(
         "pgspool_demo_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]

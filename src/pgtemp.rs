@@ -1,7 +1,7 @@
 //! A throwaway PostgreSQL server for `pgspool demo`, the integration tests and
 //! `pgspool bench`: [`TempPostgres`] owns a fresh cluster in a short temporary
 //! directory, the `postgres` child process that serves it over a Unix socket
-//! only, and the cleanup of both.
+//! (and, with [`Options`], over TCP with or without TLS), and the cleanup of both.
 //!
 //! The module is deliberately synchronous (plain [`std::process`]); async
 //! callers may call it directly (it blocks for initdb and startup, about a
@@ -205,6 +205,15 @@ impl Binaries {
     }
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago (the kernel's pick).
+fn free_tcp_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free TCP port")?;
+    Ok(listener
+        .local_addr()
+        .context("finding a free TCP port")?
+        .port())
+}
+
 /// "15" -> [15], "9.6" -> [9, 6]; `None` for anything that is not a version.
 fn parse_version(name: &str) -> Option<Vec<u64>> {
     name.split('.').map(|part| part.parse().ok()).collect()
@@ -252,6 +261,26 @@ impl RunAs {
     }
 }
 
+/// What [`TempPostgres::start_with`] sets up beyond the default server, for the tests of
+/// TCP, TLS and password authentication.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Listen on TCP too, at 127.0.0.1 on a free port (which then also names the socket
+    /// file).
+    pub tcp: bool,
+    /// Serve TLS (`ssl = on`) with this certificate chain and private key, both PEM.
+    pub tls: Option<ServerTls>,
+}
+
+/// A server certificate and its key, PEM.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The certificate (chain), PEM.
+    pub cert_pem: String,
+    /// The private key, PEM.
+    pub key_pem: String,
+}
+
 /// A throwaway PostgreSQL server: a new cluster in a short temporary
 /// directory under `/tmp`, served by a `postgres` child process that listens
 /// on a Unix socket in that directory only (no TCP).
@@ -278,6 +307,7 @@ pub struct TempPostgres {
     run_as: Option<RunAs>,
     /// The postmaster, while we have not seen it exit.
     child: Option<Child>,
+    options: Options,
 }
 
 impl TempPostgres {
@@ -290,6 +320,12 @@ impl TempPostgres {
     /// server does not become ready within 30 seconds (the end of its log is
     /// in the error). Nothing is left behind on failure.
     pub fn start() -> anyhow::Result<TempPostgres> {
+        TempPostgres::start_with(Options::default())
+    }
+
+    /// Starts a server like [`TempPostgres::start`], set up as `options` say; fails also
+    /// when no TCP port is free or the TLS files cannot be written.
+    pub fn start_with(options: Options) -> anyhow::Result<TempPostgres> {
         let started = Instant::now();
         let bins = Binaries::find()?;
         let run_as = RunAs::for_current_user()?;
@@ -309,14 +345,29 @@ impl TempPostgres {
             log_path: root.join(LOG_FILE),
             root,
             dir: Some(dir),
-            port: DEFAULT_PORT,
+            port: if options.tcp {
+                free_tcp_port()?
+            } else {
+                DEFAULT_PORT
+            },
             bins,
             run_as,
             child: None,
+            options,
         };
         pg.initdb()?;
+        pg.write_tls_files()?;
         let initialized = started.elapsed();
-        pg.spawn()?;
+        // A TCP port found free may be taken by another process before the server binds
+        // it: then another one is tried.
+        let mut attempts = if pg.options.tcp { 3 } else { 1 };
+        while let Err(e) = pg.spawn() {
+            attempts -= 1;
+            if attempts == 0 {
+                return Err(e);
+            }
+            pg.port = free_tcp_port()?;
+        }
         tracing::debug!(
             dir = %pg.root.display(),
             initdb = ?initialized,
@@ -342,8 +393,9 @@ impl TempPostgres {
         &self.root
     }
 
-    /// The port (names the socket file `.s.PGSQL.<port>` in
-    /// [`socket_dir`](Self::socket_dir); there is no TCP listener).
+    /// The port: it names the socket file `.s.PGSQL.<port>` in
+    /// [`socket_dir`](Self::socket_dir), and is the TCP port on 127.0.0.1 when
+    /// [`Options::tcp`] is set (otherwise there is no TCP listener).
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -442,6 +494,37 @@ impl TempPostgres {
         }
     }
 
+    /// Replaces `pg_hba.conf` with `hba` and has the server read it again (SIGHUP);
+    /// returns at once: the server applies it within milliseconds, which callers poll for.
+    pub fn set_hba(&self, hba: &str) -> anyhow::Result<()> {
+        let path = self.data_dir.join("pg_hba.conf");
+        fs::write(&path, hba).with_context(|| format!("writing {}", path.display()))?;
+        let child = self.child.as_ref().context("postgres is not running")?;
+        kill(child_pid(child)?, Signal::SIGHUP).context("sending SIGHUP to postgres")
+    }
+
+    /// Writes the certificate and key of [`Options::tls`] beside the data directory, owned
+    /// by the server's user, the key readable by it only (PostgreSQL refuses it otherwise).
+    fn write_tls_files(&self) -> anyhow::Result<()> {
+        let Some(tls) = &self.options.tls else {
+            return Ok(());
+        };
+        for (name, pem, mode) in [
+            ("server.crt", &tls.cert_pem, 0o644),
+            ("server.key", &tls.key_pem, 0o600),
+        ] {
+            let path = self.root.join(name);
+            fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                .with_context(|| format!("chmod {}", path.display()))?;
+            if let Some(user) = &self.run_as {
+                std::os::unix::fs::chown(&path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                    .with_context(|| format!("chown {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// A command for a server program, as the right user, in our directory.
     fn command(&self, program: &Path) -> Command {
         let mut command = Command::new(program);
@@ -488,15 +571,33 @@ impl TempPostgres {
             .open(&self.log_path)
             .with_context(|| format!("opening {}", self.log_path.display()))?;
         let log_err = log.try_clone().context("duplicating the log file handle")?;
-        let child = self
-            .command(&self.bins.postgres)
+        let mut command = self.command(&self.bins.postgres);
+        command
             .arg("-D")
             .arg(&self.data_dir)
             .arg("-p")
             .arg(self.port.to_string())
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.root.display()))
-            .args(["-c", "listen_addresses=", "-c", "max_connections=100"])
+            .args(["-c", "max_connections=100", "-c"])
+            .arg(if self.options.tcp {
+                "listen_addresses=127.0.0.1"
+            } else {
+                "listen_addresses="
+            });
+        if self.options.tls.is_some() {
+            command.args(["-c", "ssl=on", "-c"]);
+            command.arg(format!(
+                "ssl_cert_file={}",
+                self.root.join("server.crt").display()
+            ));
+            command.arg("-c");
+            command.arg(format!(
+                "ssl_key_file={}",
+                self.root.join("server.key").display()
+            ));
+        }
+        let child = command
             .stdout(log)
             .stderr(log_err)
             .spawn()

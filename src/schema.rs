@@ -127,7 +127,7 @@ pub async fn fetch(
     table: &TableName,
 ) -> Result<Found, tokio_postgres::Error> {
     // Domains are resolved to their base type; arrays are recognised by their element type.
-    const QUERY: &str = "
+    const COLUMNS: &str = "
         SELECT n.nspname::text, c.relname::text, a.attname::text,
                a.attgenerated <> '' OR a.attidentity = 'a' AS generated,
                bt.oid::int8 AS type_oid, bt.typcategory = 'A' AS is_array,
@@ -137,12 +137,23 @@ pub async fn fetch(
         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
         JOIN pg_type t ON t.oid = a.atttypid
         JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
-        LEFT JOIN pg_type et ON et.oid = bt.typelem AND bt.typcategory = 'A'
-        WHERE c.oid = to_regclass($1)
-        ORDER BY a.attnum";
+        LEFT JOIN pg_type et ON et.oid = bt.typelem AND bt.typcategory = 'A'";
     const JSON: i64 = 114;
     const JSONB: i64 = 3802;
-    let rows = client.query(QUERY, &[&table.quoted()]).await?;
+    // A qualified name is looked up by its parts: `to_regclass` raises 42501 for a schema
+    // this role may not use, and the catalog can be read all the same (the flusher then
+    // holds the table, see `flush::load::check_table`). The search path skips such schemas.
+    let rows = match &table.schema {
+        Some(schema) => {
+            let query =
+                format!("{COLUMNS} WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum");
+            client.query(&query, &[schema, &table.name]).await?
+        }
+        None => {
+            let query = format!("{COLUMNS} WHERE c.oid = to_regclass($1) ORDER BY a.attnum");
+            client.query(&query, &[&table.quoted()]).await?
+        }
+    };
     let Some(first) = rows.first() else {
         return Ok(Found::Missing);
     };
@@ -289,15 +300,15 @@ pub struct Unreachable(pub String);
 /// Catalog look-ups for ingest, on a connection of its own made when first needed.
 #[derive(Debug)]
 pub struct Catalog {
-    config: tokio_postgres::Config,
+    config: crate::pg::Target,
     client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
     down_until: std::sync::Mutex<Option<(Instant, String)>>,
 }
 
 impl Catalog {
-    /// A catalog that connects with `config`.
+    /// A catalog that connects to `config`.
     #[must_use]
-    pub fn new(config: tokio_postgres::Config) -> Catalog {
+    pub fn new(config: crate::pg::Target) -> Catalog {
         Catalog {
             config,
             client: tokio::sync::Mutex::new(None),

@@ -4,7 +4,8 @@
 //! Reload ([`LiveConfig::reload`], SIGHUP): the batch limits, the `[ingest]` limits
 //! (those on connections for connections opened after it), the `[tables]` allow-list,
 //! `[wal] max_bytes`, `[shutdown] drain_timeout` and the log level change at once (the
-//! flusher and the handlers read them through a watch channel); the keys that need a
+//! flusher and the handlers read them through a watch channel); the PostgreSQL password is
+//! read again from `[postgres] password_file` (or `~/.pgpass`) for new connections; the keys that need a
 //! restart are named in the log and keep their old values; a config that does not parse or
 //! validate changes nothing.
 
@@ -24,9 +25,13 @@ use crate::lsn::Lsn;
 use crate::status::Connection;
 use crate::systemd::{self, NotifyState, Watchdog};
 
-/// The running daemon's configuration, which a reload changes; clones share it.
+/// The running daemon's configuration, which a reload changes, and its PostgreSQL target,
+/// whose password a reload reads again; clones share both.
 #[derive(Debug, Clone)]
-pub struct LiveConfig(Arc<watch::Sender<Config>>);
+pub struct LiveConfig {
+    config: Arc<watch::Sender<Config>>,
+    target: crate::pg::Target,
+}
 
 /// What a [`LiveConfig::reload`] changed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -38,16 +43,19 @@ pub struct Reloaded {
 }
 
 impl LiveConfig {
-    /// The configuration `config` publishes.
+    /// The configuration `config` publishes, and the daemon's PostgreSQL target.
     #[must_use]
-    pub fn new(config: watch::Sender<Config>) -> LiveConfig {
-        LiveConfig(Arc::new(config))
+    pub fn new(config: watch::Sender<Config>, target: crate::pg::Target) -> LiveConfig {
+        LiveConfig {
+            config: Arc::new(config),
+            target,
+        }
     }
 
     /// The configuration now.
     #[must_use]
     pub fn current(&self) -> Config {
-        self.0.borrow().clone()
+        self.config.borrow().clone()
     }
 
     /// Applies what can change live from `new` (see the module docs): the rest keeps its
@@ -66,7 +74,18 @@ impl LiveConfig {
         next.shutdown = new.shutdown.clone();
         next.log.level.clone_from(&new.log.level);
         next.validate()?;
+        // The password file (or ~/.pgpass) of the running [postgres] section, read again:
+        // a rotated password is used by the connections opened from now on.
+        let password_changed = self
+            .target
+            .reload_password(&old.postgres)
+            .map_err(ConfigError::Invalid)?;
         let mut reloaded = Reloaded::default();
+        if password_changed {
+            reloaded
+                .applied
+                .push("[postgres] password: read again, changed".into());
+        }
         let mut note = |key: &str, was: &dyn std::fmt::Debug, now: &dyn std::fmt::Debug| {
             let (was, now) = (format!("{was:?}"), format!("{now:?}"));
             if was != now {
@@ -138,7 +157,7 @@ impl LiveConfig {
                 reloaded.need_restart.push(key);
             }
         }
-        self.0.send_replace(next);
+        self.config.send_replace(next);
         Ok(reloaded)
     }
 }

@@ -88,7 +88,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let started_at =
         humantime_serde::re::humantime::format_rfc3339_seconds(std::time::SystemTime::now());
     let (url, server) = pgtemp::given_or_throwaway(args.database_url.as_deref()).await?;
-    let pg_config = crate::pg::parse_url(&url, Duration::from_secs(10))?;
+    let pg_config = crate::pg::Target::parse(&url, Duration::from_secs(10))?;
     let client = crate::pg::connect(&pg_config).await.map_err(|e| {
         anyhow::anyhow!("cannot connect to PostgreSQL: {}", crate::pg::describe(&e))
     })?;
@@ -179,7 +179,7 @@ fn redacted(args: impl IntoIterator<Item = String>) -> Vec<String> {
 struct Env<'a> {
     client: &'a Client,
     url: &'a str,
-    pg_config: tokio_postgres::Config,
+    pg_config: crate::pg::Target,
     schema: &'a str,
     work: &'a Path,
     plan: &'a Plan,
@@ -190,7 +190,7 @@ struct Env<'a> {
 pub struct Ctx<'a> {
     client: &'a Client,
     url: &'a str,
-    pg_config: tokio_postgres::Config,
+    pg_config: crate::pg::Target,
     table: BenchTable,
     flights: Arc<Flights>,
     plan: &'a Plan,

@@ -500,9 +500,26 @@ pub async fn check_table(
                END,
                (SELECT col FROM missing LIMIT 1)
         FROM r";
-    let row = client
+    let row = match client
         .query_one(QUERY, &[&unit.table.quoted(), &unit.columns])
-        .await?;
+        .await
+    {
+        Ok(row) => row,
+        // The name itself is refused: a schema this role may not use (`to_regclass`
+        // raises 42501 for it). The table refuses its rows, as its COPY would.
+        Err(e) if e.as_db_error().is_some() && classify(&e, "") == Class::Table => {
+            let mut refusal = Refusal::from_error(&e);
+            if refusal.sqlstate.as_deref() == Some("42501") {
+                refusal.message = format!(
+                    "{} (pgspool's role needs USAGE on the schema of {} and INSERT on the \
+                     table)",
+                    refusal.message, unit.table
+                );
+            }
+            return Ok(Some(refusal));
+        }
+        Err(e) => return Err(e),
+    };
     let Some(sqlstate) = row.get::<_, Option<String>>(0) else {
         return Ok(None);
     };
@@ -518,7 +535,11 @@ pub async fn check_table(
              role: disable it for the table, or let the role bypass it (BYPASSRLS)",
             unit.table
         ),
-        _ => format!("permission denied to insert into {}", unit.table),
+        _ => format!(
+            "permission denied to insert into {}: grant pgspool's role INSERT on it (see \
+             ARCHITECTURE.md, \"Privileges in PostgreSQL\")",
+            unit.table
+        ),
     };
     Ok(Some(Refusal {
         sqlstate: Some(sqlstate),

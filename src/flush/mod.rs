@@ -91,7 +91,7 @@ enum SessionEnd {
 #[derive(Debug)]
 pub struct Flusher {
     /// How to connect.
-    pub pg: tokio_postgres::Config,
+    pub pg: crate::pg::Target,
     /// Retry pacing.
     pub postgres: PostgresConfig,
     /// The WAL directory.
@@ -266,7 +266,7 @@ impl Flusher {
             Err(e) => {
                 return retry(&format!(
                     "cannot connect to {}: {}",
-                    crate::pg::describe_target(&self.pg),
+                    self.pg.describe(),
                     crate::pg::describe(&e)
                 ));
             }
