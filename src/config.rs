@@ -84,7 +84,8 @@ pub struct ListenConfig {
     pub group: Option<String>,
     /// User ids that may connect. Default empty: any user who can open the socket, unless
     /// `allowed_gids` is set. When either list is set, a peer whose uid is not in
-    /// `allowed_uids` and whose gid is not in `allowed_gids` gets 403.
+    /// `allowed_uids` and whose gid is not in `allowed_gids` gets 403, whatever it asks
+    /// (`pgspool status` and metrics scrapers too).
     pub allowed_uids: Vec<u32>,
     /// Group ids (the peer process's effective group) that may connect. Default empty.
     pub allowed_gids: Vec<u32>,

@@ -50,7 +50,7 @@ use tracing::{debug, warn};
 use super::limits::{self, Buffered};
 use super::peer::Peer;
 use crate::acks::{Acks, Outcome};
-use crate::config::Config;
+use crate::config::{Config, IngestConfig, ListenConfig};
 use crate::live::Monitor;
 use crate::lsn::LsnRange;
 use crate::metrics::{AckLevel, Metrics, RefusalReason, Route};
@@ -208,9 +208,14 @@ impl Ingest {
         ConnectionGuard(Arc::clone(self))
     }
 
-    /// The configuration now.
-    pub(super) fn config(&self) -> Config {
-        self.config.borrow().clone()
+    /// `[listen]` now.
+    pub(super) fn listen(&self) -> ListenConfig {
+        self.config.borrow().listen.clone()
+    }
+
+    /// The `[ingest]` limits now.
+    pub(super) fn limits(&self) -> IngestConfig {
+        self.config.borrow().ingest.clone()
     }
 
     /// The daemon's metrics.
@@ -318,7 +323,7 @@ impl Ingest {
                 return Err(refusal);
             }
         };
-        let limits = self.config.borrow().ingest.clone();
+        let limits = self.limits();
         let (bytes, held) =
             limits::read_body(request, &limits, &self.buffered, &self.metrics).await?;
         let body = std::str::from_utf8(&bytes).map_err(|e| {

@@ -5,6 +5,7 @@
 //! `pgspool_requests_refused_total`. (The limits on connections and request heads are
 //! [`super::serve`]'s.)
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use hyper::{Request, StatusCode};
 use super::handler::Refusal;
 use crate::config::IngestConfig;
 use crate::metrics::{Metrics, RequestRefusal};
-use crate::rows::Parsed;
+use crate::rows::{Parsed, RowPosition};
 
 /// How long the body of a request refused before it was read is read and dropped.
 const DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -229,8 +230,8 @@ pub(super) fn check_rows(
     }
     for (index, row) in rows.iter().enumerate() {
         let (raw, position) = match row {
-            Ok(row) => (row.raw, row.position.to_string()),
-            Err(unparsed) => (unparsed.raw, format!("row at index {index} of the body")),
+            Ok(row) => (row.raw, Position::Row(row.position)),
+            Err(unparsed) => (unparsed.raw, Position::Index(index)),
         };
         if raw.len() as u64 > limits.max_row_bytes {
             return refused(
@@ -266,6 +267,21 @@ pub(super) fn check_rows(
         }
     }
     Ok(())
+}
+
+/// Where a row over a limit is, for the message (formatted only then).
+enum Position {
+    Row(RowPosition),
+    Index(usize),
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::Row(position) => position.fmt(f),
+            Position::Index(index) => write!(f, "row at index {index} of the body"),
+        }
+    }
 }
 
 /// How deeply objects and arrays nest in the JSON text `raw` (an object holding scalars is

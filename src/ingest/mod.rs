@@ -52,7 +52,7 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// connection idle that long is closed).
 pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: CancellationToken) {
     let graceful = GracefulShutdown::new();
-    let access = Access::new(&ingest.config().listen);
+    let access = Access::new(&ingest.listen());
     let refusing = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
@@ -68,7 +68,7 @@ pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: Cancel
                 continue;
             }
         };
-        let limits = ingest.config().ingest;
+        let limits = ingest.limits();
         let refusal = match access.check(&stream) {
             Err(refused) => {
                 warn!(
