@@ -97,8 +97,10 @@ pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: Cancel
         };
         if let Some((reason, status, message)) = refusal {
             ingest.metrics_handle().request_refused(reason);
-            if (refusing.load(Ordering::Relaxed) as u64) < limits.max_connections {
+            if (refusing.fetch_add(1, Ordering::Relaxed) as u64) < limits.max_connections {
                 tokio::spawn(refuse(stream, Arc::clone(&refusing), status, message));
+            } else {
+                refusing.fetch_sub(1, Ordering::Relaxed);
             }
             continue;
         }
@@ -144,14 +146,14 @@ pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: Cancel
 }
 
 /// Answers a refused connection's first request with `status` and `message`, within
-/// [`REFUSAL_TIMEOUT`], and closes it.
+/// [`REFUSAL_TIMEOUT`], and closes it; then takes one off `refusing` (the refusals under
+/// way, counted by the caller).
 async fn refuse(
     stream: UnixStream,
     refusing: Arc<AtomicUsize>,
     status: StatusCode,
     message: String,
 ) {
-    refusing.fetch_add(1, Ordering::Relaxed);
     let service = service_fn(move |_request| {
         let response = handler::refusal_response(status, &message);
         async move { Ok::<_, std::convert::Infallible>(response) }
