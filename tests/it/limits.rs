@@ -68,7 +68,7 @@ async fn each_limit_has_its_status_names_its_key_and_is_counted() {
     c.ingest.max_columns = 3;
     c.ingest.max_depth = 3;
     c.ingest.max_header_bytes = 1024;
-    c.ingest.header_timeout = Duration::from_millis(500);
+    c.ingest.header_timeout = Duration::from_secs(1);
     c.ingest.body_timeout = Duration::from_secs(1);
     let daemon = start_daemon(c).await;
     let socket = daemon.socket().to_path_buf();
@@ -182,7 +182,7 @@ async fn bodies_in_memory_are_bounded_and_given_back() {
     let mut c = config(dir.path(), &pg.url());
     c.ingest.max_body_bytes = 1 << 20;
     c.ingest.max_buffered_bytes = 1 << 20;
-    c.ingest.body_timeout = Duration::from_secs(2);
+    c.ingest.body_timeout = Duration::from_secs(5);
     let daemon = start_daemon(c).await;
     let socket = daemon.socket().to_path_buf();
     // One client sends most of a large body, then stalls.
