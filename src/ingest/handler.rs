@@ -25,7 +25,8 @@
 //! encoded; 415 other content types; 422 unknown or `GENERATED ALWAYS` column, a NUL
 //! character, a value no column of that type can take (unless `invalid=dead_letter`), a
 //! view or other relation that is not a table; 431 a request head over `[ingest]
-//! max_header_bytes` (hyper's answer, without a body; the log names the key); 500 a failed
+//! max_header_bytes` (over twice it, hyper's answer, without a body; the log names the
+//! key); 500 a failed
 //! fdatasync (pgspool stops); 503 with `Retry-After` not accepting writes (stopping), the
 //! WAL holding `[wal] max_bytes`, request bodies in memory at `[ingest]
 //! max_buffered_bytes`, `[ingest] max_connections` open, or PostgreSQL needed but
@@ -232,21 +233,27 @@ impl Ingest {
     async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_string();
         let segments: Vec<&str> = path.split('/').collect();
-        let result = match (segments.as_slice(), request.method()) {
-            (["", "healthz"], &Method::GET) => self.health(),
-            (["", "metrics"], &Method::GET) => Ok(self.metrics()),
-            (["", "v1", "status"], &Method::GET) => self.status().await,
-            (["", "v1", "tables", table, "rows"], &Method::POST) => {
-                self.post_rows(table, request).await
+        let result = if let Err(refusal) =
+            limits::check_head(&request, &self.limits(), &self.metrics)
+        {
+            Err(refusal)
+        } else {
+            match (segments.as_slice(), request.method()) {
+                (["", "healthz"], &Method::GET) => self.health(),
+                (["", "metrics"], &Method::GET) => Ok(self.metrics()),
+                (["", "v1", "status"], &Method::GET) => self.status().await,
+                (["", "v1", "tables", table, "rows"], &Method::POST) => {
+                    self.post_rows(table, request).await
+                }
+                (["", "healthz" | "metrics"] | ["", "v1", "status"], _) => {
+                    Err(method_not_allowed("GET"))
+                }
+                (["", "v1", "tables", _, "rows"], _) => Err(method_not_allowed("POST")),
+                _ => Err(Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no such endpoint: {path} (rows go to POST /v1/tables/{{table}}/rows)"),
+                )),
             }
-            (["", "healthz" | "metrics"] | ["", "v1", "status"], _) => {
-                Err(method_not_allowed("GET"))
-            }
-            (["", "v1", "tables", _, "rows"], _) => Err(method_not_allowed("POST")),
-            _ => Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                format!("no such endpoint: {path} (rows go to POST /v1/tables/{{table}}/rows)"),
-            )),
         };
         match result {
             Ok(response) => response,
@@ -262,6 +269,12 @@ impl Ingest {
                     response
                         .headers_mut()
                         .insert("allow", HeaderValue::from_static(allow));
+                }
+                if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
+                    // Its body is left unread: the connection cannot carry another request.
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
                 }
                 response
             }

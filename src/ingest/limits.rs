@@ -177,6 +177,45 @@ pub(super) async fn read_body<'b>(
     Ok((Bytes::from(body), held))
 }
 
+/// Checks the size of a request's head, its request line and headers as parsed, against
+/// `[ingest] max_header_bytes`. (hyper refuses heads over twice the limit while reading
+/// them, with a bare 431: see [`super::serve`].)
+///
+/// # Errors
+/// 431 naming the limit and its key.
+pub(super) fn check_head<B>(
+    request: &Request<B>,
+    limits: &IngestConfig,
+    metrics: &Metrics,
+) -> Result<(), Refusal> {
+    // "METHOD TARGET HTTP/1.1\r\n", each "name: value\r\n", and the blank line.
+    let line = request.method().as_str().len()
+        + request
+            .uri()
+            .path_and_query()
+            .map_or(1, |p| p.as_str().len())
+        + " HTTP/1.1\r\n ".len();
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + ": \r\n".len())
+        .sum();
+    let bytes = (line + headers + 2) as u64;
+    if bytes <= limits.max_header_bytes {
+        return Ok(());
+    }
+    Err(refuse(
+        metrics,
+        RequestRefusal::HeadersTooLarge,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        format!(
+            "the request line and headers take {bytes} bytes, more than the limit of {} \
+             ([ingest] max_header_bytes): send fewer or shorter headers",
+            limits.max_header_bytes
+        ),
+    ))
+}
+
 /// Reads and drops the body of a request refused before its body was read (up to
 /// `limit` bytes, for at most [`DISCARD_TIMEOUT`]): a client still sending it then
 /// reads the answer, instead of a connection reset under its upload.
