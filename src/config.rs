@@ -88,7 +88,8 @@ pub struct ListenConfig {
     pub group: Option<String>,
     /// User ids that may connect. Default empty: any user who can open the socket, unless
     /// `allowed_gids` is set. When either list is set, a peer whose uid is not in
-    /// `allowed_uids` and whose gid is not in `allowed_gids` gets 403.
+    /// `allowed_uids` and whose gid is not in `allowed_gids` gets 403, whatever it asks
+    /// (`pgspool status` and metrics scrapers too).
     pub allowed_uids: Vec<u32>,
     /// Group ids (the peer process's effective group) that may connect. Default empty.
     pub allowed_gids: Vec<u32>,
@@ -221,7 +222,9 @@ pub struct IngestConfig {
     /// deeper gets 413. Default 32; at most 100 (the JSON parser's own limit is 128).
     pub max_depth: u64,
     /// Largest request head (request line and headers) in bytes; a larger one gets 431
-    /// and the connection is closed. Default 16 KiB; 1 KiB to 1 MiB.
+    /// and the connection is closed (with a message naming this key, but for heads over
+    /// twice the limit, which are not read to their end). Default 16 KiB; 1 KiB to
+    /// 256 KiB.
     pub max_header_bytes: u64,
     /// Most connections open at once; more get 503 and are closed. Default 1,024. The
     /// daemon's open-file limit (`LimitNOFILE=`, `ulimit -n`) must leave room for them.
@@ -426,7 +429,7 @@ impl Config {
                 "max_header_bytes",
                 ingest.max_header_bytes,
                 1 << 10,
-                1 << 20,
+                256 << 10,
             ),
             ("max_connections", ingest.max_connections, 1, 1 << 20),
             (

@@ -27,7 +27,8 @@
 //! encoded; 415 other content types; 422 unknown or `GENERATED ALWAYS` column, a NUL
 //! character, a value no column of that type can take (unless `invalid=dead_letter`), a
 //! view or other relation that is not a table; 431 a request head over `[ingest]
-//! max_header_bytes` (hyper's answer, without a body; the log names the key); 500 a failed
+//! max_header_bytes` (over twice it, hyper's answer, without a body; the log names the
+//! key); 500 a failed
 //! fdatasync (pgspool stops); 503 with `Retry-After` not accepting writes (stopping), the
 //! WAL holding `[wal] max_bytes`, request bodies in memory at `[ingest]
 //! max_buffered_bytes`, `[ingest] max_connections` open, or PostgreSQL needed but
@@ -53,7 +54,7 @@ use super::limits::{self, Buffered};
 use super::peer::Peer;
 use crate::acks::{Acks, Outcome};
 use crate::allow::{self, AllowList, Denied};
-use crate::config::Config;
+use crate::config::{Config, IngestConfig, ListenConfig};
 use crate::live::Monitor;
 use crate::lsn::LsnRange;
 use crate::metrics::{AckLevel, Metrics, RefusalReason, RequestRefusal, Route};
@@ -211,9 +212,14 @@ impl Ingest {
         ConnectionGuard(Arc::clone(self))
     }
 
-    /// The configuration now.
-    pub(super) fn config(&self) -> Config {
-        self.config.borrow().clone()
+    /// `[listen]` now.
+    pub(super) fn listen(&self) -> ListenConfig {
+        self.config.borrow().listen.clone()
+    }
+
+    /// The `[ingest]` limits now.
+    pub(super) fn limits(&self) -> IngestConfig {
+        self.config.borrow().ingest.clone()
     }
 
     /// The daemon's metrics.
@@ -230,21 +236,27 @@ impl Ingest {
     async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_string();
         let segments: Vec<&str> = path.split('/').collect();
-        let result = match (segments.as_slice(), request.method()) {
-            (["", "healthz"], &Method::GET) => self.health(),
-            (["", "metrics"], &Method::GET) => Ok(self.metrics()),
-            (["", "v1", "status"], &Method::GET) => self.status().await,
-            (["", "v1", "tables", table, "rows"], &Method::POST) => {
-                self.post_rows(table, request).await
+        let result = if let Err(refusal) =
+            limits::check_head(&request, &self.limits(), &self.metrics)
+        {
+            Err(refusal)
+        } else {
+            match (segments.as_slice(), request.method()) {
+                (["", "healthz"], &Method::GET) => self.health(),
+                (["", "metrics"], &Method::GET) => Ok(self.metrics()),
+                (["", "v1", "status"], &Method::GET) => self.status().await,
+                (["", "v1", "tables", table, "rows"], &Method::POST) => {
+                    self.post_rows(table, request).await
+                }
+                (["", "healthz" | "metrics"] | ["", "v1", "status"], _) => {
+                    Err(method_not_allowed("GET"))
+                }
+                (["", "v1", "tables", _, "rows"], _) => Err(method_not_allowed("POST")),
+                _ => Err(Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no such endpoint: {path} (rows go to POST /v1/tables/{{table}}/rows)"),
+                )),
             }
-            (["", "healthz" | "metrics"] | ["", "v1", "status"], _) => {
-                Err(method_not_allowed("GET"))
-            }
-            (["", "v1", "tables", _, "rows"], _) => Err(method_not_allowed("POST")),
-            _ => Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                format!("no such endpoint: {path} (rows go to POST /v1/tables/{{table}}/rows)"),
-            )),
         };
         match result {
             Ok(response) => response,
@@ -260,6 +272,12 @@ impl Ingest {
                     response
                         .headers_mut()
                         .insert("allow", HeaderValue::from_static(allow));
+                }
+                if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
+                    // Its body is left unread: the connection cannot carry another request.
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
                 }
                 response
             }
@@ -322,7 +340,7 @@ impl Ingest {
                 return Err(refusal);
             }
         };
-        let limits = self.config.borrow().ingest.clone();
+        let limits = self.limits();
         let (bytes, held) =
             limits::read_body(request, &limits, &self.buffered, &self.metrics).await?;
         let body = std::str::from_utf8(&bytes).map_err(|e| {

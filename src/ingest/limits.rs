@@ -5,6 +5,7 @@
 //! `pgspool_requests_refused_total`. (The limits on connections and request heads are
 //! [`super::serve`]'s.)
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use hyper::{Request, StatusCode};
 use super::handler::Refusal;
 use crate::config::IngestConfig;
 use crate::metrics::{Metrics, RequestRefusal};
-use crate::rows::Parsed;
+use crate::rows::{Parsed, RowPosition};
 
 /// How long the body of a request refused before it was read is read and dropped.
 const DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -176,6 +177,45 @@ pub(super) async fn read_body<'b>(
     Ok((Bytes::from(body), held))
 }
 
+/// Checks the size of a request's head, its request line and headers as parsed, against
+/// `[ingest] max_header_bytes`. (hyper refuses heads over twice the limit while reading
+/// them, with a bare 431: see [`super::serve`].)
+///
+/// # Errors
+/// 431 naming the limit and its key.
+pub(super) fn check_head<B>(
+    request: &Request<B>,
+    limits: &IngestConfig,
+    metrics: &Metrics,
+) -> Result<(), Refusal> {
+    // "METHOD TARGET HTTP/1.1\r\n", each "name: value\r\n", and the blank line.
+    let line = request.method().as_str().len()
+        + request
+            .uri()
+            .path_and_query()
+            .map_or(1, |p| p.as_str().len())
+        + " HTTP/1.1\r\n ".len();
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + ": \r\n".len())
+        .sum();
+    let bytes = (line + headers + 2) as u64;
+    if bytes <= limits.max_header_bytes {
+        return Ok(());
+    }
+    Err(refuse(
+        metrics,
+        RequestRefusal::HeadersTooLarge,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        format!(
+            "the request line and headers take {bytes} bytes, more than the limit of {} \
+             ([ingest] max_header_bytes): send fewer or shorter headers",
+            limits.max_header_bytes
+        ),
+    ))
+}
+
 /// Reads and drops the body of a request refused before its body was read (up to
 /// `limit` bytes, for at most [`DISCARD_TIMEOUT`]): a client still sending it then
 /// reads the answer, instead of a connection reset under its upload.
@@ -229,8 +269,8 @@ pub(super) fn check_rows(
     }
     for (index, row) in rows.iter().enumerate() {
         let (raw, position) = match row {
-            Ok(row) => (row.raw, row.position.to_string()),
-            Err(unparsed) => (unparsed.raw, format!("row at index {index} of the body")),
+            Ok(row) => (row.raw, Position::Row(row.position)),
+            Err(unparsed) => (unparsed.raw, Position::Index(index)),
         };
         if raw.len() as u64 > limits.max_row_bytes {
             return refused(
@@ -266,6 +306,21 @@ pub(super) fn check_rows(
         }
     }
     Ok(())
+}
+
+/// Where a row over a limit is, for the message (formatted only then).
+enum Position {
+    Row(RowPosition),
+    Index(usize),
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::Row(position) => position.fmt(f),
+            Position::Index(index) => write!(f, "row at index {index} of the body"),
+        }
+    }
 }
 
 /// How deeply objects and arrays nest in the JSON text `raw` (an object holding scalars is

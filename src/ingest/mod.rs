@@ -33,8 +33,8 @@ use crate::config::IngestConfig;
 use crate::metrics::RequestRefusal;
 
 /// The most a connection's read buffer holds (hyper's default is about 400 KiB): with
-/// `[ingest] max_connections` of them, each counts. Larger request heads raise it to
-/// `[ingest] max_header_bytes`.
+/// `[ingest] max_connections` of them, each counts. A larger head limit raises it to hold
+/// the longest head hyper reads, twice `[ingest] max_header_bytes`.
 const READ_BUFFER_BYTES: usize = 64 << 10;
 
 /// How long a refused connection is given to send its request and read the answer.
@@ -48,11 +48,12 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Both are answered to the connection's first request within 2 s, and
 /// at most `max_connections` such refusals are under way at once (beyond, the connection
 /// is closed unanswered). Then its requests are served, each head within `[ingest]
-/// max_header_bytes` (431) and `header_timeout` (408 on a new connection; a kept-alive
-/// connection idle that long is closed).
+/// header_timeout` (408 on a new connection; a kept-alive connection idle that long is
+/// closed) and twice `max_header_bytes` (hyper's 431, without a body; heads over the
+/// limit but within twice it get the handler's 431 with a message).
 pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: CancellationToken) {
     let graceful = GracefulShutdown::new();
-    let access = Access::new(&ingest.config().listen);
+    let access = Access::new(&ingest.listen());
     let refusing = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
@@ -68,7 +69,7 @@ pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: Cancel
                 continue;
             }
         };
-        let limits = ingest.config().ingest;
+        let limits = ingest.limits();
         let refusal = match access.check(&stream) {
             Err(refused) => {
                 warn!(
@@ -97,8 +98,10 @@ pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: Cancel
         };
         if let Some((reason, status, message)) = refusal {
             ingest.metrics_handle().request_refused(reason);
-            if (refusing.load(Ordering::Relaxed) as u64) < limits.max_connections {
+            if (refusing.fetch_add(1, Ordering::Relaxed) as u64) < limits.max_connections {
                 tokio::spawn(refuse(stream, Arc::clone(&refusing), status, message));
+            } else {
+                refusing.fetch_sub(1, Ordering::Relaxed);
             }
             continue;
         }
@@ -121,13 +124,15 @@ pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: Cancel
         // half_close: a client that shuts down its sending side after the request still
         // gets the answer (the rows may have been acknowledged). The timer enables hyper's
         // limit on the time a client may take to send its headers.
-        let max_header_bytes = usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX);
+        // Heads up to twice the limit are read, so that the handler answers those over it
+        // with a message (hyper's own 431 has no body); longer ones get hyper's.
+        let longest_head = usize::try_from(2 * limits.max_header_bytes).unwrap_or(usize::MAX);
         let connection = http1::Builder::new()
             .half_close(true)
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
-            .max_header_size(max_header_bytes)
-            .max_buf_size(READ_BUFFER_BYTES.max(max_header_bytes))
+            .max_header_size(longest_head)
+            .max_buf_size(READ_BUFFER_BYTES.max(longest_head))
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         let ingest = Arc::clone(&ingest);
@@ -144,14 +149,14 @@ pub async fn serve(listener: UnixListener, ingest: Arc<Ingest>, shutdown: Cancel
 }
 
 /// Answers a refused connection's first request with `status` and `message`, within
-/// [`REFUSAL_TIMEOUT`], and closes it.
+/// [`REFUSAL_TIMEOUT`], and closes it; then takes one off `refusing` (the refusals under
+/// way, counted by the caller).
 async fn refuse(
     stream: UnixStream,
     refusing: Arc<AtomicUsize>,
     status: StatusCode,
     message: String,
 ) {
-    refusing.fetch_add(1, Ordering::Relaxed);
     let service = service_fn(move |_request| {
         let response = handler::refusal_response(status, &message);
         async move { Ok::<_, std::convert::Infallible>(response) }
@@ -180,8 +185,8 @@ async fn connection_failed(
             .metrics_handle()
             .request_refused(RequestRefusal::HeadersTooLarge);
         info!(
-            "a request head was larger than [ingest] max_header_bytes = {}: answered 431 and \
-             closed the connection",
+            "a request head was larger than twice [ingest] max_header_bytes = {}: answered \
+             431 and closed the connection",
             limits.max_header_bytes
         );
     } else if e.is_timeout() && fresh {
