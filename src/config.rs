@@ -92,6 +92,9 @@ pub struct ListenConfig {
     /// (`pgspool status` and metrics scrapers too).
     pub allowed_uids: Vec<u32>,
     /// Group ids (the peer process's effective group) that may connect. Default empty.
+    /// Supplementary groups do not count: `SO_PEERCRED` carries only the effective gid
+    /// (to let a group in whatever its members' primary group, use `[listen] group` and
+    /// mode 0660 instead).
     pub allowed_gids: Vec<u32>,
 }
 
