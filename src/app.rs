@@ -96,7 +96,7 @@ impl Daemon {
             }
             None => {
                 let path = config.listen.socket.clone();
-                (ingest::bind(&path).await?, Socket::Bound(path))
+                (ingest::bind(&config.listen).await?, Socket::Bound(path))
             }
         };
         // The writer's metrics exist before the WAL, which starts the writer.

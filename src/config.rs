@@ -58,18 +58,54 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// `[listen]`
+/// The longest socket path the platform takes, in bytes: `sun_path` less its terminating
+/// NUL (unix(7): 108 bytes on Linux; 104 on the BSDs and macOS).
+#[cfg(target_os = "linux")]
+pub const MAX_SOCKET_PATH_BYTES: usize = 107;
+/// The longest socket path the platform takes, in bytes: `sun_path` less its terminating
+/// NUL (unix(7): 108 bytes on Linux; 104 on the BSDs and macOS).
+#[cfg(not(target_os = "linux"))]
+pub const MAX_SOCKET_PATH_BYTES: usize = 103;
+
+/// `[listen]`: where clients connect, and who may.
+///
+/// Whoever can connect writes rows into PostgreSQL as pgspool's role: the socket file's
+/// mode and group decide who can open it, and the allow-lists, checked with the peer's
+/// credentials (`SO_PEERCRED`) on every connection, narrow that further. With socket
+/// activation the socket unit sets the file's owner and mode (`SocketUser=`,
+/// `SocketGroup=`, `SocketMode=`): `mode` and `group` are not used, the allow-lists are.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
-    /// Path of the Unix socket clients connect to. Default `/run/pgspool/pgspool.sock`.
+    /// Path of the Unix socket clients connect to, at most [`MAX_SOCKET_PATH_BYTES`]
+    /// bytes. Default `/run/pgspool/pgspool.sock`.
     pub socket: PathBuf,
+    /// Permission bits of the socket file (connecting needs write permission). Default
+    /// `0o660`: the owner and the group only.
+    pub mode: u32,
+    /// Group (name or number) the socket file is given, so that its members may connect.
+    /// Default none: the daemon's own group.
+    pub group: Option<String>,
+    /// User ids that may connect. Default empty: any user who can open the socket, unless
+    /// `allowed_gids` is set. When either list is set, a peer whose uid is not in
+    /// `allowed_uids` and whose gid is not in `allowed_gids` gets 403, whatever it asks
+    /// (`pgspool status` and metrics scrapers too).
+    pub allowed_uids: Vec<u32>,
+    /// Group ids (the peer process's effective group) that may connect. Default empty.
+    /// Supplementary groups do not count: `SO_PEERCRED` carries only the effective gid
+    /// (to let a group in whatever its members' primary group, use `[listen] group` and
+    /// mode 0660 instead).
+    pub allowed_gids: Vec<u32>,
 }
 
 impl Default for ListenConfig {
     fn default() -> Self {
         ListenConfig {
             socket: PathBuf::from("/run/pgspool/pgspool.sock"),
+            mode: 0o660,
+            group: None,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
         }
     }
 }
@@ -168,18 +204,65 @@ impl Default for BatchConfig {
     }
 }
 
-/// `[ingest]`
+/// `[ingest]`: limits on clients and their requests, so that a careless or hostile client
+/// cannot exhaust the daemon. Each refusal names its key and is counted in
+/// `pgspool_requests_refused_total{reason}` (see [`crate::metrics`]). All change live on
+/// reload (for connections opened after it).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     /// Largest request body in bytes; larger ones get 413. Default 16 MiB.
     pub max_body_bytes: u64,
+    /// Most rows in one request; more get 413. Default 100,000 (`pgspool send` sends at
+    /// most that many).
+    pub max_rows_per_request: u64,
+    /// Largest row (its JSON text) in bytes; a larger one gets 413. Default 1 MiB.
+    pub max_row_bytes: u64,
+    /// Most keys in one row; more get 413. Default 1,600, PostgreSQL's own limit of
+    /// columns in a table.
+    pub max_columns: u64,
+    /// Deepest nesting of a row, the row object itself being depth 1 (`{"a":[1]}` is 2);
+    /// deeper gets 413. Default 32; at most 100 (the JSON parser's own limit is 128).
+    pub max_depth: u64,
+    /// Largest request head (request line and headers) in bytes; a larger one gets 431
+    /// and the connection is closed (with a message naming this key, but for heads over
+    /// twice the limit, which are not read to their end). Default 16 KiB; 1 KiB to
+    /// 256 KiB.
+    pub max_header_bytes: u64,
+    /// Most connections open at once; more get 503 and are closed. Default 1,024. The
+    /// daemon's open-file limit (`LimitNOFILE=`, `ulimit -n`) must leave room for them.
+    pub max_connections: u64,
+    /// Most bytes of request bodies held in memory at once, all connections together; a
+    /// request whose body would take more gets 503 with `Retry-After`. The first 64 KiB
+    /// of each body are not counted (so small requests are never refused for it, and
+    /// those bytes are bounded by `max_connections`). Default 256 MiB; at least
+    /// `max_body_bytes`.
+    pub max_buffered_bytes: u64,
+    /// How long a client may take to send a request's head, from the connection's
+    /// opening or the previous answer. A new connection that is too slow gets 408; an
+    /// idle kept-alive one is closed. Default 30 s (`pgspool send` replaces connections
+    /// idle for 20 s: keep it above that).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request's body once its head is read; a
+    /// slower one gets 408. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
             max_body_bytes: 16 << 20,
+            max_rows_per_request: 100_000,
+            max_row_bytes: 1 << 20,
+            max_columns: 1600,
+            max_depth: 32,
+            max_header_bytes: 16 << 10,
+            max_connections: 1024,
+            max_buffered_bytes: 256 << 20,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -288,6 +371,8 @@ impl Config {
                 crate::wal::record::MAX_PAYLOAD_BYTES / 2
             ));
         }
+        self.validate_ingest()?;
+        self.validate_listen()?;
         if self.postgres.retry_initial.is_zero()
             || self.postgres.retry_max < self.postgres.retry_initial
         {
@@ -304,6 +389,8 @@ impl Config {
                 HOUR,
             ),
             ("[postgres] retry_max", self.postgres.retry_max, HOUR),
+            ("[ingest] header_timeout", self.ingest.header_timeout, HOUR),
+            ("[ingest] body_timeout", self.ingest.body_timeout, HOUR),
             (
                 "[shutdown] drain_timeout",
                 self.shutdown.drain_timeout,
@@ -324,6 +411,74 @@ impl Config {
         }
         if self.listen.socket.as_os_str().is_empty() || self.wal.dir.as_os_str().is_empty() {
             return invalid("[listen] socket and [wal] dir must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The `[ingest]` limits: each in its range.
+    fn validate_ingest(&self) -> Result<(), ConfigError> {
+        let ingest = &self.ingest;
+        for (key, value, least, most) in [
+            (
+                "max_rows_per_request",
+                ingest.max_rows_per_request,
+                1,
+                u64::from(u32::MAX),
+            ),
+            ("max_row_bytes", ingest.max_row_bytes, 2, u64::MAX),
+            ("max_columns", ingest.max_columns, 1, u64::MAX),
+            ("max_depth", ingest.max_depth, 1, 100),
+            (
+                "max_header_bytes",
+                ingest.max_header_bytes,
+                1 << 10,
+                256 << 10,
+            ),
+            ("max_connections", ingest.max_connections, 1, 1 << 20),
+            (
+                "max_buffered_bytes",
+                ingest.max_buffered_bytes,
+                ingest.max_body_bytes,
+                u64::MAX,
+            ),
+        ] {
+            if !(least..=most).contains(&value) {
+                return Err(ConfigError::Invalid(format!(
+                    "[ingest] {key} = {value} must be between {least} and {most}"
+                )));
+            }
+        }
+        if ingest.header_timeout.is_zero() || ingest.body_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "[ingest] header_timeout and body_timeout must be above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `[listen]` socket: a path the platform can bind, a mode of permission bits.
+    fn validate_listen(&self) -> Result<(), ConfigError> {
+        let listen = &self.listen;
+        let length = listen.socket.as_os_str().len();
+        if length > MAX_SOCKET_PATH_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "[listen] socket (or --socket) {} is {length} bytes long, more than a Unix \
+                 socket path may be here ({MAX_SOCKET_PATH_BYTES} bytes): choose a shorter \
+                 path, such as /run/pgspool/pgspool.sock",
+                listen.socket.display()
+            )));
+        }
+        if listen.mode > 0o777 {
+            return Err(ConfigError::Invalid(format!(
+                "[listen] mode = {:#o} is not a set of permission bits: write it in octal, \
+                 at most 0o777 (such as 0o660)",
+                listen.mode
+            )));
+        }
+        if listen.group.as_deref() == Some("") {
+            return Err(ConfigError::Invalid(
+                "[listen] group must not be empty: name a group or leave the key out".into(),
+            ));
         }
         Ok(())
     }
@@ -385,5 +540,39 @@ mod tests {
         let mut c = valid();
         c.batch.max_wait = Duration::from_secs(1 << 40);
         refused(c, "[batch] max_wait");
+        let mut c = valid();
+        c.ingest.body_timeout = Duration::from_secs(1 << 40);
+        refused(c, "[ingest] body_timeout");
+    }
+
+    #[test]
+    fn listen_and_ingest_limits_are_checked() {
+        let valid = || {
+            let mut c = Config::default();
+            c.postgres.url = Some("host=/tmp".into());
+            c
+        };
+        let refused = |c: Config, what: &str| {
+            let e = c.validate().expect_err(what).to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        let mut c = valid();
+        c.listen.socket = PathBuf::from(format!("/run/{}", "s".repeat(MAX_SOCKET_PATH_BYTES)));
+        refused(c, &format!("({MAX_SOCKET_PATH_BYTES} bytes)"));
+        let mut c = valid();
+        c.listen.socket = PathBuf::from("/".repeat(MAX_SOCKET_PATH_BYTES));
+        c.validate().expect("a path of the longest length");
+        let mut c = valid();
+        c.listen.mode = 0o1777;
+        refused(c, "[listen] mode = 0o1777");
+        let mut c = valid();
+        c.ingest.max_depth = 101;
+        refused(c, "[ingest] max_depth = 101");
+        let mut c = valid();
+        c.ingest.max_buffered_bytes = c.ingest.max_body_bytes - 1;
+        refused(c, "[ingest] max_buffered_bytes");
+        let mut c = valid();
+        c.ingest.max_connections = 0;
+        refused(c, "[ingest] max_connections = 0");
     }
 }

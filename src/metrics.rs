@@ -12,6 +12,7 @@
 //! | `pgspool_received_bytes_total` | counter | request body bytes read by `POST .../rows`, whatever the answer (a request refused before its body is read adds none) |
 //! | `pgspool_ack_latency_seconds{ack}` | histogram | from the start of a `POST .../rows` to its 2xx answer, by `?ack=` level (`durable`, `committed`, `none`) |
 //! | `pgspool_writes_refused_total{reason}` | counter | writes answered without an ack because the WAL could not take them: `backlog_full` (503, `[wal] max_bytes` reached) or `disk_full` (507) |
+//! | `pgspool_requests_refused_total{reason}` | counter | connections and requests refused by the access check or an `[ingest]` limit, by reason: `peer` (403, `[listen] allowed_uids`/`allowed_gids`), `too_many_connections` (503, `max_connections`), `header_timeout` (408, `header_timeout`), `headers_too_large` (431, `max_header_bytes`), `body_timeout` (408, `body_timeout`), `body_too_large` (413, `max_body_bytes`), `buffers_full` (503, `max_buffered_bytes`), `too_many_rows` (413, `max_rows_per_request`), `row_too_large` (413, `max_row_bytes`), `too_many_columns` (413, `max_columns`), `too_deep` (413, `max_depth`), `table_not_allowed` and `column_not_allowed` (403, the `[tables]` allow-list). Refusals made before a request reaches the handlers (`peer`, `too_many_connections`, `header_timeout`, and `headers_too_large` for heads over twice the limit) are counted here only, not in `pgspool_http_requests_total` |
 //! | `pgspool_wal_fdatasync_duration_seconds` | histogram | time of each group commit's `fdatasync` of the WAL (successful ones) |
 //! | `pgspool_wal_group_commit_requests` | histogram | requests (appends) made durable by one `fdatasync` |
 //! | `pgspool_wal_group_commit_rows` | histogram | rows (LSNs) made durable by one `fdatasync` |
@@ -87,6 +88,84 @@ impl EncodeLabelValue for RefusalReason {
     }
 }
 
+/// Why a connection or request was refused by the access check or a limit, as
+/// `pgspool_requests_refused_total` labels it.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum RequestRefusal {
+    /// The peer's uid and gid are in neither allow-list (403): `peer`.
+    Peer,
+    /// `[ingest] max_connections` are open (503): `too_many_connections`.
+    TooManyConnections,
+    /// The head of a new connection's request took over `[ingest] header_timeout` (408):
+    /// `header_timeout`.
+    HeaderTimeout,
+    /// The request head is over `[ingest] max_header_bytes` (431): `headers_too_large`.
+    HeadersTooLarge,
+    /// The body took over `[ingest] body_timeout` (408): `body_timeout`.
+    BodyTimeout,
+    /// The body is over `[ingest] max_body_bytes` (413): `body_too_large`.
+    BodyTooLarge,
+    /// Bodies in memory would exceed `[ingest] max_buffered_bytes` (503): `buffers_full`.
+    BuffersFull,
+    /// More rows than `[ingest] max_rows_per_request` (413): `too_many_rows`.
+    TooManyRows,
+    /// A row over `[ingest] max_row_bytes` (413): `row_too_large`.
+    RowTooLarge,
+    /// A row with more keys than `[ingest] max_columns` (413): `too_many_columns`.
+    TooManyColumns,
+    /// A row nested deeper than `[ingest] max_depth` (413): `too_deep`.
+    TooDeep,
+    /// A table the `[tables]` allow-list does not name (403): `table_not_allowed`.
+    TableNotAllowed,
+    /// A column its `[tables]` entry does not list (403): `column_not_allowed`.
+    ColumnNotAllowed,
+}
+
+impl RequestRefusal {
+    /// Every reason, in the order the metrics list them.
+    pub const ALL: [RequestRefusal; 13] = [
+        RequestRefusal::Peer,
+        RequestRefusal::TooManyConnections,
+        RequestRefusal::HeaderTimeout,
+        RequestRefusal::HeadersTooLarge,
+        RequestRefusal::BodyTimeout,
+        RequestRefusal::BodyTooLarge,
+        RequestRefusal::BuffersFull,
+        RequestRefusal::TooManyRows,
+        RequestRefusal::RowTooLarge,
+        RequestRefusal::TooManyColumns,
+        RequestRefusal::TooDeep,
+        RequestRefusal::TableNotAllowed,
+        RequestRefusal::ColumnNotAllowed,
+    ];
+
+    /// The label value.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            RequestRefusal::Peer => "peer",
+            RequestRefusal::TooManyConnections => "too_many_connections",
+            RequestRefusal::HeaderTimeout => "header_timeout",
+            RequestRefusal::HeadersTooLarge => "headers_too_large",
+            RequestRefusal::BodyTimeout => "body_timeout",
+            RequestRefusal::BodyTooLarge => "body_too_large",
+            RequestRefusal::BuffersFull => "buffers_full",
+            RequestRefusal::TooManyRows => "too_many_rows",
+            RequestRefusal::RowTooLarge => "row_too_large",
+            RequestRefusal::TooManyColumns => "too_many_columns",
+            RequestRefusal::TooDeep => "too_deep",
+            RequestRefusal::TableNotAllowed => "table_not_allowed",
+            RequestRefusal::ColumnNotAllowed => "column_not_allowed",
+        }
+    }
+}
+
+impl EncodeLabelValue for RequestRefusal {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        encoder.write_str(self.label())
+    }
+}
+
 /// The route of a request, as `pgspool_http_requests_total` labels it: a fixed set, so
 /// that paths clients make up do not make up series.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
@@ -139,6 +218,11 @@ impl EncodeLabelValue for AckLevel {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusalLabels {
     reason: RefusalReason,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestRefusalLabels {
+    reason: RequestRefusal,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -199,6 +283,7 @@ pub struct Metrics {
     received_bytes: Counter,
     ack_latency: Family<AckLabels, Histogram, fn() -> Histogram>,
     refused: Family<RefusalLabels, Counter>,
+    requests_refused: Family<RequestRefusalLabels, Counter>,
     wal: Arc<WalDir>,
     durable: watch::Receiver<Lsn>,
     wal_bytes: Gauge,
@@ -258,6 +343,16 @@ impl Metrics {
             "writes_refused",
             "Writes answered without an ack because the WAL could not take them",
             refused.clone(),
+        );
+        let requests_refused = Family::<RequestRefusalLabels, Counter>::default();
+        for reason in RequestRefusal::ALL {
+            let _ = requests_refused.get_or_create(&RequestRefusalLabels { reason });
+        }
+        registry.register(
+            "requests_refused",
+            "Connections and requests refused by the access check or an [ingest] limit, by \
+             reason",
+            requests_refused.clone(),
         );
         registry.register(
             "wal_fdatasync_duration_seconds",
@@ -353,6 +448,7 @@ impl Metrics {
             received_bytes,
             ack_latency,
             refused,
+            requests_refused,
             wal: Arc::clone(wal.dir()),
             durable: wal.durable(),
             wal_bytes,
@@ -401,6 +497,13 @@ impl Metrics {
     /// Counts one refused write.
     pub fn refused(&self, reason: RefusalReason) {
         self.refused.get_or_create(&RefusalLabels { reason }).inc();
+    }
+
+    /// Counts one connection or request refused by the access check or a limit.
+    pub fn request_refused(&self, reason: RequestRefusal) {
+        self.requests_refused
+            .get_or_create(&RequestRefusalLabels { reason })
+            .inc();
     }
 
     /// Records a batch of `rows` committed in PostgreSQL in `elapsed`.

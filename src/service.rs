@@ -1,11 +1,11 @@
 //! `pgspool run` as a service: signals, reloading the configuration, and the tasks that
 //! speak the systemd protocol for a running daemon (see [`crate::systemd`]).
 //!
-//! Reload ([`LiveConfig::reload`], SIGHUP): the batch limits, `[ingest] max_body_bytes`,
-//! the `[tables]` allow-list, `[wal] max_bytes`, `[shutdown] drain_timeout` and the log
-//! level change at once (the flusher and the handlers read them through a watch channel);
-//! the PostgreSQL password is read again from `[postgres] password_file` (or `~/.pgpass`)
-//! for new connections; the keys that need a
+//! Reload ([`LiveConfig::reload`], SIGHUP): the batch limits, the `[ingest]` limits
+//! (those on connections for connections opened after it), the `[tables]` allow-list,
+//! `[wal] max_bytes`, `[shutdown] drain_timeout` and the log level change at once (the
+//! flusher and the handlers read them through a watch channel); the PostgreSQL password is
+//! read again from `[postgres] password_file` (or `~/.pgpass`) for new connections; the keys that need a
 //! restart are named in the log and keep their old values; a config that does not parse or
 //! validate changes nothing.
 
@@ -96,11 +96,45 @@ impl LiveConfig {
         note("[batch] max_rows", &o.batch.max_rows, &n.batch.max_rows);
         note("[batch] max_bytes", &o.batch.max_bytes, &n.batch.max_bytes);
         note("[batch] max_wait", &o.batch.max_wait, &n.batch.max_wait);
+        let (oi, ni) = (&o.ingest, &n.ingest);
+        for (key, was, now) in [
+            (
+                "[ingest] max_body_bytes",
+                oi.max_body_bytes,
+                ni.max_body_bytes,
+            ),
+            (
+                "[ingest] max_rows_per_request",
+                oi.max_rows_per_request,
+                ni.max_rows_per_request,
+            ),
+            ("[ingest] max_row_bytes", oi.max_row_bytes, ni.max_row_bytes),
+            ("[ingest] max_columns", oi.max_columns, ni.max_columns),
+            ("[ingest] max_depth", oi.max_depth, ni.max_depth),
+            (
+                "[ingest] max_header_bytes",
+                oi.max_header_bytes,
+                ni.max_header_bytes,
+            ),
+            (
+                "[ingest] max_connections",
+                oi.max_connections,
+                ni.max_connections,
+            ),
+            (
+                "[ingest] max_buffered_bytes",
+                oi.max_buffered_bytes,
+                ni.max_buffered_bytes,
+            ),
+        ] {
+            note(key, &was, &now);
+        }
         note(
-            "[ingest] max_body_bytes",
-            &o.ingest.max_body_bytes,
-            &n.ingest.max_body_bytes,
+            "[ingest] header_timeout",
+            &oi.header_timeout,
+            &ni.header_timeout,
         );
+        note("[ingest] body_timeout", &oi.body_timeout, &ni.body_timeout);
         note("[wal] max_bytes", &o.wal.max_bytes, &n.wal.max_bytes);
         note("[tables]", &o.tables, &n.tables);
         note(

@@ -15,39 +15,49 @@
 //! `ack` and `invalid` combine. Errors are `{"error": "..."}`: 400 an unknown query
 //! parameter or value (the message lists the allowed ones), malformed body, not UTF-8, a
 //! row that is not an object or a duplicate key (unless `invalid=dead_letter`; a body
-//! that cannot be split into rows is always refused), a bad table name; 403 one of pgspool's own tables, or a
-//! table or column that the `[tables]` allow-list does not name (checked before any query
-//! to PostgreSQL and before anything is stored; see [`crate::allow`]); 404 no such
-//! table; 405 wrong method; 413 body over `[ingest] max_body_bytes`, or rows that take more
-//! than a WAL record (64 MiB) once encoded; 415 other content
-//! types; 422 unknown or `GENERATED ALWAYS` column, a NUL character, a value no column of
-//! that type can take (unless `invalid=dead_letter`), a view or other relation that is
-//! not a table; 500 a failed
+//! that cannot be split into rows is always refused), a bad table name; 403 one of
+//! pgspool's own tables, a table or column that the `[tables]` allow-list does not name
+//! (checked before any query to PostgreSQL and before anything is stored; see
+//! [`crate::allow`]), or a peer not in `[listen] allowed_uids`/`allowed_gids`; 404 no
+//! such table; 405 wrong method; 408 a body not received within `[ingest] body_timeout`,
+//! or the head of a new connection's first request within `header_timeout`; 413 body over
+//! `[ingest] max_body_bytes`, more rows than `max_rows_per_request`, a row over
+//! `max_row_bytes`, with more keys than `max_columns` or nested deeper than `max_depth`
+//! (see [`super::limits`]), or rows that take more than a WAL record (64 MiB) once
+//! encoded; 415 other content types; 422 unknown or `GENERATED ALWAYS` column, a NUL
+//! character, a value no column of that type can take (unless `invalid=dead_letter`), a
+//! view or other relation that is not a table; 431 a request head over `[ingest]
+//! max_header_bytes` (over twice it, hyper's answer, without a body; the log names the
+//! key); 500 a failed
 //! fdatasync (pgspool stops); 503 with `Retry-After` not accepting writes (stopping), the
-//! WAL holding `[wal] max_bytes`, or PostgreSQL needed but unreachable; 507 the WAL's disk
-//! is full. Refusals for a full WAL or disk are counted in `pgspool_writes_refused_total`.
+//! WAL holding `[wal] max_bytes`, request bodies in memory at `[ingest]
+//! max_buffered_bytes`, `[ingest] max_connections` open, or PostgreSQL needed but
+//! unreachable; 507 the WAL's disk is full. Refusals for a full WAL or disk are counted in
+//! `pgspool_writes_refused_total`, those by the access check or a limit in
+//! `pgspool_requests_refused_total`.
 
-use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use percent_encoding::percent_decode_str;
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use super::limits::{self, Buffered};
+use super::peer::Peer;
 use crate::acks::{Acks, Outcome};
 use crate::allow::{self, AllowList, Denied};
-use crate::config::Config;
+use crate::config::{Config, IngestConfig, ListenConfig};
 use crate::live::Monitor;
 use crate::lsn::LsnRange;
-use crate::metrics::{AckLevel, Metrics, RefusalReason, Route};
+use crate::metrics::{AckLevel, Metrics, RefusalReason, RequestRefusal, Route};
 use crate::rowgroup::RowGroup;
 use crate::rows::{self, BodyFormat, Encoded, Invalid, Parsed, RowError};
 use crate::schema::{Catalog, Found, OWN_SCHEMA, SchemaCache, TableSchema};
@@ -70,6 +80,8 @@ pub struct Ingest {
     monitor: Arc<Monitor>,
     /// Connections open (see [`Ingest::connection_opened`]).
     connections: AtomicUsize,
+    /// Bytes of request bodies held, against `[ingest] max_buffered_bytes`.
+    buffered: Buffered,
 }
 
 /// What the request handlers need.
@@ -95,13 +107,6 @@ pub struct IngestOptions {
     pub monitor: Arc<Monitor>,
 }
 
-/// How long the body of a request refused before it was read is read and dropped.
-const DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A body declared larger than `[ingest] max_body_bytes`, up to this many times it, is
-/// read and dropped before the 413.
-const DISCARD_FACTOR: u64 = 4;
-
 /// An open connection, counted in [`Ingest::open_connections`] until dropped.
 #[derive(Debug)]
 pub struct ConnectionGuard(Arc<Ingest>);
@@ -113,10 +118,10 @@ impl Drop for ConnectionGuard {
 }
 
 /// A refusal: status and message.
-struct Refusal(StatusCode, String);
+pub(super) struct Refusal(StatusCode, String);
 
 impl Refusal {
-    fn new(status: StatusCode, message: impl Into<String>) -> Refusal {
+    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> Refusal {
         Refusal(status, message.into())
     }
 }
@@ -135,6 +140,7 @@ impl Ingest {
             acks: options.acks,
             monitor: options.monitor,
             connections: AtomicUsize::new(0),
+            buffered: Buffered::default(),
         }
     }
 
@@ -206,6 +212,21 @@ impl Ingest {
         ConnectionGuard(Arc::clone(self))
     }
 
+    /// `[listen]` now.
+    pub(super) fn listen(&self) -> ListenConfig {
+        self.config.borrow().listen.clone()
+    }
+
+    /// The `[ingest]` limits now.
+    pub(super) fn limits(&self) -> IngestConfig {
+        self.config.borrow().ingest.clone()
+    }
+
+    /// The daemon's metrics.
+    pub(super) fn metrics_handle(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Connections open now.
     #[must_use]
     pub fn open_connections(&self) -> usize {
@@ -215,27 +236,33 @@ impl Ingest {
     async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_string();
         let segments: Vec<&str> = path.split('/').collect();
-        let result = match (segments.as_slice(), request.method()) {
-            (["", "healthz"], &Method::GET) => self.health(),
-            (["", "metrics"], &Method::GET) => Ok(self.metrics()),
-            (["", "v1", "status"], &Method::GET) => self.status().await,
-            (["", "v1", "tables", table, "rows"], &Method::POST) => {
-                self.post_rows(table, request).await
+        let result = if let Err(refusal) =
+            limits::check_head(&request, &self.limits(), &self.metrics)
+        {
+            Err(refusal)
+        } else {
+            match (segments.as_slice(), request.method()) {
+                (["", "healthz"], &Method::GET) => self.health(),
+                (["", "metrics"], &Method::GET) => Ok(self.metrics()),
+                (["", "v1", "status"], &Method::GET) => self.status().await,
+                (["", "v1", "tables", table, "rows"], &Method::POST) => {
+                    self.post_rows(table, request).await
+                }
+                (["", "healthz" | "metrics"] | ["", "v1", "status"], _) => {
+                    Err(method_not_allowed("GET"))
+                }
+                (["", "v1", "tables", _, "rows"], _) => Err(method_not_allowed("POST")),
+                _ => Err(Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no such endpoint: {path} (rows go to POST /v1/tables/{{table}}/rows)"),
+                )),
             }
-            (["", "healthz" | "metrics"] | ["", "v1", "status"], _) => {
-                Err(method_not_allowed("GET"))
-            }
-            (["", "v1", "tables", _, "rows"], _) => Err(method_not_allowed("POST")),
-            _ => Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                format!("no such endpoint: {path} (rows go to POST /v1/tables/{{table}}/rows)"),
-            )),
         };
         match result {
             Ok(response) => response,
             Err(Refusal(status, message)) => {
                 debug!(%status, %message, "request refused");
-                let mut response = json_response(status, &json!({ "error": message }));
+                let mut response = refusal_response(status, &message);
                 if status == StatusCode::METHOD_NOT_ALLOWED {
                     let allow = if path.starts_with("/v1/tables/") {
                         "POST"
@@ -246,10 +273,11 @@ impl Ingest {
                         .headers_mut()
                         .insert("allow", HeaderValue::from_static(allow));
                 }
-                if status == StatusCode::SERVICE_UNAVAILABLE {
+                if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
+                    // Its body is left unread: the connection cannot carry another request.
                     response
                         .headers_mut()
-                        .insert("retry-after", HeaderValue::from_static("1"));
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
                 }
                 response
             }
@@ -308,12 +336,14 @@ impl Ingest {
             Ok(checked) => checked,
             Err(refusal) => {
                 let limit = self.config.borrow().ingest.max_body_bytes;
-                self.discard_body(request, limit).await;
+                limits::discard_body(request, limit).await;
                 return Err(refusal);
             }
         };
-        let body = self.read_body(request).await?;
-        let body = std::str::from_utf8(&body).map_err(|e| {
+        let limits = self.limits();
+        let (bytes, held) =
+            limits::read_body(request, &limits, &self.buffered, &self.metrics).await?;
+        let body = std::str::from_utf8(&bytes).map_err(|e| {
             Refusal::new(
                 StatusCode::BAD_REQUEST,
                 format!(
@@ -324,8 +354,10 @@ impl Ingest {
         })?;
         let rows = rows::parse_each(body, format)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+        limits::check_rows(&rows, &limits, &self.metrics)?;
         if let Some(allowed) = &allowed {
-            AllowList::check_columns(&table, allowed, &rows).map_err(forbidden)?;
+            AllowList::check_columns(&table, allowed, &rows)
+                .map_err(|denied| self.forbidden(denied))?;
         }
         if options.invalid == Invalid::Reject
             && let Some(Err(unparsed)) = rows.iter().find(|row| row.is_err())
@@ -360,6 +392,10 @@ impl Ingest {
             .into_iter()
             .map(|(rows, payload)| AppendRecord::new(rows, payload))
             .collect();
+        // The body and its rows are done with: a request waiting for its commit
+        // (`?ack=committed`) holds neither, nor its share of `[ingest] max_buffered_bytes`.
+        drop(rows);
+        drop((bytes, held));
         self.check_backlog(records.iter().map(AppendRecord::encoded_len).sum())?;
         let appender = self.appender()?;
         let appended = match options.ack {
@@ -453,74 +489,28 @@ impl Ingest {
         }
     }
 
-    /// Reads and drops the body of a request refused before its body was read (up to
-    /// `limit` bytes, for at most [`DISCARD_TIMEOUT`]): a client still sending it then
-    /// reads the answer, instead of a connection reset under its upload.
-    async fn discard_body(&self, request: Request<Incoming>, limit: u64) {
-        let mut body = request.into_body();
-        let mut seen = 0u64;
-        let _ = tokio::time::timeout(DISCARD_TIMEOUT, async {
-            while let Some(Ok(frame)) = body.frame().await {
-                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
-                if seen > limit {
-                    break;
-                }
-            }
-        })
-        .await;
-    }
-
-    async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, Refusal> {
-        let max_body_bytes = self.config.borrow().ingest.max_body_bytes;
-        let too_large = || {
-            Refusal::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "the body is larger than the limit of {} bytes ([ingest] max_body_bytes); \
-                     send fewer rows per request",
-                    max_body_bytes
-                ),
-            )
-        };
-        let declared = request
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if let Some(declared) = declared.filter(|&n| n > max_body_bytes) {
-            // Up to a few times the limit is read and dropped, so that the client reads
-            // the 413 rather than a reset; far larger bodies are cut short.
-            if declared <= DISCARD_FACTOR * max_body_bytes {
-                self.discard_body(request, declared).await;
-            }
-            return Err(too_large());
-        }
-        let limit = usize::try_from(max_body_bytes).unwrap_or(usize::MAX);
-        match Limited::new(request.into_body(), limit).collect().await {
-            Ok(collected) => {
-                let body = collected.to_bytes();
-                self.metrics.received_bytes(body.len() as u64);
-                Ok(body)
-            }
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-            Err(e) => Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                format!("reading the body failed: {e}"),
-            )),
-        }
-    }
-
-    /// The table's columns: cached, or asked of PostgreSQL, or unknown when PostgreSQL
-    /// cannot be asked about a table never seen.
     /// The columns `[tables]` lets rows for `table` name (`None`: every column), or 403 when
     /// it does not list the table.
     fn allowed(&self, table: &TableName) -> Result<Option<allow::Columns>, Refusal> {
         match &self.config.borrow().tables {
             None => Ok(None),
-            Some(list) => list.table(table).map_err(forbidden),
+            Some(list) => list.table(table).map_err(|denied| self.forbidden(denied)),
         }
     }
 
+    /// A write the `[tables]` allow-list refuses: 403, counted, and a log line for the
+    /// operator.
+    fn forbidden(&self, denied: Denied) -> Refusal {
+        self.metrics.request_refused(match denied {
+            Denied::Table { .. } => RequestRefusal::TableNotAllowed,
+            Denied::Column { .. } => RequestRefusal::ColumnNotAllowed,
+        });
+        warn!(reason = %denied, "a write was refused by the [tables] allow-list");
+        Refusal::new(StatusCode::FORBIDDEN, denied.to_string())
+    }
+
+    /// The table's columns: cached, or asked of PostgreSQL, or unknown when PostgreSQL
+    /// cannot be asked about a table never seen.
     async fn columns(&self, table: &TableName) -> Result<Columns, Refusal> {
         if table.schema.as_deref() == Some(OWN_SCHEMA) {
             return Err(own_table(table));
@@ -601,12 +591,6 @@ impl Ingest {
             Err(e) => Err(Lookup::Unreachable(e.0)),
         }
     }
-}
-
-/// A write the `[tables]` allow-list refuses: 403, and a log line for the operator.
-fn forbidden(denied: Denied) -> Refusal {
-    warn!(reason = %denied, "a write was refused by the [tables] allow-list");
-    Refusal::new(StatusCode::FORBIDDEN, denied.to_string())
 }
 
 fn own_table(table: &TableName) -> Refusal {
@@ -721,42 +705,6 @@ impl PostOptions {
     }
 }
 
-/// The client's end of a connection, kept (a duplicate of the socket's descriptor) so that
-/// a request waiting for a commit notices when its client is gone: hyper does not, since a
-/// client may half-close its side and still read the answer.
-#[derive(Debug, Clone)]
-pub struct Peer(Arc<OwnedFd>);
-
-/// How often a waiting request checks that its client is still there.
-const PEER_CHECK: Duration = Duration::from_secs(1);
-
-impl Peer {
-    /// The peer of `socket`.
-    ///
-    /// # Errors
-    /// When the descriptor cannot be duplicated (too many open files).
-    pub fn new(socket: &impl AsFd) -> std::io::Result<Peer> {
-        Ok(Peer(Arc::new(socket.as_fd().try_clone_to_owned()?)))
-    }
-
-    /// Returns once the client has closed its socket (both directions: a half-close is
-    /// not going away), checking every [`PEER_CHECK`].
-    async fn gone(&self) {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        loop {
-            tokio::time::sleep(PEER_CHECK).await;
-            let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::empty())];
-            let hung_up = poll(&mut fds, PollTimeout::ZERO).is_ok()
-                && fds[0]
-                    .revents()
-                    .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR));
-            if hung_up {
-                return;
-            }
-        }
-    }
-}
-
 /// The route of a request for the metrics: known paths by name, whatever the method, and
 /// every other path as one.
 fn route(path: &str) -> Route {
@@ -804,6 +752,17 @@ fn is_disk_full(e: &std::io::Error) -> bool {
         e.kind(),
         std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
     )
+}
+
+/// The answer to a refusal: `{"error": message}`, with `Retry-After` for a 503.
+pub(super) fn refusal_response(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let mut response = json_response(status, &json!({ "error": message }));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+    }
+    response
 }
 
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {

@@ -1,6 +1,7 @@
 //! Integration tests: real PostgreSQL servers started by the harness, real sockets, real
 //! files. One binary, a module per area.
 
+mod access;
 mod ack_levels;
 mod bench;
 mod bounded_start;
@@ -14,6 +15,7 @@ mod fdatasync_failure;
 mod harness;
 mod http_api;
 mod least_privilege;
+mod limits;
 mod load;
 mod log_formats;
 mod metrics;

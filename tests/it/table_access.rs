@@ -142,6 +142,14 @@ async fn only_the_tables_and_columns_in_the_allow_list_are_written() {
             "{table}: expected {says:?} in {error:?}"
         );
     }
+    let reply = c.get("/metrics").await.expect("GET /metrics");
+    let metrics = reply.body.as_str().expect("text");
+    for line in [
+        "pgspool_requests_refused_total{reason=\"table_not_allowed\"} 3",
+        "pgspool_requests_refused_total{reason=\"column_not_allowed\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
     flushed(&daemon).await;
     assert_eq!(pg.count("SELECT count(*) FROM events").await, 1);
     assert_eq!(pg.count("SELECT count(*) FROM audit.log").await, 1);
