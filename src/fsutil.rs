@@ -1,13 +1,46 @@
 //! File-system steps the WAL's durability rests on, all through std (the C library), so
 //! LD_PRELOAD fault injectors such as libfiu reach them.
+//!
+//! Everything pgspool writes under its WAL directory holds rows or facts about them, in
+//! clear text: files are created with [`FILE_MODE`] and directories with [`DIR_MODE`],
+//! whatever the umask, so only pgspool's user (and root) can read them (SECURITY.md).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Suffix of files being created; leftovers are removed at start.
 pub const TMP_SUFFIX: &str = ".tmp";
+
+/// Mode of the files pgspool creates in its WAL directory: read and write for its user.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Mode of the directories pgspool creates: its user's only.
+pub const DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` and any parents missing, each with [`DIR_MODE`]; an existing directory is
+/// left as it is.
+///
+/// # Errors
+/// When a directory cannot be created.
+pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)
+}
+
+/// Opens `path` for writing, created with [`FILE_MODE`] if missing, and truncated.
+///
+/// # Errors
+/// When the file cannot be opened or created.
+pub fn create_private_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(path)
+}
 
 /// fsyncs a directory, making creations, renames and unlinks in it durable.
 ///
@@ -57,12 +90,7 @@ pub fn write_atomic_steps(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), At
     use AtomicWriteError::{Sync, Write};
     let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(Write)?;
+        let mut file = create_private_file(&tmp).map_err(Write)?;
         file.write_all(bytes).map_err(Write)?;
         file.sync_data().map_err(Sync)?;
         fs::rename(&tmp, dir.join(name)).map_err(Write)?;

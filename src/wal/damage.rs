@@ -15,7 +15,7 @@
 //!   a *quarantined* record that covers their LSNs, which the flusher passes over.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -473,7 +473,7 @@ fn save(dir: &Path, segment: &SegmentFile, damage: Damage) -> Result<Quarantined
         });
     }
     let quarantine_dir = dir.join(QUARANTINE_DIR);
-    fs::create_dir_all(&quarantine_dir)
+    fsutil::create_private_dir_all(&quarantine_dir)
         .map_err(WalError::io(format!("create {}", quarantine_dir.display())))?;
     let bytes = read_range(path, damage.offset, damage.end)
         .map_err(WalError::io(format!("read {}", path.display())))?;
@@ -500,11 +500,7 @@ fn rewrite_segment(dir: &Path, segment: &SegmentFile, moved: &[Quarantined]) -> 
     let tmp = dir.join(format!("{name}{}", fsutil::TMP_SUFFIX));
     let result = (|| {
         let mut src = File::open(&segment.path)?;
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let mut out = fsutil::create_private_file(&tmp)?;
         let mut pos = 0;
         for q in moved {
             io::copy(

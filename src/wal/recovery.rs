@@ -18,8 +18,8 @@
 //! anything is cut.
 
 use std::fs::{self, File, OpenOptions};
-use std::io;
-use std::os::unix::fs::FileExt;
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -47,7 +47,9 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
             reason: "is not a directory; --wal-dir must name a directory".into(),
         });
     }
-    fs::create_dir_all(dir).map_err(WalError::io(format!("create {}", dir.display())))?;
+    fsutil::create_private_dir_all(dir)
+        .map_err(WalError::io(format!("create {}", dir.display())))?;
+    warn_if_readable_by_others(dir);
     let lock = lock_dir(dir)?;
     if let Some(damage) = damage::recorded(dir)? {
         return Err(WalError::Corrupt { damage });
@@ -215,9 +217,26 @@ pub(super) fn lock_dir(dir: &Path) -> Result<File, WalError> {
             return Err(WalError::io(format!("lock {}", dir.display()))(e));
         }
     }
-    fs::write(&path, format!("{}\n", std::process::id()))
+    fsutil::create_private_file(&path)
+        .and_then(|mut f| writeln!(f, "{}", std::process::id()))
         .map_err(WalError::io(format!("write {}", path.display())))?;
     Ok(handle)
+}
+
+/// Warns when the WAL directory, which holds rows in clear text, is open to other users
+/// (an operator's `mkdir` under a umask of 022 makes it 0755): pgspool leaves the mode to
+/// the operator, but says what it means.
+fn warn_if_readable_by_others(dir: &Path) {
+    if let Ok(meta) = fs::metadata(dir)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o7777),
+            "the WAL directory is open to other users, and its segments hold rows in clear \
+             text: chmod 700 it (pgspool creates its files 0600, but others may list them)"
+        );
+    }
 }
 
 fn remove_temporary_files(dir: &Path) -> Result<(), WalError> {
@@ -355,7 +374,7 @@ fn cut_torn_tail(
         segment.first_lsn.0,
         fsutil::now_us()
     );
-    let saved = fs::create_dir_all(&quarantine)
+    let saved = fsutil::create_private_dir_all(&quarantine)
         .and_then(|()| fsutil::write_atomic(&quarantine, &name, tail));
     if let Err(e) = &saved {
         warn!(error = %e, dir = %quarantine.display(), "could not keep a copy of the torn write");

@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use crate::harness::{DaemonProcess, Pg, client, config, post_ndjson, short_tempdir};
+use crate::harness::{DaemonProcess, Pg, client, config, post_ndjson, short_tempdir, wait_until};
 
 /// The uid and gid of `nobody` and `nogroup` on Debian.
 const NOBODY: u32 = 65534;
@@ -218,4 +218,59 @@ async fn a_stale_socket_is_replaced_but_a_live_daemons_is_not() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("107 bytes"), "{stderr}");
+}
+
+/// Load: one row through a daemon started under umask 022 on a WAL directory it creates,
+/// then one on a directory an operator made 0755. The first directory is 0700 and every
+/// file pgspool wrote in it 0600 (its segments hold rows in clear text); for the second,
+/// which pgspool leaves as it is, the log says what its mode means.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_is_private_whatever_the_umask() {
+    let pg = Pg::start().await;
+    pg.exec("CREATE TABLE t (id int)").await;
+    let umask_022: [&OsStr; 3] = [
+        OsStr::new("sh"),
+        OsStr::new("-c"),
+        OsStr::new("umask 022; exec \"$0\" \"$@\""),
+    ];
+    let dir = short_tempdir();
+    let mut daemon = DaemonProcess::start(&umask_022, dir.path(), &pg.url(), &[]);
+    daemon.wait_ready().await;
+    let mut c = client(&daemon.socket).await;
+    assert_eq!(post_ndjson(&mut c, "t", "{\"id\":1}\n").await.status, 202);
+    wait_until("the row lands", || async {
+        pg.count("SELECT count(*) FROM t").await == 1
+    })
+    .await;
+    let wal = dir.path().join("wal");
+    let mode = |path: &Path| std::fs::metadata(path).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&wal), 0o700, "{}", wal.display());
+    let files: Vec<_> = std::fs::read_dir(&wal)
+        .expect("list the WAL directory")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(
+        files
+            .iter()
+            .any(|f| f.extension() == Some(OsStr::new("wal"))),
+        "{files:?}"
+    );
+    for file in &files {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+    daemon.terminate().await;
+    assert!(!daemon.log_text().contains("open to other users"));
+
+    let open = short_tempdir();
+    let wal = open.path().join("wal");
+    std::fs::create_dir(&wal).expect("mkdir");
+    std::fs::set_permissions(&wal, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut daemon = DaemonProcess::start(&umask_022, open.path(), &pg.url(), &[]);
+    daemon.wait_ready().await;
+    daemon.terminate().await;
+    let log = daemon.log_text();
+    assert!(
+        log.contains("the WAL directory is open to other users") && log.contains("mode=\"755\""),
+        "{log}"
+    );
 }
