@@ -403,11 +403,8 @@ impl Config {
                 ));
             }
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return invalid(format!(
-                "[log] level (or --log-level) = {:?} is not a log filter: {e}",
-                self.log.level
-            ));
+        if let Err(e) = crate::logging::parse_filter(&self.log.level) {
+            return invalid(format!("[log] level (or --log-level): {e}"));
         }
         if self.listen.socket.as_os_str().is_empty() || self.wal.dir.as_os_str().is_empty() {
             return invalid("[listen] socket and [wal] dir must not be empty".into());

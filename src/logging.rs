@@ -47,6 +47,19 @@ pub enum LogError {
         /// The parser's message.
         error: tracing_subscriber::filter::ParseError,
     },
+    /// A part without `=` that is not a level: `tracing_subscriber` would take it as a
+    /// target to log at every level, so a misspelt level (`warning`) would silently turn
+    /// logging off.
+    #[error(
+        "{part:?} in the log filter {directive:?} is not a level (off, error, warn, info, debug, \
+         trace); to log one target at every level write {part}=trace"
+    )]
+    NotALevel {
+        /// The filter given.
+        directive: String,
+        /// The part that is not a level.
+        part: String,
+    },
     /// The logger set up by [`init`] is not in use (another one was installed first).
     #[error("cannot change the log filter: {0}")]
     Reload(#[from] reload::Error),
@@ -70,10 +83,7 @@ impl LogHandle {
     /// [`LogError::Filter`] when `directive` is not a filter (the old one stays);
     /// [`LogError::Reload`] when the logger of [`init`] is not the one in use.
     pub fn set_filter(&self, directive: &str) -> Result<(), LogError> {
-        let filter = EnvFilter::try_new(directive).map_err(|error| LogError::Filter {
-            directive: directive.to_string(),
-            error,
-        })?;
+        let filter = parse_filter(directive)?;
         if self.from_env {
             tracing::warn!(
                 filter = directive,
@@ -86,6 +96,29 @@ impl LogHandle {
     }
 }
 
+/// Parses a `[log] level` value: a level, or comma-separated `target=level` directives and
+/// levels (`pgspool=debug,info`), each trimmed of surrounding spaces.
+///
+/// # Errors
+/// [`LogError::NotALevel`] for a part without `=` that is not a level; [`LogError::Filter`]
+/// for anything else `tracing_subscriber` refuses.
+pub fn parse_filter(directive: &str) -> Result<EnvFilter, LogError> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let parts: Vec<&str> = directive.split(',').map(str::trim).collect();
+    if let Some(part) = parts.iter().find(|part| {
+        !part.is_empty() && !part.contains('=') && !LEVELS.contains(&part.to_lowercase().as_str())
+    }) {
+        return Err(LogError::NotALevel {
+            directive: directive.to_string(),
+            part: (*part).to_string(),
+        });
+    }
+    EnvFilter::try_new(parts.join(",")).map_err(|error| LogError::Filter {
+        directive: directive.to_string(),
+        error,
+    })
+}
+
 /// Installs the process-wide logger: events that `level` lets through (or `RUST_LOG`,
 /// which wins when it is set to a valid filter; `info` if neither is valid) go to stderr
 /// in `format`. Call it once, early; a second call leaves the first logger in place (and
@@ -94,7 +127,7 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
     let from_env = EnvFilter::try_from_default_env().ok();
     let has_env = from_env.is_some();
     let filter = from_env
-        .or_else(|| EnvFilter::try_new(level).ok())
+        .or_else(|| parse_filter(level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let output = match format {
@@ -195,5 +228,38 @@ mod tests {
         assert_eq!(debug(), applies, "a bad filter left the old one in place");
         handle.set_filter("off").expect("a filter");
         assert!(!debug() || !applies);
+    }
+
+    #[test]
+    fn a_misspelt_level_is_refused_instead_of_silencing_the_log() {
+        for good in [
+            "info",
+            "WARN",
+            " info ",
+            "pgspool=debug,info",
+            "debug, hyper=warn",
+            "off",
+        ] {
+            assert!(parse_filter(good).is_ok(), "{good:?}");
+        }
+        for (bad, part) in [
+            ("warning", "warning"),
+            ("info,bogus", "bogus"),
+            ("pgspool", "pgspool"),
+        ] {
+            let e = parse_filter(bad).expect_err(bad);
+            assert!(
+                matches!(&e, LogError::NotALevel { part: p, .. } if p == part),
+                "{bad:?}: {e}"
+            );
+            assert!(
+                e.to_string().contains(&format!("write {part}=trace")),
+                "{e}"
+            );
+        }
+        assert!(matches!(
+            parse_filter("pgspool=loud"),
+            Err(LogError::Filter { .. })
+        ));
     }
 }

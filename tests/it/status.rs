@@ -145,6 +145,21 @@ fn exit_codes_tell_usage_from_configuration_from_runtime_errors() {
     let bad_config = run(&["run", "--config", bad.to_str().expect("utf-8")]);
     assert_eq!(bad_config.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&bad_config.stderr).contains("max_rowz"));
+    // A misspelt level would silence the log: it is refused instead.
+    let level = run(&[
+        "run",
+        "--log-level",
+        "warning",
+        "--database-url",
+        "host=/tmp",
+        "--socket",
+        "/tmp/x.sock",
+        "--wal-dir",
+        "/tmp/x",
+    ]);
+    assert_eq!(level.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&level.stderr);
+    assert!(stderr.contains("is not a level (off, error, warn"), "{stderr}");
     let not_wal = run(&["status", "--wal-dir", dir.path().to_str().expect("utf-8")]);
     assert_eq!(not_wal.status.code(), Some(2), "nothing can be read");
     assert!(String::from_utf8_lossy(&not_wal.stderr).contains("not a pgspool WAL directory"));
