@@ -49,11 +49,13 @@ pub enum Denied {
     /// The table is not listed.
     #[error(
         "table {table} is not in pgspool's [tables] allow-list{hint}; ask the operator to add \
-         [tables.\"{table}\"] to the configuration"
+         [tables.{key}] to the configuration"
     )]
     Table {
         /// The table as the request named it.
         table: String,
+        /// Its `[tables]` key, quoted for TOML.
+        key: String,
         /// A listed table the request may have meant, as `" (did you mean ...?)"`.
         hint: String,
     },
@@ -162,6 +164,7 @@ impl AllowList {
             .unwrap_or_default();
         Err(Denied::Table {
             table: table.to_string(),
+            key: toml_key(table),
             hint,
         })
     }
@@ -192,6 +195,17 @@ impl AllowList {
                 })
             }
         }
+    }
+}
+
+/// `table` as a `[tables]` key in TOML: a basic string, or a literal one when the name holds
+/// a double quote (`'"my.schema"."t"'`).
+fn toml_key(table: &TableName) -> String {
+    let name = table.to_string();
+    if name.contains('"') && !name.contains('\'') {
+        format!("'{name}'")
+    } else {
+        toml::Value::String(name).to_string()
     }
 }
 
@@ -236,6 +250,20 @@ mod tests {
         for refused in ["public.Events", "other.events", "public.other"] {
             assert!(allow.table(&name(refused)).is_err(), "{refused}");
         }
+        let quoted = allow
+            .table(&name("\"my.schema\".t"))
+            .expect_err("not listed");
+        assert!(
+            quoted
+                .to_string()
+                .contains("add [tables.'\"my.schema\".t'] to the configuration"),
+            "{quoted}"
+        );
+        let plain = allow.table(&name("public.other")).expect_err("not listed");
+        assert!(
+            plain.to_string().contains("add [tables.\"public.other\"]"),
+            "{plain}"
+        );
         let unqualified = allow.table(&name("events")).expect_err("unqualified");
         assert!(
             unqualified

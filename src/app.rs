@@ -77,9 +77,10 @@ impl Daemon {
         activated: Option<std::os::unix::net::UnixListener>,
     ) -> anyhow::Result<Daemon> {
         config.validate()?;
-        // A password file or TLS setting that cannot be used is a configuration error.
+        // A password file or TLS setting that cannot be used is a configuration error (its
+        // message names the key or the connection string's parameter).
         let pg = crate::pg::Target::from_config(&config.postgres)
-            .map_err(|e| ConfigError::Invalid(format!("[postgres]: {e:#}")))?;
+            .map_err(|e| ConfigError::Invalid(format!("{e:#}")))?;
         // The socket first: a live daemon on it, or a file in the way, is refused before
         // the WAL is touched.
         let (listener, socket) = match activated {

@@ -157,6 +157,14 @@ pub async fn fetch(
     let Some(first) = rows.first() else {
         return Ok(Found::Missing);
     };
+    // PostgreSQL's own catalogs: a client could otherwise name one and have its rows held
+    // (and the WAL kept) until an operator dead-letters them.
+    let schema: String = first.get(0);
+    if matches!(schema.as_str(), "pg_catalog" | "information_schema")
+        || schema.starts_with("pg_toast")
+    {
+        return Ok(Found::NotATable("a system catalog"));
+    }
     let kind = match first.get::<_, String>(8).as_str() {
         "r" | "p" | "f" => None,
         "v" => Some("a view"),

@@ -113,6 +113,13 @@ async fn every_refusal_has_its_status_and_a_message_that_says_where() {
             "is a view",
         ),
         (
+            "pg_class",
+            "application/json",
+            b"{\"relname\":\"x\"}".to_vec(),
+            422,
+            "pg_class is a system catalog",
+        ),
+        (
             "pgspool.watermarks",
             "application/json",
             b"{\"lsn\":1}".to_vec(),

@@ -159,7 +159,10 @@ fn exit_codes_tell_usage_from_configuration_from_runtime_errors() {
     ]);
     assert_eq!(level.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&level.stderr);
-    assert!(stderr.contains("is not a level (off, error, warn"), "{stderr}");
+    assert!(
+        stderr.contains("is not a level (off, error, warn"),
+        "{stderr}"
+    );
     let not_wal = run(&["status", "--wal-dir", dir.path().to_str().expect("utf-8")]);
     assert_eq!(not_wal.status.code(), Some(2), "nothing can be read");
     assert!(String::from_utf8_lossy(&not_wal.stderr).contains("not a pgspool WAL directory"));
