@@ -246,7 +246,13 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
                 s.push_str(&format!(": {cause}"));
                 source = cause.source();
             }
-            if s.contains("TLS") {
+            if s.contains("CaUsedAsEndEntity") {
+                s.push_str(
+                    " (the server presents a self-signed certificate that is also its own CA: \
+                     libpq accepts that, rustls does not; give the server a certificate signed \
+                     by a CA, and that CA's certificate as sslrootcert)",
+                );
+            } else if s.contains("TLS") {
                 s.push_str(
                     " (TLS as the connection string's sslmode and sslrootcert ask: check that \
                      the server has ssl = on, that sslrootcert holds the CA that signed its \
