@@ -145,6 +145,34 @@ async fn sslmodes_are_honoured_as_libpq_does() {
     );
 }
 
+/// A self-signed server certificate that is its own CA (`openssl req -x509`'s default),
+/// which libpq accepts and rustls refuses: the error says so, and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_signed_server_certificate_is_explained() {
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("self-signed certificate");
+    let server = start_server(Some(ServerTls {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }))
+    .await;
+    let dir = short_tempdir();
+    let root = write(dir.path(), "self-signed.pem", &cert.pem());
+    let url = format!(
+        "host=localhost port={} user=postgres dbname=postgres sslmode=verify-full sslrootcert={}",
+        server.port(),
+        root.display()
+    );
+    let e = try_connect(&url).await.expect_err("rustls refuses it");
+    assert!(
+        e.contains("CaUsedAsEndEntity")
+            && e.contains("give the server a certificate signed by a CA"),
+        "{e}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn require_fails_clearly_when_the_server_has_no_tls() {
     let server = start_server(None).await;
