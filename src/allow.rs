@@ -120,7 +120,12 @@ impl TryFrom<BTreeMap<String, Entry>> for AllowList {
                              {MAX_IDENTIFIER_BYTES} bytes)"
                         ));
                     }
-                    Some(Arc::new(columns.into_iter().collect()))
+                    let count = columns.len();
+                    let set: HashSet<String> = columns.into_iter().collect();
+                    if set.len() != count {
+                        return Err(format!("[tables.{key:?}] columns names a column twice"));
+                    }
+                    Some(Arc::new(set))
                 }
             };
             if tables.insert(table.clone(), columns).is_some() {
