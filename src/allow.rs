@@ -290,6 +290,10 @@ mod tests {
                 "[tables.\"public.t\"]\ncolumns = [\"\"]\n",
                 "is not a column name",
             ),
+            (
+                "[tables.\"public.t\"]\ncolumns = [\"a\", \"a\"]\n",
+                "names a column twice",
+            ),
             ("[tables.\"public.t\"]\ncolumn = [\"a\"]\n", "unknown field"),
             (
                 "[tables.\"public.t\"]\n[tables.'\"public\".\"t\"']\n",
