@@ -16,8 +16,8 @@
 //!   which runs a hundred times faster than through files.
 //!
 //! It checks that every record handed out lies inside the file and follows the one before
-//! it, that damage is reported inside the file, and that a row group's rows can be walked
-//! to their end or their first error.
+//! it, that damage is reported inside the file, and that a row group's rows come to an
+//! end.
 
 #![no_main]
 
@@ -211,42 +211,22 @@ fn read_records(seg: &SegmentFile, file_len: u64) {
     }
 }
 
-/// Walks a record's row group to its end or its first error.
+/// Walks a record's row group to its end: its rows are framed by their lengths, so there
+/// are at most as many rows (or errors) as bytes.
 fn walk_group(payload: &[u8]) {
     let Ok(group) = RowGroup::decode(payload) else {
         return;
     };
     let _ = group.table.to_string();
     let most = payload.len() + 1;
-    match group.format {
-        RowFormat::Copy => {}
-        RowFormat::Json => {
-            let mut rows = group.json_rows();
-            for _ in 0..most {
-                match rows.next() {
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) => {
-                        assert!(rows.next().is_none(), "rows after an error");
-                        return;
-                    }
-                    None => return,
-                }
-            }
-            panic!("more rows than bytes");
-        }
-        RowFormat::Refused => {
-            let mut rows = group.refused_rows();
-            for _ in 0..most {
-                match rows.next() {
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) => {
-                        assert!(rows.next().is_none(), "rows after an error");
-                        return;
-                    }
-                    None => return,
-                }
-            }
-            panic!("more rows than bytes");
-        }
-    }
+    let rows = match group.format {
+        RowFormat::Copy => return,
+        RowFormat::Json => group.json_rows().take(most + 1).count(),
+        RowFormat::Refused => group.refused_rows().take(most + 1).count(),
+    };
+    assert!(
+        rows <= most,
+        "endless rows in a payload of {} bytes",
+        payload.len()
+    );
 }
