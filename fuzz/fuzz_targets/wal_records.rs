@@ -13,7 +13,7 @@
 //!   a valid header for the spool;
 //! - bit 3: no file: the records are decoded in memory (`record::record_len`,
 //!   `record::decode`, `damage::classify_tail`), as the cursor and the damage locator do,
-//!   which runs a hundred times faster than through files.
+//!   with no file I/O and no 1 MiB read buffer: far more executions a second.
 //!
 //! It checks that every record handed out lies inside the file and follows the one before
 //! it, that damage is reported inside the file, and that a row group's rows come to an
