@@ -220,7 +220,8 @@ impl<'a> RowGroup<'a> {
     }
 }
 
-/// The JSON objects of a JSON group's `body` (also the concatenated bodies of several).
+/// The JSON objects of a JSON group's `body` (also the concatenated bodies of several). A
+/// length that runs past the body's end is the last item.
 pub fn json_rows(body: &[u8]) -> impl Iterator<Item = Result<&str, MalformedGroup>> {
     let mut rest = body;
     std::iter::from_fn(move || {
@@ -229,7 +230,8 @@ pub fn json_rows(body: &[u8]) -> impl Iterator<Item = Result<&str, MalformedGrou
 }
 
 /// The rows of a refused group's `body` (also the concatenated bodies of several): each
-/// row's text as the client sent it, and why pgspool refused it.
+/// row's text as the client sent it, and why pgspool refused it. A length that runs past
+/// the body's end is the last item.
 pub fn refused_rows(body: &[u8]) -> impl Iterator<Item = Result<(&str, &str), MalformedGroup>> {
     let mut rest = body;
     std::iter::from_fn(move || {
@@ -249,8 +251,11 @@ fn take_long_str<'a>(
     std::str::from_utf8(take(rest, len)?).map_err(|_| MalformedGroup(not_utf8))
 }
 
+/// The next `n` bytes of `rest`; when fewer remain, an error and nothing remains, so that
+/// the row iterators end after it.
 fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], MalformedGroup> {
     if rest.len() < n {
+        *rest = &[];
         return Err(MalformedGroup("payload ends early"));
     }
     let (head, tail) = rest.split_at(n);
@@ -272,6 +277,33 @@ mod tests {
             schema: Some("public".into()),
             name: "t".into(),
         }
+    }
+
+    /// Found by the `wal_records` fuzz target: a row whose length runs past the end of
+    /// the body gave "payload ends early" again at every call, so the rows never ended
+    /// (a refused group's body under a JSON group's format byte, as the fuzzer wrote it).
+    #[test]
+    fn rows_end_after_a_length_past_the_end() {
+        let payload: &[u8] =
+            b"\x02\x00\x00\x0a\x00edge_cases\x00\x00$\x00\x00\x00{\"id\":1,\"note\":\
+            \"tab\\there and\\ttwo\"},\x00\x00\x00{\"id:101,\"note\":\"nul \\u0000 byte\"}J\x00\
+            \x00\x00line 1: column \"note\": text and jsonb cannot hold a NUL character \
+            (\\u0000)\x13\x00\x00\x00{\"id\":107,\"nope\":1}?\x00\x00\x00line 7: column \"nope\" \
+            does not exist in table public.edge_cases\x07\x00\x00\x00[1,2,3]3\x00\x00\x00line 8: a \
+            row must be a JSON object";
+        assert_eq!(payload.len(), 313);
+        let group = RowGroup::decode(payload).expect("decode");
+        assert_eq!(group.format, RowFormat::Json);
+        let rows: Vec<_> = group.json_rows().take(100).collect();
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        assert_eq!(rows[0], Ok(r#"{"id":1,"note":"tab\there and\ttwo"}"#));
+        assert_eq!(rows[2], Err(MalformedGroup("payload ends early")));
+        let refused: Vec<_> = group.refused_rows().take(100).collect();
+        assert_eq!(
+            refused.last(),
+            Some(&Err(MalformedGroup("payload ends early")))
+        );
+        assert!(refused.len() < 100);
     }
 
     #[test]

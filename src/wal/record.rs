@@ -198,7 +198,8 @@ pub enum Invalid {
         /// LSN the record claims.
         found: Lsn,
     },
-    /// Unknown type, zero rows or non-zero reserved bytes under a valid checksum.
+    /// Unknown type, zero rows, LSNs past the largest one, or non-zero reserved bytes
+    /// under a valid checksum.
     #[error("malformed record header: {0}")]
     Malformed(&'static str),
 }
@@ -253,6 +254,9 @@ pub fn decode(buf: &[u8], expected: Lsn) -> Decoded<'_> {
     }
     if rows == 0 {
         return Decoded::Invalid(Invalid::Malformed("record holds zero rows"));
+    }
+    if first.0.checked_add(u64::from(rows)).is_none() {
+        return Decoded::Invalid(Invalid::Malformed("LSNs beyond the largest LSN"));
     }
     if first != expected {
         return Decoded::Invalid(Invalid::WrongLsn {
@@ -358,6 +362,38 @@ mod tests {
                 found: Lsn(5)
             }
         );
+    }
+
+    /// A record under a valid checksum whose LSNs run past `u64::MAX` overflowed
+    /// computing its last LSN or the next one (a panic in debug builds, wrapped LSNs in
+    /// release ones). The `wal_records` fuzz target found it with a record of one row at
+    /// LSN `u64::MAX` (its input is the seed `crash-lsn-max`).
+    #[test]
+    fn lsns_beyond_the_largest_are_refused() {
+        let record = |first: u64, rows: u32| {
+            let mut buf = [0u8; HEADER_BYTES + 1];
+            buf[4..8].copy_from_slice(&1u32.to_le_bytes());
+            buf[8..16].copy_from_slice(&first.to_le_bytes());
+            buf[16..20].copy_from_slice(&rows.to_le_bytes());
+            buf[20] = TYPE_ROWS;
+            buf[32..40].copy_from_slice(&first.to_le_bytes());
+            buf[HEADER_BYTES] = b'x';
+            let crc = crc32c::crc32c(&buf[4..]);
+            buf[..4].copy_from_slice(&crc.to_le_bytes());
+            buf
+        };
+        for (first, rows) in [(u64::MAX, 1), (u64::MAX - 1, 5)] {
+            assert_eq!(
+                decode_all(&record(first, rows), Lsn(first)).unwrap_err(),
+                Invalid::Malformed("LSNs beyond the largest LSN"),
+                "{rows} rows from LSN {first}"
+            );
+        }
+        // The last LSN there is: a record that ends at u64::MAX - 1 (the next LSN still
+        // fits).
+        let buf = record(u64::MAX - 1, 1);
+        let (decoded, _) = decode_all(&buf, Lsn(u64::MAX - 1)).expect("valid");
+        assert_eq!(decoded.lsns.last, Lsn(u64::MAX - 1));
     }
 
     #[test]

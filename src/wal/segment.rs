@@ -411,14 +411,14 @@ impl SegmentCursor {
         self.buf_offset += self.start as u64;
         self.start = 0;
         while self.len < n {
-            let want = self.len + READ_CHUNK.max(n - self.len);
-            if self.buf.len() < want {
-                self.buf.resize(want, 0);
+            // Grown by a chunk only once full, never to `n` at once: `n` may come from a
+            // damaged header, and memory follows the bytes the file really holds.
+            if self.len == self.buf.len() {
+                self.buf.resize(self.len + READ_CHUNK, 0);
             }
-            let read = self.file.read_at(
-                &mut self.buf[self.len..want],
-                self.buf_offset + self.len as u64,
-            );
+            let read = self
+                .file
+                .read_at(&mut self.buf[self.len..], self.buf_offset + self.len as u64);
             match read {
                 Ok(0) => break,
                 Ok(got) => self.len += got,
@@ -529,6 +529,41 @@ mod tests {
             }
             other => panic!("expected damage, got {other:?}"),
         }
+    }
+
+    /// Found by the `wal_records` fuzz target: a damaged header declaring a 32 MiB record
+    /// in a segment of 105 bytes made the cursor allocate (and zero) 32 MiB before finding
+    /// that the file ends.
+    #[test]
+    fn a_length_from_a_damaged_header_allocates_only_what_the_file_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Uuid::new_v4();
+        let (file, seg) = create(dir.path(), Lsn(0xfdff_0100_0000_010a), spool).expect("create");
+        let record: &[u8] = &[
+            0, 0, 0, 0, 4, 0, 0, 2, 0, 0, 0, 56, 0, 126, 45, 126, 45, 45, 45, 45, 45, 126, 126,
+            126, 126, 126, 10, 96, 96, 96, 96, 96, 96, 9, 0, 0, 126, 255, 255, 209, 122,
+        ];
+        file.write_all_at(record, SEGMENT_HEADER_BYTES)
+            .expect("write");
+        let (mut cursor, _) = SegmentCursor::open(seg, spool).expect("open");
+        match cursor.step(Lsn(u64::MAX)).expect("step") {
+            Step::Damaged { offset, reason } => {
+                assert_eq!(offset, SEGMENT_HEADER_BYTES);
+                assert_eq!(
+                    reason,
+                    Invalid::Truncated {
+                        needed: (HEADER_BYTES + 0x0200_0004) as u64,
+                        available: record.len() as u64
+                    }
+                );
+            }
+            other => panic!("expected damage, got {other:?}"),
+        }
+        assert!(
+            cursor.buf.len() <= READ_CHUNK,
+            "{} bytes allocated",
+            cursor.buf.len()
+        );
     }
 
     #[test]
