@@ -131,7 +131,8 @@ impl Prepared {
     }
 
     /// Encodes a JSON group's rows one by one into units, refusing the rows the encoder
-    /// refuses.
+    /// refuses. Records are checksummed, so a body that does not hold a row for each of
+    /// its LSNs is a bug; those LSNs are dead letters saying so rather than lost.
     ///
     /// # Errors
     /// The first row naming a column the table does not have.
@@ -146,8 +147,26 @@ impl Prepared {
             .iter()
             .flat_map(|&(first, rows)| (0..rows).map(move |i| Lsn(first.0 + i)));
         let mut built: Vec<(Unit, Vec<u8>)> = Vec::new();
-        for (lsn, text) in lsns.zip(rowgroup::json_rows(&group.data)) {
-            let text = text.expect("a batch holds only decoded row groups");
+        let mut texts = rowgroup::json_rows(&group.data);
+        for lsn in lsns {
+            let text = match texts.next() {
+                Some(Ok(text)) => text,
+                broken => {
+                    let message = match broken {
+                        Some(Err(e)) => format!("kept as JSON at ingest; then {e}"),
+                        _ => "kept as JSON at ingest; its text is missing".into(),
+                    };
+                    self.refused.push(DeadLetter {
+                        lsn,
+                        table: key.to_string(),
+                        row: String::new(),
+                        columns: None,
+                        copy_line: None,
+                        refusal: Refusal::by_pgspool(message),
+                    });
+                    continue;
+                }
+            };
             let encoded = rows::parse(text, BodyFormat::Json)
                 .map_err(|e| e.to_string())
                 .and_then(|parsed| match rows::encode(schema, &parsed) {
@@ -201,5 +220,68 @@ impl Prepared {
             unit
         }));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::ColumnKind;
+    use crate::schema::Column;
+    use crate::table::TableName;
+
+    /// A JSON group whose body ends after its first row, though it has three LSNs: the
+    /// first row is loaded, the two others are dead letters that say what is wrong.
+    #[test]
+    fn json_rows_missing_from_a_body_are_dead_letters_not_lost() {
+        let table = TableName {
+            schema: Some("public".into()),
+            name: "t".into(),
+        };
+        let schema = TableSchema::new(
+            table.clone(),
+            vec![Column {
+                name: "id".into(),
+                kind: ColumnKind::Scalar,
+                generated: false,
+            }],
+        );
+        let row = "{\"id\":1}";
+        let mut data = u32::try_from(row.len())
+            .expect("short")
+            .to_le_bytes()
+            .to_vec();
+        data.extend_from_slice(row.as_bytes());
+        data.extend_from_slice(&100u32.to_le_bytes()); // a length past the end
+        let group = BatchGroup {
+            format: RowFormat::Json,
+            table,
+            columns: Vec::new(),
+            data,
+            runs: vec![(Lsn(7), 3)],
+        };
+        let mut prepared = Prepared::default();
+        prepared
+            .encode_json("public.t", &group, &schema)
+            .expect("encoded");
+        let loaded: u64 = prepared
+            .units
+            .iter()
+            .flat_map(|u| u.runs.iter().map(|&(_, rows)| rows))
+            .sum();
+        assert_eq!(loaded, 1);
+        let refused: Vec<(u64, String)> = prepared
+            .refused
+            .iter()
+            .map(|d| (d.lsn.0, d.refusal.to_string()))
+            .collect();
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert_eq!(refused[0].0, 8);
+        assert!(
+            refused[0].1.contains("kept as JSON at ingest; then"),
+            "{refused:?}"
+        );
+        assert_eq!(refused[1].0, 9);
+        assert!(refused[1].1.contains("its text is missing"), "{refused:?}");
     }
 }
