@@ -254,7 +254,6 @@ pub struct WalDir {
     bytes: AtomicU64,
     /// Segment files, kept up to date like `bytes`.
     segments: AtomicU64,
-    _lock: File,
 }
 
 impl WalDir {
@@ -496,6 +495,10 @@ pub struct CutTail {
 #[derive(Debug)]
 pub struct Wal {
     dir: Arc<WalDir>,
+    /// The directory's flock, held by the open WAL (not by the [`WalDir`] that readers and
+    /// tasks share), so that [`Wal::close`] releases it once the writer has stopped,
+    /// whatever task still holds the directory.
+    _lock: File,
     appender: Appender,
     durable: watch::Receiver<Lsn>,
     /// The writer's result; `None` once [`Wal::writer_failed`] took it.
@@ -512,7 +515,7 @@ impl Wal {
     /// acknowledged records at the end of the log, [`WalError::EndsBeforeCheckpoint`],
     /// I/O errors.
     pub fn open(options: &WalOptions) -> Result<Wal, WalError> {
-        let (dir, tail, report) = recovery::recover(&options.dir)?;
+        let (dir, lock, tail, report) = recovery::recover(&options.dir)?;
         let dir = Arc::new(dir);
         let writer = writer::start(
             Arc::clone(&dir),
@@ -522,6 +525,7 @@ impl Wal {
         )?;
         Ok(Wal {
             dir,
+            _lock: lock,
             appender: writer.appender,
             durable: writer.durable,
             writer_exit: Some(writer.exit),

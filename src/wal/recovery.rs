@@ -38,9 +38,10 @@ use crate::lsn::Lsn;
 
 const LOCK_FILE: &str = "LOCK";
 
-/// Opens `dir` (creating it if needed): takes the lock, reads or creates the spool id,
-/// removes temporary files, checks every segment header, and recovers the end of the log.
-pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalError> {
+/// Opens `dir` (creating it if needed): takes the lock (returned, for the open WAL to
+/// hold), reads or creates the spool id, removes temporary files, checks every segment
+/// header, and recovers the end of the log.
+pub(super) fn recover(dir: &Path) -> Result<(WalDir, File, Tail, RecoveryReport), WalError> {
     if dir.exists() && !dir.is_dir() {
         return Err(WalError::BadFile {
             path: dir.to_path_buf(),
@@ -66,7 +67,6 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
         spool_id,
         bytes: AtomicU64::new(0),
         segments: AtomicU64::new(0),
-        _lock: lock,
     };
     let ends = LogEnd { clean_stop };
     for (i, seg) in segments.iter().enumerate() {
@@ -122,7 +122,7 @@ pub(super) fn recover(dir: &Path) -> Result<(WalDir, Tail, RecoveryReport), WalE
             .and_then(|()| fsutil::sync_dir(dir))
             .map_err(WalError::io(format!("remove {}", path.display())))?;
     }
-    Ok((wal, tail, report))
+    Ok((wal, lock, tail, report))
 }
 
 /// `reason` for a bad segment header, with the way forward: a segment before the last can
