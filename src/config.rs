@@ -514,17 +514,21 @@ mod tests {
         assert!(c.validate().is_err());
     }
 
+    /// The defaults with a connection string: a valid configuration.
+    fn valid() -> Config {
+        let mut c = Config::default();
+        c.postgres.url = Some("host=/tmp".into());
+        c
+    }
+
+    /// Asserts that `c` does not validate, with an error that names `what`.
+    fn refused(c: Config, what: &str) {
+        let e = c.validate().expect_err(what).to_string();
+        assert!(e.contains(what), "{e}");
+    }
+
     #[test]
     fn sizes_and_durations_that_would_overflow_are_refused() {
-        let valid = || {
-            let mut c = Config::default();
-            c.postgres.url = Some("host=/tmp".into());
-            c
-        };
-        let refused = |c: Config, what: &str| {
-            let e = c.validate().expect_err(what).to_string();
-            assert!(e.contains(what), "{e}");
-        };
         let mut c = valid();
         c.wal.segment_bytes = u64::MAX / 2;
         refused(c, "[wal] segment_bytes");
@@ -544,15 +548,6 @@ mod tests {
 
     #[test]
     fn listen_and_ingest_limits_are_checked() {
-        let valid = || {
-            let mut c = Config::default();
-            c.postgres.url = Some("host=/tmp".into());
-            c
-        };
-        let refused = |c: Config, what: &str| {
-            let e = c.validate().expect_err(what).to_string();
-            assert!(e.contains(what), "{e}");
-        };
         let mut c = valid();
         c.listen.socket = PathBuf::from(format!("/run/{}", "s".repeat(MAX_SOCKET_PATH_BYTES)));
         refused(c, &format!("({MAX_SOCKET_PATH_BYTES} bytes)"));
