@@ -327,8 +327,9 @@ async fn a_body_sent_after_its_headers_still_gets_the_refusal() {
     assert_eq!(daemon.wait_exit().await.code(), Some(0));
 }
 
-/// Asks `/healthz` on `client`'s connection until the daemon says it is stopping; every
-/// question gets an answer.
+/// Asks `/healthz` on `client`'s connection until the daemon says it is stopping: a 503,
+/// or an answer with `Connection: close` (a request answered while the stop began gets
+/// its 200 with it, and the connection ends there); every question gets an answer.
 async fn until_stopping(client: &mut pgspool::client::SpoolClient) {
     let deadline = std::time::Instant::now() + crate::harness::DEADLINE;
     loop {
@@ -336,7 +337,11 @@ async fn until_stopping(client: &mut pgspool::client::SpoolClient) {
             .get("/healthz")
             .await
             .expect("an answer on an open connection");
-        if health.status == 503 {
+        let closing = health
+            .headers
+            .get(hyper::header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        if health.status == 503 || closing {
             return;
         }
         assert!(
